@@ -1,0 +1,347 @@
+"""Wire format of a model: bit-packed integer codes, their per-layer scales, and float tensors.
+
+A payload is four numpy arrays (Flower ships each as ``np.save`` bytes, about 128 bytes of header
+apiece, so a model travels in four arrays whatever its size):
+
+0. ``header``: uint8 bytes of UTF-8 JSON: format name, version, bitwidth, and one entry per tensor
+   ``[name, shape, dtype, kind]`` in state-dict order, ``kind`` being ``codes``, ``float`` or
+   ``int``.
+1. ``codes``: uint8, the codes of every ``codes`` tensor, concatenated and packed at ``bits`` bits
+   (exactly ceil(total * bits / 8) bytes, padding bits zero).
+2. ``floats``: float32, one compander scale per ``codes`` tensor, then every ``float`` tensor.
+3. ``ints``: int64, every ``int`` tensor (BatchNorm's ``num_batches_tracked``).
+
+Quantized tensors are the weights of convolutions and linear layers (floating, ``*.weight``, two
+or more dimensions); BatchNorm parameters, biases and buffers travel as float32. At 32 bits every
+floating tensor travels as float32 and ``codes`` is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from common.quant import (
+    FULL_PRECISION,
+    MAX_BITS,
+    MAX_SCALE,
+    check_bits,
+    codes_to_weight,
+    weight_codes,
+)
+
+FORMAT_NAME = "fedqssl-state"
+FORMAT_VERSION = 1
+NUM_ARRAYS = 4
+MAX_HEADER_BYTES = 16 << 20
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+_INT_DTYPES = {
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_KINDS = ("codes", "float", "int")
+_PACK_CHUNK = 1 << 20  # codes per chunk: a multiple of 8, so every chunk ends on a byte boundary
+
+
+class PayloadError(ValueError):
+    """A received payload is malformed; the message says what is wrong."""
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes that ``count`` codes of ``bits`` bits take: ceil(count * bits / 8)."""
+    return (count * bits + 7) // 8
+
+
+def _check_pack_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {bits!r}")
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack integer codes in [0, 2^bits - 1] into ceil(len * bits / 8) bytes, little-endian bit
+    order (code i occupies bits i*bits .. i*bits + bits - 1 of the stream)."""
+    _check_pack_bits(bits)
+    codes = np.asarray(codes).reshape(-1)
+    if codes.size and not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() > (1 << bits) - 1):
+        raise ValueError(
+            f"codes out of range for {bits} bits: found [{codes.min()}, {codes.max()}], "
+            f"allowed [0, {(1 << bits) - 1}]"
+        )
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits == 16:
+        return codes.astype("<u2").view(np.uint8).copy()
+    shifts = np.arange(bits, dtype=np.uint32)
+    chunks = []
+    for start in range(0, codes.size, _PACK_CHUNK):
+        chunk = codes[start : start + _PACK_CHUNK].astype(np.uint32)
+        bit_matrix = ((chunk[:, None] >> shifts) & 1).astype(np.uint8)
+        chunks.append(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+    packed = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint8)
+    return packed[: packed_size(codes.size, bits)]
+
+
+def unpack_bits(buffer: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: ``count`` codes (uint16) from exactly ceil(count*bits/8) bytes."""
+    _check_pack_bits(bits)
+    buffer = np.asarray(buffer)
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise ValueError(
+            f"packed codes must be a 1-D uint8 array, got {buffer.dtype} {buffer.shape}"
+        )
+    if count < 0 or buffer.size != packed_size(count, bits):
+        raise ValueError(
+            f"{count} codes of {bits} bits need {packed_size(max(count, 0), bits)} bytes, "
+            f"got {buffer.size}"
+        )
+    if bits == 8:
+        return buffer.astype(np.uint16)
+    if bits == 16:
+        return buffer.view("<u2").astype(np.uint16)
+    weights = (np.uint32(1) << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
+    chunk_bytes = _PACK_CHUNK * bits // 8
+    out = np.empty(count, dtype=np.uint16)
+    for index, start in enumerate(range(0, buffer.size, chunk_bytes)):
+        first = index * _PACK_CHUNK
+        size = min(_PACK_CHUNK, count - first)
+        bit_matrix = np.unpackbits(
+            buffer[start : start + chunk_bytes], count=size * bits, bitorder="little"
+        ).reshape(size, bits)
+        out[first : first + size] = bit_matrix.astype(np.uint32) @ weights
+    return out
+
+
+def padding_is_zero(buffer: np.ndarray, bits: int, count: int) -> bool:
+    """Whether the bits after the last code in the final byte are all zero."""
+    used = (count * bits) % 8
+    return used == 0 or buffer.size == 0 or int(buffer[-1]) >> used == 0
+
+
+# ---------------------------------------------------------------- model payloads
+
+
+def is_quantized(name: str, tensor: torch.Tensor) -> bool:
+    """Conv and linear weights travel as codes; everything else as full-precision numbers."""
+    return name.endswith("weight") and tensor.ndim >= 2 and tensor.is_floating_point()
+
+
+def encode_state(state_dict: Mapping[str, torch.Tensor], bits: int) -> list[np.ndarray]:
+    """A model's state dict as the four payload arrays, its quantized weights at ``bits`` bits.
+
+    The codes are the forward pass's, so ``decode_state`` returns exactly the weights the sender's
+    forward pass used.
+    """
+    check_bits(bits)
+    entries: list[list[object]] = []
+    codes: list[np.ndarray] = []
+    scales: list[float] = []
+    floats: list[np.ndarray] = []
+    ints: list[np.ndarray] = []
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.is_floating_point() and dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be encoded")
+        if not tensor.is_floating_point() and dtype not in _INT_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be encoded")
+        if bits != FULL_PRECISION and is_quantized(name, tensor):
+            layer_codes, scale = weight_codes(tensor, bits)
+            codes.append(layer_codes.reshape(-1).to(torch.int64).numpy())
+            scales.append(float(scale))
+            kind = "codes"
+        elif tensor.is_floating_point():
+            floats.append(tensor.reshape(-1).to(torch.float32).numpy())
+            kind = "float"
+        else:
+            ints.append(tensor.reshape(-1).to(torch.int64).numpy())
+            kind = "int"
+        entries.append([name, list(tensor.shape), dtype, kind])
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "bits": bits, "tensors": entries}
+    all_codes = np.concatenate(codes) if codes else np.empty(0, dtype=np.int64)
+    return [
+        np.frombuffer(json.dumps(header, separators=(",", ":")).encode(), dtype=np.uint8).copy(),
+        pack_bits(all_codes, bits) if codes else np.empty(0, dtype=np.uint8),
+        np.concatenate([np.asarray(scales, dtype=np.float32), *floats]).astype(np.float32),
+        np.concatenate(ints) if ints else np.empty(0, dtype=np.int64),
+    ]
+
+
+def payload_bits(arrays: Sequence[np.ndarray]) -> int:
+    """The bitwidth a payload declares (validated)."""
+    return _parse_header(_check_arrays(arrays)[0])["bits"]
+
+
+def payload_nbytes(arrays: Sequence[np.ndarray]) -> int:
+    """Bytes of array data in a payload (Flower adds about 128 bytes of ``np.save`` header each)."""
+    return int(sum(np.asarray(array).nbytes for array in arrays))
+
+
+def decode_state(
+    arrays: Sequence[np.ndarray],
+    expect_bits: int | None = None,
+    template: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The state dict a payload carries; ``PayloadError`` for anything malformed.
+
+    ``expect_bits`` and ``template`` (e.g. the receiver's own state dict) make a payload whose
+    bitwidth, tensor names or shapes differ from the receiver's an error too. Every size is
+    checked against the header before anything is allocated.
+    """
+    header_array, codes_buffer, floats, ints = _check_arrays(arrays)
+    header = _parse_header(header_array)
+    bits, entries = header["bits"], header["tensors"]
+    if expect_bits is not None and bits != expect_bits:
+        raise PayloadError(f"payload is at {bits} bits, the receiver expects {expect_bits}")
+    if template is not None:
+        _check_against_template(entries, template)
+
+    counts = {
+        kind: sum(math.prod(shape) for _, shape, _, k in entries if k == kind) for kind in _KINDS
+    }
+    num_layers = sum(1 for *_, kind in entries if kind == "codes")
+    _check_size("codes", codes_buffer.size, packed_size(counts["codes"], bits) if num_layers else 0)
+    _check_size("floats", floats.size, num_layers + counts["float"])
+    _check_size("ints", ints.size, counts["int"])
+    if num_layers and not padding_is_zero(codes_buffer, bits, counts["codes"]):
+        raise PayloadError("packed codes have non-zero padding bits after the last code")
+    if not np.isfinite(floats).all():
+        raise PayloadError("payload holds NaN or infinite floats (scales or tensors)")
+    scales = floats[:num_layers]
+    if num_layers and (scales.min() < 0 or scales.max() > MAX_SCALE):
+        raise PayloadError(
+            f"layer scales must lie in [0, {MAX_SCALE}], got [{scales.min()}, {scales.max()}]"
+        )
+
+    all_codes = unpack_bits(codes_buffer, bits, counts["codes"]) if num_layers else None
+    offsets = {"codes": 0, "float": num_layers, "int": 0}
+    sources = {"codes": all_codes, "float": floats, "int": ints}
+    state: dict[str, torch.Tensor] = {}
+    layer = 0
+    for name, shape, dtype, kind in entries:
+        size = math.prod(shape)
+        start = offsets[kind]
+        values = torch.from_numpy(np.array(sources[kind][start : start + size]))
+        offsets[kind] = start + size
+        if kind == "codes":
+            scale = torch.tensor(scales[layer], dtype=torch.float32)
+            values = codes_to_weight(values.to(torch.float32), scale, bits)
+            layer += 1
+        dtypes = _INT_DTYPES if kind == "int" else _FLOAT_DTYPES
+        state[name] = values.to(dtypes[dtype]).reshape(shape)
+    return state
+
+
+def _check_arrays(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    if not isinstance(arrays, (list, tuple)) or len(arrays) != NUM_ARRAYS:
+        count = len(arrays) if isinstance(arrays, (list, tuple)) else type(arrays).__name__
+        raise PayloadError(
+            f"a payload is {NUM_ARRAYS} arrays (header, codes, floats, ints), got {count}"
+        )
+    expected = (
+        ("header", np.uint8),
+        ("codes", np.uint8),
+        ("floats", np.float32),
+        ("ints", np.int64),
+    )
+    checked = []
+    for array, (role, dtype) in zip(arrays, expected, strict=True):
+        if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != 1:
+            described = (
+                f"{array.dtype} array of shape {array.shape}"
+                if isinstance(array, np.ndarray)
+                else type(array).__name__
+            )
+            raise PayloadError(
+                f"payload {role} must be a 1-D {np.dtype(dtype)} array, got {described}"
+            )
+        checked.append(array)
+    return tuple(checked)
+
+
+def _parse_header(array: np.ndarray) -> dict:
+    if array.size > MAX_HEADER_BYTES:
+        raise PayloadError(f"payload header is {array.size} bytes, more than {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(array.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PayloadError(f"payload header is not UTF-8 JSON: {error}") from error
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise PayloadError(f"payload header is not a {FORMAT_NAME!r} header")
+    if header.get("version") != FORMAT_VERSION:
+        raise PayloadError(
+            f"unknown payload format version {header.get('version')!r}: this build reads "
+            f"version {FORMAT_VERSION}; upgrade the older side"
+        )
+    bits = header.get("bits")
+    try:
+        check_bits(bits)
+    except ValueError as error:
+        raise PayloadError(f"payload {error}") from error
+    tensors = header.get("tensors")
+    if not isinstance(tensors, list):
+        raise PayloadError("payload header has no tensor list")
+    names = set()
+    for entry in tensors:
+        _check_entry(entry, bits)
+        if entry[0] in names:
+            raise PayloadError(f"payload names tensor {entry[0]!r} twice")
+        names.add(entry[0])
+    return header
+
+
+def _check_entry(entry: object, bits: int) -> None:
+    if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)):
+        raise PayloadError(f"payload tensor entry {entry!r} is not [name, shape, dtype, kind]")
+    name, shape, dtype, kind = entry
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+        or len(shape) > 8
+    ):
+        raise PayloadError(f"tensor {name!r}: invalid shape {shape!r}")
+    if kind not in _KINDS:
+        raise PayloadError(f"tensor {name!r}: unknown kind {kind!r} (expected one of {_KINDS})")
+    allowed = _INT_DTYPES if kind == "int" else _FLOAT_DTYPES
+    if dtype not in allowed:
+        raise PayloadError(f"tensor {name!r}: dtype {dtype!r} not allowed for kind {kind!r}")
+    if kind == "codes" and bits == FULL_PRECISION:
+        raise PayloadError(f"tensor {name!r}: codes in a {FULL_PRECISION}-bit payload")
+
+
+def _check_size(role: str, actual: int, expected: int) -> None:
+    if actual != expected:
+        problem = "truncated" if actual < expected else "has extra data"
+        raise PayloadError(
+            f"payload {role} array {problem}: {actual} elements/bytes, the header "
+            f"describes {expected}"
+        )
+
+
+def _check_against_template(entries: list, template: Mapping[str, torch.Tensor]) -> None:
+    received = {name: tuple(shape) for name, shape, _, _ in entries}
+    expected = {name: tuple(tensor.shape) for name, tensor in template.items()}
+    missing, unexpected = expected.keys() - received.keys(), received.keys() - expected.keys()
+    if missing or unexpected:
+        raise PayloadError(
+            f"payload tensors do not match the receiver's model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    for name, shape in received.items():
+        if shape != expected[name]:
+            raise PayloadError(
+                f"tensor {name!r} has shape {list(shape)}, the receiver's model has "
+                f"{list(expected[name])}"
+            )

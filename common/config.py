@@ -1,0 +1,213 @@
+"""One typed, validated experiment configuration, from Flower's run config or from YAML.
+
+Keys are kebab-case (``num-clients``), as in ``[tool.flwr.app.config]``; YAML may also use
+snake_case. Flower's run config holds scalars only, so ``bitwidths`` is a comma-separated string
+there (``"4,4,6,6,6,8,8,8,12,12"``) and may be a list in YAML. Every invalid value is rejected with
+a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.data import DATASET_NAMES
+from common.models import MODEL_NAMES
+from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS
+
+WEIGHT_UPDATES = ("latent", "grid")
+GRAD_ROUNDINGS = ("stochastic", "deterministic")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or key; the message names the key and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one Fed-QSSL run needs. Defaults are the CPU quickstart."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    download: bool = False
+    model: str = "small_cnn"
+    model_width: int = 32
+    num_clients: int = 10
+    bitwidths: tuple[int, ...] = (4, 4, 6, 6, 6, 8, 8, 8, 12, 12)
+    dirichlet_beta: float = 0.1
+    balanced_partition: bool = False
+    buffer_ratio: float = 0.1
+    num_rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    temperature: float = 0.5
+    weight_update: str = "grid"
+    grad_rounding: str = "stochastic"
+    dq_epochs: int = 1
+    dq_temperature: float = 1.0
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 2
+    max_samples_per_client: int = 0
+    seed: int = 0
+    output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a flat mapping (Flower run config or parsed YAML); unknown keys are errors."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+                raise ConfigError(f"unknown config key {raw_key!r}{hint}")
+            kwargs[key] = _coerce(key, value, known[key].type)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        """Build from a YAML file of the same keys."""
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of config keys, got {type(values).__name__}"
+            )
+        return cls.from_mapping(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, ``bitwidths`` as a list: for results files."""
+        return {
+            f.name.replace("_", "-"): list(getattr(self, f.name))
+            if f.name == "bitwidths"
+            else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat scalars for Flower's ``--run-config`` (``bitwidths`` as a string)."""
+        values = self.to_dict()
+        values["bitwidths"] = ",".join(str(b) for b in self.bitwidths)
+        return values
+
+
+def parse_bitwidths(value: Any) -> tuple[int, ...]:
+    """``"4,4,6"``, ``[4, 4, 6]`` or ``8`` -> a tuple of ints (not yet range-checked)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    try:
+        return tuple(_to_int(str(item).strip()) for item in items)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"bitwidths must be a comma-separated list of integers like '4,4,6,6,6,8,8,8,12,12', "
+            f"got {value!r}"
+        ) from error
+
+
+def _to_int(text: str) -> int:
+    number = float(text)
+    if not number.is_integer():
+        raise ValueError(text)
+    return int(number)
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    name = key.replace("_", "-")
+    if annotation == "tuple[int, ...]":
+        return parse_bitwidths(value)
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if annotation == "int":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return _to_int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if annotation == "float":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key.replace('_', '-')}: {message}")
+
+
+def _one_of(config: ExperimentConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, key)
+    _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate(config: ExperimentConfig) -> None:
+    _one_of(config, "dataset", DATASET_NAMES)
+    _one_of(config, "model", MODEL_NAMES)
+    _one_of(config, "weight_update", WEIGHT_UPDATES)
+    _one_of(config, "grad_rounding", GRAD_ROUNDINGS)
+    for key in (
+        "model_width",
+        "num_clients",
+        "num_rounds",
+        "local_epochs",
+        "batch_size",
+        "min_fit_clients",
+    ):
+        _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
+    for key in ("dq_epochs", "max_samples_per_client", "seed"):
+        _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
+    for key in ("dirichlet_beta", "learning_rate", "temperature", "dq_temperature"):
+        _require(getattr(config, key) > 0, key, f"must be > 0, got {getattr(config, key)}")
+    _require(
+        0 < config.buffer_ratio < 1,
+        "buffer_ratio",
+        f"must be in (0, 1) (the share of the training pool kept as the server buffer D_g), "
+        f"got {config.buffer_ratio}",
+    )
+    _require(
+        0 < config.fraction_fit <= 1,
+        "fraction_fit",
+        f"must be in (0, 1], got {config.fraction_fit}",
+    )
+    _require(
+        config.min_fit_clients <= config.num_clients,
+        "min_fit_clients",
+        f"{config.min_fit_clients} exceeds num-clients {config.num_clients}",
+    )
+    allowed = f"{MIN_BITS}..{MAX_BITS} or {FULL_PRECISION}"
+    for bits in config.bitwidths:
+        _require(
+            bits == FULL_PRECISION or MIN_BITS <= bits <= MAX_BITS,
+            "bitwidths",
+            f"bitwidth {bits} is not allowed: each must be {allowed}",
+        )
+    _require(
+        len(config.bitwidths) in (1, config.num_clients),
+        "bitwidths",
+        f"{len(config.bitwidths)} values for {config.num_clients} clients: give one per "
+        "client, or a single value for all",
+    )
+    if len(config.bitwidths) == 1 and config.num_clients > 1:
+        object.__setattr__(config, "bitwidths", config.bitwidths * config.num_clients)

@@ -1,0 +1,349 @@
+"""Datasets held in memory as uint8 tensors, and Fed-QSSL's split of them.
+
+The split: a server buffer D_g taken off the training pool (stratified by class), the rest divided
+among clients by Dirichlet(beta) label skew, and per-client local test sets drawn from the *test*
+split with each client's label distribution. Everything is deterministic under a seed.
+
+The partitioner is written here rather than taken from flwr-datasets: that package works on
+Hugging Face ``datasets`` tables (pulling pyarrow and pandas in), while this project keeps images in
+memory as tensors and needs the label proportions of each client to draw its local test set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where we looked; the message says where and how to get them."""
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file exists but is not in the expected format."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images as uint8 (N, C, H, W), integer labels (N,), and the number of classes."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (len(self.images),):
+            raise ValueError("labels must be one per image")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, indices: np.ndarray) -> ImageData:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ImageData(self.images[index], self.labels[index], self.num_classes)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_dataset(
+    name: str,
+    train: bool,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    seed: int = 0,
+) -> ImageData:
+    """Load the train or test split of ``name`` into memory.
+
+    ``fashion-mnist`` is read from ``data_dir`` or the Debian package's directory; ``cifar10`` and
+    ``cifar100`` through torchvision from ``data_dir`` (downloaded there if ``download`` and the
+    network allows); ``synthetic`` is generated from ``seed``.
+    """
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(train, data_dir)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, train, data_dir, download)
+    if name == "synthetic":
+        return make_synthetic(1000 if train else 500, seed=seed + (0 if train else 1))
+    raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or not, as a uint8 array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetFormatError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetFormatError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header != expected:
+        raise DatasetFormatError(
+            f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
+            f"file has {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(stem: str, directories: list[Path]) -> Path | None:
+    for directory in directories:
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_fashion_mnist(train: bool, data_dir: str | os.PathLike[str] | None) -> ImageData:
+    directories = []
+    if data_dir is not None:
+        root = Path(data_dir)
+        directories += [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
+    directories.append(FASHION_MNIST_SYSTEM_DIR)
+    image_stem, label_stem = _FASHION_FILES[train]
+    image_path = _find_file(image_stem, directories)
+    label_path = _find_file(label_stem, directories)
+    if image_path is None or label_path is None:
+        looked = ", ".join(str(d) for d in directories)
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST file {image_stem}[.gz] / {label_stem}[.gz] not found; looked in: "
+            f"{looked}. Install it offline with `apt-get install dataset-fashion-mnist` (files go "
+            f"to {FASHION_MNIST_SYSTEM_DIR}), or put the four idx files in a directory and pass "
+            "it as data-dir."
+        )
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetFormatError(
+            f"{image_path} / {label_path}: expected (N, 28, 28) images and (N,) labels, got "
+            f"{images.shape} and {labels.shape}"
+        )
+    return ImageData(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        num_classes=10,
+    )
+
+
+def _load_cifar(
+    name: str, train: bool, data_dir: str | os.PathLike[str] | None, download: bool
+) -> ImageData:
+    from torchvision import datasets
+
+    dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    if data_dir is None:
+        raise DatasetNotFoundError(
+            f"{name} needs a data-dir: the directory holding (or to receive) torchvision's "
+            f"'{dataset_class.base_folder}' folder"
+        )
+    try:
+        dataset = dataset_class(str(data_dir), train=train, download=download)
+    except (RuntimeError, OSError) as error:
+        raise DatasetNotFoundError(
+            f"{name} not found in {Path(data_dir) / dataset_class.base_folder} ({error}). "
+            f"Download it there on a machine with internet (torchvision "
+            f"datasets.{dataset_class.__name__}(root, download=True), or set download=true), "
+            "then pass that directory as data-dir."
+        ) from error
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(
+        images,
+        torch.as_tensor(dataset.targets, dtype=torch.int64),
+        num_classes=len(dataset.classes),
+    )
+
+
+def make_synthetic(
+    num_samples: int,
+    num_classes: int = 10,
+    image_size: int = 28,
+    channels: int = 1,
+    seed: int = 0,
+) -> ImageData:
+    """Small learnable images: a fixed random pattern per class, randomly shifted, plus noise.
+
+    The class patterns depend only on the class and the shape (not on ``seed``), so a train and a
+    test set made with different seeds share classes.
+    """
+    patterns = torch.rand(
+        num_classes,
+        channels,
+        image_size // 4,
+        image_size // 4,
+        generator=torch.Generator().manual_seed(12345),
+    )
+    patterns = torch.nn.functional.interpolate(patterns, size=image_size, mode="bilinear")
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (num_samples,), generator=generator)
+    shifts = torch.randint(-2, 3, (num_samples, 2), generator=generator)
+    images = patterns[labels]
+    images = torch.stack(
+        [
+            torch.roll(image, (int(dy), int(dx)), dims=(1, 2))
+            for image, (dy, dx) in zip(images, shifts, strict=True)
+        ]
+    )
+    images = images + 0.15 * torch.randn(images.shape, generator=generator)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageData(images, labels, num_classes)
+
+
+# ---------------------------------------------------------------- partitioning
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Indices of each part: ``clients[k]`` and ``buffer`` index the training set,
+    ``client_tests[k]`` the test set."""
+
+    clients: list[np.ndarray]
+    buffer: np.ndarray
+    client_tests: list[np.ndarray]
+
+
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    beta: float,
+    rng: np.random.Generator,
+    min_size: int = 2,
+    balanced: bool = False,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Split sample indices among clients with Dirichlet(beta) label skew.
+
+    For each class, proportions over clients are drawn from Dirichlet(beta) and the class's samples
+    are dealt out accordingly; the draw is repeated until every client holds ``min_size`` samples.
+    With ``balanced`` a client stops receiving further classes once it holds N/K samples (as in the
+    paper's code), which keeps sizes near N/K. Smaller beta means stronger skew.
+    """
+    labels = np.asarray(labels)
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if beta <= 0:
+        raise ValueError(f"Dirichlet beta must be > 0, got {beta}")
+    if len(labels) < num_clients * min_size:
+        raise ValueError(
+            f"{len(labels)} samples cannot give {num_clients} clients {min_size} samples each"
+        )
+    classes = np.unique(labels)
+    target = len(labels) / num_clients
+    for _ in range(max_tries):
+        shares: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients)
+        for label in classes:
+            members = rng.permutation(np.flatnonzero(labels == label))
+            proportions = rng.dirichlet(np.full(num_clients, beta))
+            if balanced:
+                proportions = proportions * (sizes < target)
+                total = proportions.sum()
+                proportions = (
+                    proportions / total if total > 0 else np.full(num_clients, 1 / num_clients)
+                )
+            cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                shares[client].append(part)
+                sizes[client] += len(part)
+        if sizes.min() >= min_size:
+            return [np.sort(np.concatenate(parts)) for parts in shares]
+    raise ValueError(
+        f"no Dirichlet({beta}) split in {max_tries} tries gave all {num_clients} clients at least "
+        f"{min_size} samples: use fewer clients, a larger beta, or more data"
+    )
+
+
+def stratified_sample(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``fraction`` of each class (at least one per class), sorted."""
+    picked = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        picked.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def matching_test_indices(
+    test_labels: np.ndarray,
+    train_labels: np.ndarray,
+    size: int,
+    num_classes: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``size`` test indices whose label distribution follows ``train_labels`` (largest remainder);
+    a class is capped at the test samples it has."""
+    proportions = np.bincount(train_labels, minlength=num_classes) / max(len(train_labels), 1)
+    exact = proportions * size
+    counts = np.floor(exact).astype(int)
+    for label in np.argsort(counts - exact)[: size - counts.sum()]:
+        counts[label] += 1
+    picked = []
+    for label in np.flatnonzero(counts):
+        members = np.flatnonzero(test_labels == label)
+        picked.append(rng.choice(members, size=min(counts[label], len(members)), replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
+
+
+def make_partition(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_clients: int,
+    beta: float,
+    buffer_ratio: float,
+    seed: int,
+    balanced: bool = False,
+) -> Partition:
+    """Fed-QSSL's split: buffer D_g (``buffer_ratio`` of the training pool, stratified), clients by
+    Dirichlet(beta) over the rest, and local test sets sized like each client's share."""
+    if not 0 < buffer_ratio < 1:
+        raise ValueError(f"buffer_ratio must be in (0, 1), got {buffer_ratio}")
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    rng = np.random.default_rng(seed)
+    buffer = stratified_sample(train_labels, buffer_ratio, rng)
+    pool = np.setdiff1d(np.arange(len(train_labels)), buffer)
+    clients = [
+        pool[part]
+        for part in dirichlet_partition(
+            train_labels[pool], num_clients, beta, rng, balanced=balanced
+        )
+    ]
+    test_share = len(test_labels) / len(pool)
+    client_tests = [
+        matching_test_indices(
+            test_labels,
+            train_labels[indices],
+            max(1, round(len(indices) * test_share)),
+            num_classes,
+            rng,
+        )
+        for indices in clients
+    ]
+    return Partition(clients=clients, buffer=buffer, client_tests=client_tests)

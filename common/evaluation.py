@@ -1,0 +1,73 @@
+"""Scoring a frozen feature extractor: kNN accuracy (cheap monitor) and a linear probe.
+
+Features come from the encoder in eval mode, computed once, so BatchNorm statistics cannot drift
+while the probe trains. The probe trains a fixed number of epochs and reports the *final* epoch's
+test accuracy: test data is never used to pick anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from common.models import linear_probe
+from common.quant import FULL_PRECISION, quantize_weight_grads_
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+) -> float:
+    """Accuracy of a cosine-similarity k-nearest-neighbour vote (majority of the k nearest)."""
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, len(train))
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(test), 1024):
+        similarity = test[start : start + 1024] @ train.T
+        neighbours = train_labels[similarity.topk(k, dim=1).indices]
+        votes = F.one_hot(neighbours, num_classes).sum(dim=1)
+        correct += int((votes.argmax(dim=1) == test_labels[start : start + 1024]).sum())
+    return correct / max(len(test), 1)
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    bits: int = FULL_PRECISION,
+    epochs: int = 100,
+    learning_rate: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """Train a ``bits``-bit linear classifier on frozen features; final-epoch test accuracy.
+
+    Features are standardized with the training set's statistics. At low bitwidth the probe's
+    weight gradients are quantile-quantized at ``bits + 2``, as in local training.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mean = train_features.mean(dim=0)
+    std = train_features.std(dim=0).clamp_min(1e-6)
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    probe = linear_probe(train_x.shape[1], num_classes, bits)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(probe(train_x[batch]), train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            quantize_weight_grads_(probe, bits, "stochastic", generator)
+            optimizer.step()
+    with torch.no_grad():
+        predictions = probe(test_x).argmax(dim=1)
+    return float((predictions == test_labels).float().mean())

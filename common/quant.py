@@ -1,0 +1,267 @@
+"""Low-bit quantizers of Fed-QSSL: weights, activations, gradients, and the layers that use them.
+
+Every quantizer is a no-op at ``FULL_PRECISION`` (32) bits.
+
+Weights use the paper's tanh companding quantizer, per layer::
+
+    M = max|tanh(w)|                      (the layer's one float, sent with the codes)
+    c = round((2^s - 1) * (tanh(w) / (2M) + 1/2))      integer codes in [0, 2^s - 1]
+    w_q = atanh(M * (2c / (2^s - 1) - 1))              the weight the forward pass uses
+
+The paper's formula stops at ``2c/(2^s-1) - 1`` (a grid in [-1, 1]); mapping the grid back through
+``atanh(M * .)`` (the inverse compander, as in the paper's analysis section) keeps each layer's
+magnitude and makes the quantizer idempotent: quantizing ``w_q`` again gives the same codes, so a
+model decoded from the wire and trained on resumes exactly where the sender's forward pass was.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FULL_PRECISION = 32
+MIN_BITS = 2
+MAX_BITS = 16
+# Largest per-layer compander scale. tanh saturates to 1.0 in float32 near |w| = 9, and atanh(1) is
+# inf, so the scale is capped: weights beyond atanh(MAX_SCALE) ~ 4.95 are clipped to it.
+MAX_SCALE = 0.9999
+
+Rounding = Literal["stochastic", "deterministic"]
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported bitwidth (2..16 or 32), else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bitwidth must be an int, got {bits!r}")
+    if bits != FULL_PRECISION and not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bitwidth {bits} is not supported: use {MIN_BITS}..{MAX_BITS}, "
+            f"or {FULL_PRECISION} for full precision"
+        )
+    return bits
+
+
+def _levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _round(x: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
+    """Round to integers; stochastic rounding is unbiased: E[round(x)] = x."""
+    if rounding == "deterministic":
+        return torch.round(x)
+    floor = torch.floor(x)
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return floor + (noise < (x - floor)).to(x.dtype)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The layer's compander scale M = max|tanh(w)|, capped at ``MAX_SCALE`` (0-d float32)."""
+    return torch.tanh(weight.detach().float()).abs().max().clamp(max=MAX_SCALE)
+
+
+def weight_codes(
+    weight: torch.Tensor,
+    bits: int,
+    rounding: Rounding = "deterministic",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (float32 tensor of whole numbers in [0, 2^bits-1]) and the scale M.
+
+    Deterministic rounding is the forward pass's; stochastic rounding is the paper's unbiased
+    projection of an updated weight back onto the grid (in the companded domain).
+    """
+    levels = _levels(bits)
+    scale = weight_scale(weight)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = (torch.tanh(weight.detach().float()) / (2 * safe_scale) + 0.5).clamp(0.0, 1.0)
+    return _round(unit * levels, rounding, generator).clamp(0, levels), scale
+
+
+def codes_to_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Decode codes to weights; the one function both the forward pass and the codec use."""
+    grid = codes.float() * (2.0 / _levels(bits)) - 1.0
+    return torch.atanh(scale.float() * grid)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Forward-pass weight at ``bits``; the gradient passes straight through (STE).
+
+    The value is bit-for-bit ``codes_to_weight(*weight_codes(weight, bits), bits)``.
+    """
+    if bits == FULL_PRECISION:
+        return weight
+    codes, scale = weight_codes(weight, bits)
+    quantized = codes_to_weight(codes, scale, bits).to(weight.dtype)
+    return quantized + (weight - weight.detach())
+
+
+# ---------------------------------------------------------------- activations
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa activation: clamp to [0, 1], then ``bits``-bit uniform grid; ReLU at full precision.
+
+    The gradient is the clamp's (1 inside (0, 1), 0 outside); rounding is straight-through.
+    """
+    if bits == FULL_PRECISION:
+        return F.relu(x)
+    bounded = x.clamp(0.0, 1.0)
+    levels = _levels(bits)
+    grid = (torch.round(bounded.detach() * levels) / levels).to(x.dtype)
+    return grid + (bounded - bounded.detach())
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def quantile_centres(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The 2^bits centres ``Quantile(i / (2^bits - 1))``, i = 0..2^bits-1, of a tensor's values.
+
+    Centre 0 is the minimum and the last centre the maximum; between ranks the quantile is linearly
+    interpolated (as ``torch.quantile``, which refuses tensors above 16 M elements).
+    """
+    ordered = torch.sort(values.detach().reshape(-1).float()).values
+    return _centres_of_sorted(ordered, 1 << bits)
+
+
+def _centres_of_sorted(ordered: torch.Tensor, count: int) -> torch.Tensor:
+    n = ordered.numel()
+    position = torch.arange(count, dtype=torch.float64, device=ordered.device) * (
+        (n - 1) / (count - 1)
+    )
+    low = position.floor().long().clamp(max=n - 1)
+    high = (low + 1).clamp(max=n - 1)
+    frac = (position - low.double()).float()
+    return ordered[low] + (ordered[high] - ordered[low]) * frac
+
+
+def quantize_gradient(
+    grad: torch.Tensor,
+    bits: int,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantile-quantize one layer's gradient onto its 2^bits empirical quantiles.
+
+    Each value is rounded to one of its two neighbouring centres: to the nearer one
+    (deterministic), or to the upper one with probability (g - lower) / (upper - lower)
+    (stochastic, unbiased as the paper's Assumption 1 asks). One sort finds both the centres and
+    each value's bracket (its rank), so the cost does not depend on the number of bins.
+    """
+    if bits >= FULL_PRECISION or grad.numel() < 2:
+        return grad
+    flat = grad.detach().reshape(-1).float()
+    n = flat.numel()
+    count = 1 << bits
+    ordered, order = torch.sort(flat)
+    centres = _centres_of_sorted(ordered, count)
+    rank = torch.arange(n, device=flat.device, dtype=torch.int64)
+    bracket = torch.div(rank * (count - 1), n - 1, rounding_mode="floor").clamp(max=count - 2)
+    lower, upper = centres[bracket], centres[bracket + 1]
+    gap = upper - lower
+    safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
+    frac = ((ordered - lower) / safe_gap).clamp(0.0, 1.0)
+    frac = torch.where(gap > 0, frac, torch.zeros_like(frac))
+    if rounding == "deterministic":
+        pick_upper = frac > 0.5
+    else:
+        pick_upper = torch.rand(n, generator=generator, device=flat.device) < frac
+    quantized_sorted = torch.where(pick_upper, upper, lower)
+    quantized = torch.empty_like(flat)
+    quantized[order] = quantized_sorted
+    return quantized.reshape(grad.shape).to(grad.dtype)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose forward pass uses ``bits``-bit weights (bias stays float32)."""
+
+    bits: int = FULL_PRECISION
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, quantize_weight(self.weight, self.bits), self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose forward pass uses ``bits``-bit weights (bias stays float32)."""
+
+    bits: int = FULL_PRECISION
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, quantize_weight(self.weight, self.bits), self.bias)
+
+
+class QuantAct(nn.Module):
+    """Bounded, ``bits``-bit activation (``quantize_activation``); ReLU at 32 bits."""
+
+    bits: int = FULL_PRECISION
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+def set_bitwidth(model: nn.Module, bits: int) -> nn.Module:
+    """Set the weight and activation bitwidth of every quantized layer of ``model``; returns it."""
+    check_bits(bits)
+    for module in model.modules():
+        if isinstance(module, (*QUANT_LAYERS, QuantAct)):
+            module.bits = bits
+    return model
+
+
+def quantized_layers(model: nn.Module) -> list[QuantConv2d | QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
+
+
+@torch.no_grad()
+def quantize_weight_grads_(
+    model: nn.Module,
+    bits: int,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+) -> None:
+    """Quantile-quantize, in place, the weight gradient of every quantized layer at ``bits + 2``.
+
+    The paper gives gradients two more bits than weights. Biases and BatchNorm stay float32.
+    """
+    if bits == FULL_PRECISION:
+        return
+    for layer in quantized_layers(model):
+        if layer.weight.grad is not None:
+            layer.weight.grad.copy_(
+                quantize_gradient(layer.weight.grad, bits + 2, rounding, generator)
+            )
+
+
+@torch.no_grad()
+def project_weights_(
+    model: nn.Module,
+    bits: int,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+) -> None:
+    """Put every quantized layer's stored weights on its ``bits``-bit grid: w <- Q(w).
+
+    This is the paper's update ``w_{t+1} = Q(w_t - lr * g_Q)`` when called after each optimizer
+    step (stochastic rounding: unbiased in the companded domain), and the initial projection of a
+    model that starts on the grid (deterministic).
+    """
+    if bits == FULL_PRECISION:
+        return
+    for layer in quantized_layers(model):
+        codes, scale = weight_codes(layer.weight, bits, rounding, generator)
+        layer.weight.copy_(codes_to_weight(codes, scale, bits))

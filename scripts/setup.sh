@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build fedqssl's environment from nothing: Debian's offline Fashion-MNIST package and a virtual
+# environment (.venv) with the pinned torch/torchvision/flwr and the dev tools. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "==> installing Debian package dataset-fashion-mnist (offline Fashion-MNIST)"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "fedqssl needs Python >= 3.11 (flwr 1.41 does); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+echo "==> installing fedqssl and its pinned dependencies into .venv (torch is large: minutes)"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory" || true
+.venv/bin/python -c 'import common, torch, torchvision, flwr; print("==> ready: torch", torch.__version__, "flwr", flwr.__version__)'

@@ -1,0 +1,70 @@
+"""The experiment config: defaults, Flower run-config strings, YAML, and every rejection."""
+
+import pytest
+
+from common.config import ConfigError, ExperimentConfig
+
+
+def test_defaults_are_the_cpu_quickstart_and_survive_the_run_config_round_trip():
+    config = ExperimentConfig()
+    assert config.bitwidths == (4, 4, 6, 6, 6, 8, 8, 8, 12, 12)
+    run_config = config.to_run_config()
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
+    assert run_config["bitwidths"] == "4,4,6,6,6,8,8,8,12,12"
+    assert ExperimentConfig.from_mapping(run_config) == config
+
+
+def test_flower_style_strings_are_parsed():
+    config = ExperimentConfig.from_mapping(
+        {
+            "num-clients": "3",
+            "bitwidths": "4, 8,32",
+            "dirichlet-beta": "0.5",
+            "balanced-partition": "true",
+            "seed": 3,
+        }
+    )
+    assert config.num_clients == 3 and config.bitwidths == (4, 8, 32)
+    assert config.dirichlet_beta == 0.5 and config.balanced_partition is True
+
+
+def test_yaml_accepts_lists_and_snake_case(tmp_path):
+    path = tmp_path / "preset.yaml"
+    path.write_text("num_clients: 2\nbitwidths: [6, 12]\nmodel: resnet18\ndataset: cifar10\n")
+    config = ExperimentConfig.from_yaml(path)
+    assert config.bitwidths == (6, 12) and config.model == "resnet18"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        ExperimentConfig.from_yaml(path)
+
+
+def test_single_bitwidth_is_broadcast_to_all_clients():
+    assert ExperimentConfig.from_mapping({"bitwidths": "8", "num-clients": 4}).bitwidths == (8,) * 4
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"bitwidths": "0,4,4,4,4,4,4,4,4,4"}, r"bitwidths: bitwidth 0 .* 2\.\.16 or 32"),
+        ({"bitwidths": "33"}, r"bitwidths: bitwidth 33"),
+        ({"bitwidths": "4,4"}, r"bitwidths: 2 values for 10 clients"),
+        ({"bitwidths": "4,x"}, r"bitwidths must be a comma-separated list"),
+        ({"dirichlet-beta": 0}, r"dirichlet-beta: must be > 0"),
+        ({"dirichlet-beta": -1.5}, r"dirichlet-beta: must be > 0"),
+        ({"buffer-ratio": 0}, r"buffer-ratio: must be in \(0, 1\)"),
+        ({"buffer-ratio": 1.0}, r"buffer-ratio: must be in \(0, 1\)"),
+        ({"dataset": "mnist"}, r"dataset: 'mnist' is not one of fashion-mnist, cifar10"),
+        ({"model": "vgg"}, r"model: 'vgg' is not one of resnet18, small_cnn"),
+        ({"weight-update": "exact"}, r"weight-update: 'exact' is not one of latent, grid"),
+        ({"num-clients": "many"}, r"num-clients must be an integer"),
+        ({"num-clients": 2.5}, r"num-clients must be an integer"),
+        ({"download": "maybe"}, r"download must be true or false"),
+        ({"fraction-fit": 0}, r"fraction-fit: must be in \(0, 1\]"),
+        ({"min-fit-clients": 11}, r"min-fit-clients: 11 exceeds num-clients 10"),
+        ({"num-rounds": 0}, r"num-rounds: must be >= 1"),
+        ({"modle": "small_cnn"}, r"unknown config key 'modle'; did you mean 'model'\?"),
+    ],
+)
+def test_invalid_values_name_the_key_and_what_is_allowed(values, message):
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_mapping(values)

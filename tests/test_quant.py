@@ -1,0 +1,207 @@
+"""Quantizers: grids, exact codes, straight-through gradients, unbiasedness, Lemma 1's shape."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.quant import (
+    FULL_PRECISION,
+    MAX_SCALE,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    check_bits,
+    codes_to_weight,
+    project_weights_,
+    quantile_centres,
+    quantize_activation,
+    quantize_gradient,
+    quantize_weight,
+    set_bitwidth,
+    weight_codes,
+)
+
+low_bits = st.integers(min_value=2, max_value=16)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def random_weight(seed: int, shape=(16, 8, 3, 3), std: float = 0.2) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=low_bits, seed=seeds, std=st.sampled_from([1e-3, 0.05, 0.5, 3.0]))
+def test_forward_weights_are_decoded_codes_with_at_most_2_pow_s_values(bits, seed, std):
+    weight = random_weight(seed, std=std)
+    forward = quantize_weight(weight, bits)
+    codes, scale = weight_codes(weight, bits)
+    assert torch.equal(codes, codes.round())
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert 0 <= float(scale) <= MAX_SCALE
+    assert torch.equal(forward, codes_to_weight(codes, scale, bits))
+    assert forward.unique().numel() <= 2**bits
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=low_bits, seed=seeds)
+def test_weight_quantizer_is_idempotent_and_keeps_magnitude(bits, seed):
+    weight = random_weight(seed)
+    once = quantize_weight(weight, bits)
+    codes_once, scale_once = weight_codes(weight, bits)
+    codes_twice, scale_twice = weight_codes(once, bits)
+    assert torch.equal(codes_once, codes_twice)
+    assert torch.allclose(scale_once, scale_twice, rtol=1e-6)
+    # the largest weight keeps its magnitude exactly (up to float rounding of tanh/atanh)
+    assert math.isclose(float(once.abs().max()), float(weight.abs().max()), rel_tol=1e-5)
+
+
+def test_weight_quantizer_extremes_and_zero_layer():
+    zeros = torch.zeros(4, 4)
+    assert torch.equal(quantize_weight(zeros, 4), zeros)
+    huge = torch.tensor([[20.0, -1.0], [0.5, 0.0]])
+    forward = quantize_weight(huge, 4)
+    assert torch.isfinite(forward).all()
+    assert math.isclose(float(forward.max()), math.atanh(MAX_SCALE), rel_tol=1e-4)
+
+
+def test_weight_gradient_passes_straight_through():
+    weight = random_weight(1).requires_grad_()
+    upstream = torch.randn_like(weight)
+    (quantize_weight(weight, 4) * upstream).sum().backward()
+    assert torch.equal(weight.grad, upstream)
+
+
+def test_full_precision_is_a_no_op_everywhere():
+    weight = random_weight(2)
+    assert quantize_weight(weight, FULL_PRECISION) is weight
+    x = torch.randn(100)
+    assert torch.equal(quantize_activation(x, FULL_PRECISION), torch.relu(x))
+    assert quantize_gradient(x, FULL_PRECISION) is x
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(min_value=2, max_value=8), seed=seeds)
+def test_activations_are_on_the_grid_in_unit_interval(bits, seed):
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * 2
+    y = quantize_activation(x, bits)
+    assert y.min() >= 0 and y.max() <= 1
+    assert y.unique().numel() <= 2**bits
+    levels = 2**bits - 1
+    assert torch.equal(y, torch.round(y * levels) / levels)
+
+
+def test_activation_gradient_is_the_clamps():
+    x = torch.tensor([-0.5, 0.2, 0.7, 1.5], requires_grad=True)
+    quantize_activation(x, 4).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(min_value=2, max_value=14), seed=seeds, n=st.integers(2, 3000))
+def test_gradient_quantizer_maps_onto_quantile_centres_keeping_extremes(bits, seed, n):
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(seed)) ** 3
+    centres = quantile_centres(grad, bits)
+    assert centres.numel() == 2**bits
+    assert centres[0] == grad.min() and centres[-1] == grad.max()
+    for rounding in ("stochastic", "deterministic"):
+        quantized = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
+        assert torch.isin(quantized, centres).all()
+        assert quantized.unique().numel() <= 2**bits
+        assert quantized.min() == grad.min() and quantized.max() == grad.max()
+
+
+def test_deterministic_gradient_quantizer_rounds_to_nearest_centre():
+    grad = torch.randn(500, generator=torch.Generator().manual_seed(3))
+    centres = quantile_centres(grad, 3)
+    quantized = quantize_gradient(grad, 3, "deterministic")
+    distance = (grad - quantized).abs()
+    nearest = (grad[:, None] - centres[None, :]).abs().min(dim=1).values
+    assert torch.allclose(distance, nearest, atol=1e-6)
+
+
+def test_stochastic_gradient_quantizer_is_unbiased():
+    # Each draw picks the lower or upper centre around g, so the mean of T draws has a standard
+    # deviation of at most gap / (2 sqrt(T)); allow 5 of those per element.
+    grad = torch.randn(300, generator=torch.Generator().manual_seed(4))
+    draws = 4000
+    generator = torch.Generator().manual_seed(5)
+    samples = torch.stack(
+        [quantize_gradient(grad, 3, "stochastic", generator) for _ in range(draws)]
+    )
+    centres = quantile_centres(grad, 3)
+    index = torch.searchsorted(centres, grad).clamp(1, len(centres) - 1)
+    gap = centres[index] - centres[index - 1]
+    tolerance = 5 * gap / (2 * math.sqrt(draws)) + 1e-6
+    assert ((samples.mean(dim=0) - grad).abs() <= tolerance).all()
+    # ...while nearest rounding is biased for the same values
+    deterministic_bias = (quantize_gradient(grad, 3, "deterministic") - grad).abs().mean()
+    assert (samples.mean(dim=0) - grad).abs().mean() < deterministic_bias / 5
+
+
+def test_weight_quantization_error_shrinks_about_4x_per_bit():
+    weight = torch.randn(200_000, generator=torch.Generator().manual_seed(6)) * 0.1
+    errors = [float(((quantize_weight(weight, b) - weight) ** 2).mean()) for b in range(3, 12)]
+    ratios = [a / b for a, b in itertools.pairwise(errors)]
+    assert all(3.0 < r < 5.0 for r in ratios), ratios
+
+
+def _stochastic_error(grad: torch.Tensor, bits_range: range) -> list[float]:
+    generator = torch.Generator().manual_seed(8)
+    return [
+        float(((quantize_gradient(grad, b, "stochastic", generator) - grad) ** 2).mean())
+        for b in bits_range
+    ]
+
+
+def test_gradient_quantization_variance_shrinks_about_4x_per_bit_on_bounded_values():
+    # Lemma 1's O(G^2 / 2^(2R)) shape: evenly spread, bounded values -> evenly spaced centres.
+    grad = torch.rand(400_000, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    errors = _stochastic_error(grad, range(4, 11))
+    ratios = [a / b for a, b in itertools.pairwise(errors)]
+    assert all(3.5 < r < 4.5 for r in ratios), ratios
+
+
+def test_gradient_quantization_variance_on_gaussian_values_is_tail_dominated():
+    # Quantile centres leave the two extreme bins (min..first quantile, last quantile..max) wide
+    # on unbounded data, so the error shrinks by less than 4x per bit, but still by more than 2x.
+    grad = torch.randn(400_000, generator=torch.Generator().manual_seed(7))
+    errors = _stochastic_error(grad, range(4, 11))
+    ratios = [a / b for a, b in itertools.pairwise(errors)]
+    assert all(2.0 < r < 4.0 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("bits", [0, 1, 17, 31, 33, True, 4.0])
+def test_unsupported_bitwidths_are_rejected(bits):
+    with pytest.raises(ValueError, match="bitwidth"):
+        check_bits(bits)
+
+
+def test_set_bitwidth_reaches_every_quantized_module():
+    model = torch.nn.Sequential(
+        QuantConv2d(1, 2, 3), QuantAct(), torch.nn.Sequential(QuantLinear(2, 2), QuantAct())
+    )
+    set_bitwidth(model, 6)
+    assert [m.bits for m in model.modules() if hasattr(m, "bits")] == [6, 6, 6, 6]
+    with pytest.raises(ValueError):
+        set_bitwidth(model, 33)
+
+
+def test_stochastic_projection_puts_weights_on_grid_unbiasedly_in_tanh_space():
+    layer = set_bitwidth(QuantLinear(64, 64), 4)
+    original = layer.weight.detach().clone()
+    generator = torch.Generator().manual_seed(9)
+    tanh_means = torch.zeros_like(original)
+    trials = 400
+    for _ in range(trials):
+        layer.weight.data.copy_(original)
+        project_weights_(layer, 4, "stochastic", generator)
+        assert layer.weight.unique().numel() <= 16
+        assert torch.equal(layer.weight, quantize_weight(layer.weight, 4))
+        tanh_means += torch.tanh(layer.weight) / trials
+    grid_step = 2 * float(torch.tanh(original).abs().max()) / 15
+    tolerance = 5 * grid_step / (2 * math.sqrt(trials))
+    assert ((tanh_means - torch.tanh(original)).abs() <= tolerance).all()
