@@ -51,6 +51,7 @@ class ExperimentConfig:
     weight_update: str = "grid"
     grad_rounding: str = "stochastic"
     dq_epochs: int = 1
+    rq_epochs: int = 1
     dq_temperature: float = 1.0
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
@@ -174,9 +175,10 @@ def _validate(config: ExperimentConfig) -> None:
         "local_epochs",
         "batch_size",
         "min_fit_clients",
+        "dq_epochs",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
-    for key in ("dq_epochs", "max_samples_per_client", "seed"):
+    for key in ("rq_epochs", "max_samples_per_client", "seed"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
     for key in ("dirichlet_beta", "learning_rate", "temperature", "dq_temperature"):
         _require(getattr(config, key) > 0, key, f"must be > 0, got {getattr(config, key)}")

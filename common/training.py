@@ -16,7 +16,7 @@ import torch
 
 from common.models import SSLModel
 from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
-from common.ssl import nt_xent_loss, simsiam_loss
+from common.ssl import TwoViews, nt_xent_loss, simsiam_loss
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,35 @@ def train_epoch(
         )
         steps += 1
     return total / steps if steps else float("nan")
+
+
+def fit_ssl(
+    model: SSLModel,
+    images: torch.Tensor,
+    transform: torch.nn.Module,
+    settings: LowBitSettings,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    temperature: float,
+    seed: int,
+) -> list[float]:
+    """Train ``model`` on two augmented views of uint8 ``images`` for ``epochs``; loss per epoch.
+
+    The one training loop of clients (local training) and server (de- and re-quantization).
+    A fresh Adam optimizer is made per call, as each federated round starts from received weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        TwoViews(images, transform),
+        batch_size=min(batch_size, len(images)),
+        shuffle=True,
+        drop_last=len(images) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    prepare_model(model, settings)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
+    return [
+        train_epoch(model, loader, optimizer, settings, temperature, generator)
+        for _ in range(epochs)
+    ]

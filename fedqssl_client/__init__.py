@@ -1,0 +1,1 @@
+"""Fed-QSSL's client: a Flower NumPyClient that trains low-bit SimCLR and ships packed codes."""

@@ -1,0 +1,114 @@
+"""Fed-QSSL's Flower client: low-bit SimCLR at the device's own bitwidth, packed codes both ways."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+
+from common.codec import PayloadError, decode_state, encode_state, payload_bits, payload_nbytes
+from common.config import ExperimentConfig
+from common.evaluation import linear_probe_accuracy
+from common.experiment import experiment_data, new_model
+from common.models import extract_features
+from common.quant import FULL_PRECISION
+from common.training import LowBitSettings, fit_ssl
+
+Scalar = bool | bytes | float | int | str
+
+
+class FedQSSLClient(NumPyClient):
+    """One device: its data share, its bitwidth, and its low-bit model."""
+
+    def __init__(self, config: ExperimentConfig, partition_id: int, bits: int) -> None:
+        self.config = config
+        self.partition_id = partition_id
+        self.bits = bits
+        self.data = experiment_data(config)
+        self.train_data = self.data.client_train(partition_id, config.max_samples_per_client)
+        self.model = new_model(config, bits, self.data.train.channels)
+
+    def _load(self, parameters: list[np.ndarray]) -> None:
+        """Decode a downlink payload: at this device's bitwidth, or the fp32 initial model."""
+        offered = payload_bits(parameters)
+        if offered not in (self.bits, FULL_PRECISION):
+            raise PayloadError(
+                f"client {self.partition_id} trains at {self.bits} bits but was sent a "
+                f"{offered}-bit model"
+            )
+        self.model.load_state_dict(decode_state(parameters, template=self.model.state_dict()))
+
+    def _metrics(self, **values: Scalar) -> dict[str, Scalar]:
+        return {"partition-id": self.partition_id, "bitwidth": self.bits, **values}
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        self._load(parameters)
+        server_round = int(config.get("server-round", 0))
+        start = time.perf_counter()
+        losses = fit_ssl(
+            self.model,
+            self.train_data.images,
+            self.data.augmentation(),
+            LowBitSettings(self.bits, self.config.weight_update, self.config.grad_rounding),
+            self.config.local_epochs,
+            self.config.learning_rate,
+            self.config.batch_size,
+            self.config.temperature,
+            seed=self.config.seed * 7919 + server_round * 101 + self.partition_id,
+        )
+        payload = encode_state(self.model.state_dict(), self.bits)
+        return (
+            payload,
+            len(self.train_data),
+            self._metrics(
+                loss=losses[-1],
+                **{
+                    "payload-bytes": payload_nbytes(payload),
+                    "train-seconds": time.perf_counter() - start,
+                },
+            ),
+        )
+
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Local accuracy: a linear probe at this bitwidth on the frozen received model, trained
+        on the local labelled share and tested on the local test set (final epoch)."""
+        self._load(parameters)
+        test = self.data.client_test(self.partition_id)
+        features = [
+            extract_features(self.model.encoder, self.data.normalize(part.images))
+            for part in (self.train_data, test)
+        ]
+        accuracy = linear_probe_accuracy(
+            features[0],
+            self.train_data.labels,
+            features[1],
+            test.labels,
+            self.data.train.num_classes,
+            self.bits,
+            epochs=int(config.get("probe-epochs", 30)),
+            seed=self.config.seed,
+        )
+        return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})
+
+
+def client_bitwidth(config: ExperimentConfig, node_config: dict[str, Scalar]) -> int:
+    """A device's bitwidth: its own ``bitwidth`` node config in deployment, else the run
+    config's list indexed by partition id (simulation)."""
+    if "bitwidth" in node_config:
+        return ExperimentConfig.from_mapping(
+            {"bitwidths": str(node_config["bitwidth"]), "num-clients": 1}
+        ).bitwidths[0]
+    return config.bitwidths[int(node_config["partition-id"])]
+
+
+def torch_threads(cpus: float | int | None) -> int:
+    """Threads for torch from the client's CPU resources (at least one)."""
+    threads = max(1, int(cpus or 1))
+    torch.set_num_threads(threads)
+    return threads

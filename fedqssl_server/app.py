@@ -1,0 +1,34 @@
+"""The ServerApp: the FedQSSL strategy for ``num-rounds`` rounds, results to ``output-dir``."""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from flwr.common import Context
+from flwr.common.logger import log
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from common.config import ExperimentConfig
+from common.experiment import experiment_data
+from fedqssl_server.results import RunRecorder, default_output_dir
+from fedqssl_server.strategy import FedQSSL
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    config = ExperimentConfig.from_mapping(context.run_config)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+    log(
+        INFO,
+        "fedqssl: %d clients, bits %s, %s on %s; results -> %s",
+        config.num_clients,
+        ",".join(map(str, config.bitwidths)),
+        config.model,
+        config.dataset,
+        output_dir,
+    )
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, output_dir))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=config.num_rounds))
+
+
+app = ServerApp(server_fn=server_fn)

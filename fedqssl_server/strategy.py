@@ -1,0 +1,275 @@
+"""The FedQSSL Flower strategy: thin glue between Flower and ``server_steps``."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from common.codec import PayloadError, decode_state, encode_state, payload_nbytes
+from common.config import ExperimentConfig
+from common.evaluation import knn_accuracy, linear_probe_accuracy
+from common.experiment import ExperimentData, new_model
+from common.models import extract_features
+from common.quant import FULL_PRECISION
+from fedqssl_server.results import RunRecorder
+from fedqssl_server.server_steps import FedQSSLServer
+
+MONITOR_SAMPLES = 2000
+
+
+class FedQSSL(Strategy):
+    """De-quantize on D_g, weight by softmax(-L_DQ), aggregate, re-quantize per bitwidth."""
+
+    def __init__(
+        self, config: ExperimentConfig, data: ExperimentData, recorder: RunRecorder | None = None
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.server = FedQSSLServer(config, data)
+        self.recorder = recorder
+        self.global_state = self.server.initial_state()
+        self.client_bits: dict[str, int] = {}
+        self.downlink: dict[int, list[np.ndarray]] = {}
+        self.sent_bytes: dict[str, int] = {}
+        self.current: dict = {}
+        self.global_accuracy: float | None = None
+
+    # ------------------------------------------------------------ fit
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
+        return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION))
+
+    def _payload_for(self, cid: str) -> list[np.ndarray]:
+        """The client's own re-quantized model; the full-precision global one until its
+        bitwidth is known."""
+        bits = self.client_bits.get(cid)
+        if bits is not None and bits in self.downlink:
+            return self.downlink[bits]
+        return encode_state(self.global_state, FULL_PRECISION)
+
+    def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
+        available = client_manager.num_available()
+        wanted = max(int(available * fraction), self.config.min_fit_clients)
+        return client_manager.sample(
+            num_clients=wanted, min_num_clients=self.config.min_fit_clients
+        )
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self.current = {"started": time.perf_counter()}
+        instructions = []
+        self.sent_bytes = {}
+        for client in self._sample(client_manager, self.config.fraction_fit):
+            payload = self._payload_for(client.cid)
+            self.sent_bytes[client.cid] = payload_nbytes(payload)
+            # a fresh FitIns per client: each carries its own model
+            instructions.append(
+                (client, FitIns(ndarrays_to_parameters(payload), {"server-round": server_round}))
+            )
+        return instructions
+
+    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> dict | None:
+        bits = result.metrics.get("bitwidth")
+        try:
+            if not isinstance(bits, int) or isinstance(bits, bool):
+                raise PayloadError(f"fit metrics carry no integer 'bitwidth' (got {bits!r})")
+            state = decode_state(
+                parameters_to_ndarrays(result.parameters),
+                expect_bits=bits,
+                template=self.global_state,
+            )
+        except PayloadError as error:
+            log(
+                WARNING,
+                "round %s: client %s sent a bad model, left out: %s",
+                server_round,
+                client.cid,
+                error,
+            )
+            return None
+        self.client_bits[client.cid] = bits
+        return state
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        accepted = []
+        rejected = [str(f if isinstance(f, BaseException) else f[0].cid) for f in failures]
+        for client, result in results:
+            state = self._decode(server_round, client, result)
+            if state is None:
+                rejected.append(client.cid)
+            else:
+                accepted.append((client, result, state))
+        if not accepted:
+            log(WARNING, "round %s: no usable client model; global model unchanged", server_round)
+            self._record_round(server_round, [], None, rejected)
+            return None, {}
+        outcome = self.server.run_round(
+            server_round, [state for *_, state in accepted], set(self.client_bits.values())
+        )
+        self.global_state = outcome.global_state
+        self.downlink = outcome.downlink
+        self._record_round(server_round, accepted, outcome, rejected)
+        return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
+
+    def _record_round(self, server_round, accepted, outcome, rejected) -> None:
+        fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
+        clients = [
+            {
+                "partition-id": result.metrics.get("partition-id"),
+                "bitwidth": result.metrics["bitwidth"],
+                "loss": result.metrics.get("loss"),
+                "train-seconds": result.metrics.get("train-seconds"),
+                "examples": result.num_examples,
+                "uplink-bytes": payload_nbytes(parameters_to_ndarrays(result.parameters)),
+                "downlink-bytes": self.sent_bytes.get(client.cid),
+                "dq-loss": None if outcome is None else outcome.dq_losses[index],
+                "weight": None if outcome is None else outcome.weights[index],
+            }
+            for index, (client, result, _) in enumerate(accepted)
+        ]
+        self.current.update(
+            {
+                "clients": clients,
+                "failed": rejected,
+                "fp32-equivalent-bytes": fp32_bytes * len(clients),
+                "server-seconds": {} if outcome is None else outcome.seconds,
+            }
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def _global_features(self):
+        model = new_model(self.config, FULL_PRECISION, self.data.train.channels)
+        model.load_state_dict(self.global_state)
+        monitor = self.data.uniform_train(MONITOR_SAMPLES)
+        return (
+            extract_features(model.encoder, self.data.normalize(monitor.images)),
+            monitor.labels,
+            extract_features(model.encoder, self.data.normalize(self.data.test.images)),
+            self.data.test.labels,
+        )
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        """kNN monitor of the global model each round; the global linear probe after the last."""
+        features = self._global_features()
+        knn = knn_accuracy(*features)
+        metrics: dict[str, Scalar] = {"knn-accuracy": knn}
+        if server_round == self.config.num_rounds:
+            self.global_accuracy = linear_probe_accuracy(
+                *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
+            )
+            metrics["global-accuracy"] = self.global_accuracy
+        if server_round > 0:
+            self._end_round(server_round, knn)
+        return 1.0 - knn, metrics
+
+    def _end_round(self, server_round: int, knn: float) -> None:
+        record = {**self.current, "round": server_round, "knn-accuracy": knn}
+        record["round-seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
+        clients = record.get("clients", [])
+        bits = ",".join(str(c["bitwidth"]) for c in clients)
+        weights = ",".join(f"{c['weight']:.2f}" for c in clients if c["weight"] is not None)
+        log(
+            INFO,
+            "round %d/%d: %d clients (bits %s), %d failed, p_k [%s], uplink %.2f MB "
+            "(fp32 %.2f MB), kNN acc %.4f, %.0fs",
+            server_round,
+            self.config.num_rounds,
+            len(clients),
+            bits,
+            len(record.get("failed", [])),
+            weights,
+            sum(c["uplink-bytes"] for c in clients) / 1e6,
+            record.get("fp32-equivalent-bytes", 0) / 1e6,
+            knn,
+            record["round-seconds"],
+        )
+        if self.recorder is not None:
+            self.recorder.add_round(record)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """After the last round, every known client scores its own re-quantized model."""
+        if server_round != self.config.num_rounds:
+            return []
+        clients = client_manager.sample(
+            num_clients=client_manager.num_available(), min_num_clients=1
+        )
+        return [
+            (client, EvaluateIns(ndarrays_to_parameters(self._payload_for(client.cid)), {}))
+            for client in clients
+        ]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        local = sorted(
+            (
+                {
+                    "partition-id": r.metrics.get("partition-id"),
+                    "bitwidth": r.metrics.get("bitwidth"),
+                    "local-accuracy": r.metrics.get("local-accuracy"),
+                    "test-examples": r.num_examples,
+                }
+                for _, r in results
+            ),
+            key=lambda c: c["partition-id"],
+        )
+        mean_local = float(np.mean([c["local-accuracy"] for c in local])) if local else None
+        if self.recorder is not None:
+            summary = self._summary(local, mean_local, len(failures))
+            log(
+                INFO,
+                "final: global accuracy %.4f, mean local accuracy %s; results in %s",
+                self.global_accuracy or float("nan"),
+                "n/a" if mean_local is None else f"{mean_local:.4f}",
+                self.recorder.output_dir,
+            )
+            self.recorder.finish(summary)
+        return (None if mean_local is None else 1 - mean_local), {
+            "local-accuracy": mean_local or 0.0
+        }
+
+    def _summary(self, local: list[dict], mean_local: float | None, failures: int) -> dict:
+        rounds = self.recorder.rounds
+        uplink = sum(c["uplink-bytes"] for r in rounds for c in r.get("clients", []))
+        fp32 = sum(r.get("fp32-equivalent-bytes", 0) for r in rounds)
+        return {
+            "global-accuracy": self.global_accuracy,
+            "mean-local-accuracy": mean_local,
+            "local-accuracy": local,
+            "evaluation-failures": failures,
+            "uplink-bytes": uplink,
+            "fp32-equivalent-uplink-bytes": fp32,
+            "uplink-ratio-to-fp32": uplink / fp32 if fp32 else None,
+            "downlink-bytes": sum(
+                c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
+            ),
+            "final-knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
+        }

@@ -1,0 +1,171 @@
+"""The FedQSSL strategy and its server steps, driven with fabricated Flower results."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from common.codec import decode_state, encode_state, is_quantized, packed_size, payload_bits
+from common.config import ExperimentConfig
+from common.experiment import experiment_data, new_model
+from fedqssl_server import server_steps
+from fedqssl_server.results import RunRecorder
+from fedqssl_server.server_steps import average_states, softmax_weights
+from fedqssl_server.strategy import FedQSSL
+
+
+class FakeProxy:
+    def __init__(self, cid):
+        self.cid = cid
+
+
+class FakeManager:
+    def __init__(self, proxies):
+        self.proxies = proxies
+
+    def num_available(self):
+        return len(self.proxies)
+
+    def sample(self, num_clients, min_num_clients=None):
+        return self.proxies[:num_clients]
+
+
+@pytest.fixture
+def config(tmp_path):
+    return ExperimentConfig.from_mapping(
+        {
+            "dataset": "synthetic",
+            "num-clients": 3,
+            "bitwidths": "4,8,4",
+            "num-rounds": 1,
+            "dirichlet-beta": 1.0,
+            "buffer-ratio": 0.1,
+            "batch-size": 32,
+            "output-dir": str(tmp_path / "out"),
+        }
+    )
+
+
+def fit_result(config, bits, seed, partition_id=0):
+    torch.manual_seed(seed)
+    model = new_model(config, bits, 1)
+    for parameter in model.parameters():  # make every client's model different
+        parameter.data.add_(0.01 * torch.randn_like(parameter))
+    payload = encode_state(model.state_dict(), bits)
+    metrics = {"bitwidth": bits, "partition-id": partition_id, "loss": 1.0}
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(payload), 10, metrics)
+
+
+def three_results(config, proxies):
+    """Fit results of three clients at 4, 8 and 4 bits."""
+    return [
+        (proxy, fit_result(config, bits, index, index))
+        for index, (proxy, bits) in enumerate(zip(proxies, (4, 8, 4), strict=True))
+    ]
+
+
+def config_dir(config):
+    return Path(config.output_dir)
+
+
+def test_softmax_weights_and_weighted_average():
+    weights = softmax_weights([1.0, 2.0, 3.0], temperature=1.0)
+    expected = np.exp([-1.0, -2.0, -3.0]) / np.exp([-1.0, -2.0, -3.0]).sum()
+    assert np.allclose(weights, expected)
+    assert np.allclose(softmax_weights([1000.0, 1001.0], 0.5), softmax_weights([0.0, 1.0], 0.5))
+    states = [
+        {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(2)},
+        {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(5)},
+    ]
+    averaged = average_states(states, [0.25, 0.75])
+    assert torch.allclose(averaged["w"], torch.tensor([2.5, 4.5])) and int(averaged["n"]) == 5
+    with pytest.raises(ValueError, match="finite"):
+        softmax_weights([float("nan"), 1.0])
+
+
+def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bitwidth(
+    config, monkeypatch
+):
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    calls = []
+    finetune = strategy.server.finetune
+
+    def counting(state, bits, epochs, seed):
+        calls.append(bits)
+        return finetune(state, bits, epochs, seed)
+
+    monkeypatch.setattr(strategy.server, "finetune", counting)
+    proxies = [FakeProxy(str(i)) for i in range(3)]
+    results = three_results(config, proxies)
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    # three de-quantizations at full precision, then one re-quantization per distinct bitwidth
+    assert calls == [32, 32, 32, 4, 8]
+    record = strategy.current
+    losses = [c["dq-loss"] for c in record["clients"]]
+    assert np.allclose([c["weight"] for c in record["clients"]], softmax_weights(losses, 1.0))
+    # the global model is the weighted aggregate, returned at full precision
+    assert payload_bits(parameters_to_ndarrays(parameters)) == 32
+    assert sorted(strategy.downlink) == [4, 8]
+
+
+def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    good = fit_result(config, 4, 0)
+    bad = fit_result(config, 8, 1, 1)
+    arrays = parameters_to_ndarrays(bad.parameters)
+    bad.parameters = ndarrays_to_parameters([arrays[0], arrays[1][:-5], *arrays[2:]])
+    liar = fit_result(config, 4, 2, 2)
+    liar.metrics["bitwidth"] = 6  # claims 6 bits, sends 4
+    results = [(FakeProxy("a"), good), (FakeProxy("b"), bad), (FakeProxy("c"), liar)]
+    parameters, _ = strategy.aggregate_fit(1, results, [RuntimeError("node lost")])
+    assert parameters is not None
+    assert [c["partition-id"] for c in strategy.current["clients"]] == [0]
+    assert set(strategy.current["failed"]) == {"b", "c", "node lost"}
+    assert strategy.client_bits == {"a": 4}
+
+
+def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    proxies = [FakeProxy(str(i)) for i in range(3)]
+    first = strategy.configure_fit(1, None, FakeManager(proxies))
+    assert all(payload_bits(parameters_to_ndarrays(ins.parameters)) == 32 for _, ins in first)
+    results = three_results(config, proxies)
+    strategy.aggregate_fit(1, results, [])
+    second = strategy.configure_fit(2, None, FakeManager(proxies))
+    assert len({id(ins) for _, ins in second}) == 3
+    for (proxy, ins), bits in zip(second, (4, 8, 4), strict=True):
+        arrays = parameters_to_ndarrays(ins.parameters)
+        assert payload_bits(arrays) == bits
+        state = decode_state(arrays)
+        quantized = [(k, v) for k, v in state.items() if is_quantized(k, v)]
+        assert all(v.unique().numel() <= 2**bits for _, v in quantized)
+        assert arrays[1].size == packed_size(sum(v.numel() for _, v in quantized), bits)
+        assert strategy.sent_bytes[proxy.cid] == sum(a.nbytes for a in arrays)
+
+
+def test_round_records_bytes_and_times(config):
+    recorder = RunRecorder(config, config_dir(config))
+    strategy = FedQSSL(config, experiment_data(config), recorder)
+    proxies = [FakeProxy(str(i)) for i in range(3)]
+    strategy.configure_fit(1, None, FakeManager(proxies))
+    results = three_results(config, proxies)
+    strategy.aggregate_fit(1, results, [])
+    strategy.evaluate(1, None)
+    line = json.loads((config_dir(config) / "rounds.jsonl").read_text().splitlines()[0])
+    assert line["round"] == 1 and 0 <= line["knn-accuracy"] <= 1
+    assert [c["bitwidth"] for c in line["clients"]] == [4, 8, 4]
+    for client, (_, result) in zip(line["clients"], results, strict=True):
+        assert client["uplink-bytes"] == sum(
+            a.nbytes for a in parameters_to_ndarrays(result.parameters)
+        )
+    assert set(line["server-seconds"]) == {"dequantize", "aggregate", "requantize"}
+    assert line["fp32-equivalent-bytes"] > 3 * line["clients"][0]["uplink-bytes"]
+    assert "global-accuracy" in strategy.evaluate(1, None)[1]  # num-rounds is 1: last round
+
+
+def test_server_steps_do_not_import_flower():
+    source = Path(server_steps.__file__).read_text()
+    assert "flwr" not in source
