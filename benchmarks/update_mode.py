@@ -131,7 +131,7 @@ def main() -> None:
 
     report = {
         "command": "python benchmarks/update_mode.py" + (" --quick" if args.quick else ""),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
         "runs": runs,
     }
