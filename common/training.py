@@ -103,6 +103,7 @@ def fit_ssl(
     The one training loop of clients (local training) and server (de- and re-quantization).
     A fresh Adam optimizer is made per call, as each federated round starts from received weights.
     """
+    torch.manual_seed(seed)  # torchvision's augmentations draw from the global generator
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         TwoViews(images, transform),

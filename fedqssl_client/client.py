@@ -17,6 +17,7 @@ from common.quant import FULL_PRECISION
 from common.training import LowBitSettings, fit_ssl
 
 Scalar = bool | bytes | float | int | str
+PROBE_EPOCHS = 30
 
 
 class FedQSSLClient(NumPyClient):
@@ -91,7 +92,7 @@ class FedQSSLClient(NumPyClient):
             test.labels,
             self.data.train.num_classes,
             self.bits,
-            epochs=int(config.get("probe-epochs", 30)),
+            epochs=PROBE_EPOCHS,
             seed=self.config.seed,
         )
         return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})

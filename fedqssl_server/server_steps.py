@@ -92,14 +92,15 @@ class FedQSSLServer:
         return model.state_dict(), losses[-1] if losses else float("nan")
 
     def run_round(
-        self, server_round: int, received: Sequence[State], bitwidths: Iterable[int]
+        self, server_round: int, received: Mapping[int, State], bitwidths: Iterable[int]
     ) -> RoundOutcome:
-        """De-quantize ``received`` models, weight, aggregate, re-quantize for ``bitwidths``."""
-        seed = self.config.seed * 1_000_003 + server_round * 1_000
+        """De-quantize ``received`` models (keyed by client: seeds and order follow the key, not
+        arrival), weight, aggregate, re-quantize for ``bitwidths``. Lists follow sorted keys."""
+        seed = self.config.seed * 1_000_003 + server_round * 1_000_000
         start = time.perf_counter()
         dequantized = [
-            self.finetune(state, FULL_PRECISION, self.config.dq_epochs, seed + index)
-            for index, state in enumerate(received)
+            self.finetune(received[key], FULL_PRECISION, self.config.dq_epochs, seed + key)
+            for key in sorted(received)
         ]
         losses = [loss for _, loss in dequantized]
         weights = softmax_weights(losses, self.config.dq_temperature)
@@ -108,7 +109,7 @@ class FedQSSLServer:
         after_aggregate = time.perf_counter()
         downlink = {
             bits: encode_state(
-                self.finetune(global_state, bits, self.config.rq_epochs, seed + 500 + bits)[0],
+                self.finetune(global_state, bits, self.config.rq_epochs, seed + 500_000 + bits)[0],
                 bits,
             )
             for bits in sorted(set(bitwidths))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from logging import INFO, WARNING
 
 import numpy as np
@@ -31,6 +32,14 @@ from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import FedQSSLServer
 
 MONITOR_SAMPLES = 2000
+
+
+def client_key(client: ClientProxy, result: FitRes) -> int:
+    """A stable per-client number: its partition id, else a hash of its node id."""
+    partition = result.metrics.get("partition-id")
+    if isinstance(partition, int) and not isinstance(partition, bool) and partition >= 0:
+        return partition
+    return 1_000_000 + zlib.crc32(str(client.cid).encode())
 
 
 class FedQSSL(Strategy):
@@ -115,18 +124,32 @@ class FedQSSL(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         accepted = []
         rejected = [str(f if isinstance(f, BaseException) else f[0].cid) for f in failures]
+        keys: set[int] = set()
         for client, result in results:
-            state = self._decode(server_round, client, result)
+            key = client_key(client, result)
+            state = None if key in keys else self._decode(server_round, client, result)
+            if key in keys:
+                log(
+                    WARNING,
+                    "round %s: client %s repeats partition-id %s, left out",
+                    server_round,
+                    client.cid,
+                    key,
+                )
             if state is None:
                 rejected.append(client.cid)
             else:
+                keys.add(key)
                 accepted.append((client, result, state))
+        accepted.sort(key=lambda item: client_key(item[0], item[1]))  # outcome lists follow keys
         if not accepted:
             log(WARNING, "round %s: no usable client model; global model unchanged", server_round)
             self._record_round(server_round, [], None, rejected)
             return None, {}
         outcome = self.server.run_round(
-            server_round, [state for *_, state in accepted], set(self.client_bits.values())
+            server_round,
+            {client_key(client, result): state for client, result, state in accepted},
+            set(self.client_bits.values()),
         )
         self.global_state = outcome.global_state
         self.downlink = outcome.downlink

@@ -169,3 +169,53 @@ def test_round_records_bytes_and_times(config):
 def test_server_steps_do_not_import_flower():
     source = Path(server_steps.__file__).read_text()
     assert "flwr" not in source
+
+
+def test_round_outcome_does_not_depend_on_arrival_order(config):
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    states = {
+        key: decode_state(parameters_to_ndarrays(fit_result(config, bits, key, key).parameters))
+        for key, bits in enumerate((4, 8, 4))
+    }
+    forward = strategy.server.run_round(1, states, {4, 8})
+    backward = strategy.server.run_round(1, dict(reversed(states.items())), {4, 8})
+    assert forward.weights == backward.weights
+    assert all(
+        torch.equal(forward.global_state[k], backward.global_state[k]) for k in forward.global_state
+    )
+    assert all(
+        np.array_equal(a, b) for a, b in zip(forward.downlink[4], backward.downlink[4], strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fraction", "minimum", "expected"), [(0.5, 2, 5), (0.1, 3, 3), (1.0, 2, 10)]
+)
+def test_client_sampling_follows_fraction_fit_and_min_fit_clients(
+    tmp_path, fraction, minimum, expected
+):
+    config = ExperimentConfig.from_mapping(
+        {
+            "dataset": "synthetic",
+            "num-clients": 10,
+            "bitwidths": "4",
+            "dirichlet-beta": 1.0,
+            "fraction-fit": fraction,
+            "min-fit-clients": minimum,
+            "output-dir": str(tmp_path),
+        }
+    )
+    strategy = FedQSSL(config, experiment_data(config))
+    proxies = [FakeProxy(str(i)) for i in range(10)]
+    assert len(strategy.configure_fit(1, None, FakeManager(proxies))) == expected
+
+
+def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
+    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    results = [
+        (FakeProxy("a"), fit_result(config, 4, 0, 0)),
+        (FakeProxy("b"), fit_result(config, 8, 1, 0)),
+    ]
+    strategy.aggregate_fit(1, results, [])
+    assert [c["bitwidth"] for c in strategy.current["clients"]] == [4]
+    assert strategy.current["failed"] == ["b"]
