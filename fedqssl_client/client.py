@@ -70,6 +70,7 @@ class FedQSSLClient(NumPyClient):
                 **{
                     "payload-bytes": payload_nbytes(payload),
                     "train-seconds": time.perf_counter() - start,
+                    "torch-threads": torch.get_num_threads(),
                 },
             ),
         )

@@ -164,6 +164,7 @@ class FedQSSL(Strategy):
                 "bitwidth": result.metrics["bitwidth"],
                 "loss": result.metrics.get("loss"),
                 "train-seconds": result.metrics.get("train-seconds"),
+                "torch-threads": result.metrics.get("torch-threads"),
                 "examples": result.num_examples,
                 "uplink-bytes": payload_nbytes(parameters_to_ndarrays(result.parameters)),
                 "downlink-bytes": self.sent_bytes.get(client.cid),
