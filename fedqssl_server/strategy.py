@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from logging import INFO, WARNING
+from typing import NamedTuple
 
 import numpy as np
 from flwr.common import (
@@ -29,9 +30,19 @@ from common.experiment import ExperimentData, new_model
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import FedQSSLServer
+from fedqssl_server.server_steps import FedQSSLServer, RoundOutcome
 
 MONITOR_SAMPLES = 2000
+
+
+class Accepted(NamedTuple):
+    """A client result that decoded cleanly."""
+
+    key: int
+    client: ClientProxy
+    result: FitRes
+    state: dict
+    uplink_bytes: int
 
 
 def client_key(client: ClientProxy, result: FitRes) -> int:
@@ -53,6 +64,9 @@ class FedQSSL(Strategy):
         self.server = FedQSSLServer(config, data)
         self.recorder = recorder
         self.global_state = self.server.initial_state()
+        # the model's shape never changes, so neither does its full-precision payload size
+        self.fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
+        self.monitor = data.uniform_train(MONITOR_SAMPLES)
         self.client_bits: dict[str, int] = {}
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.sent_bytes: dict[str, int] = {}
@@ -94,16 +108,13 @@ class FedQSSL(Strategy):
             )
         return instructions
 
-    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> dict | None:
+    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> Accepted | None:
         bits = result.metrics.get("bitwidth")
         try:
             if not isinstance(bits, int) or isinstance(bits, bool):
                 raise PayloadError(f"fit metrics carry no integer 'bitwidth' (got {bits!r})")
-            state = decode_state(
-                parameters_to_ndarrays(result.parameters),
-                expect_bits=bits,
-                template=self.global_state,
-            )
+            arrays = parameters_to_ndarrays(result.parameters)
+            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
         except PayloadError as error:
             log(
                 WARNING,
@@ -114,7 +125,7 @@ class FedQSSL(Strategy):
             )
             return None
         self.client_bits[client.cid] = bits
-        return state
+        return Accepted(client_key(client, result), client, result, state, payload_nbytes(arrays))
 
     def aggregate_fit(
         self,
@@ -122,13 +133,11 @@ class FedQSSL(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        accepted = []
+        accepted: dict[int, Accepted] = {}
         rejected = [str(f if isinstance(f, BaseException) else f[0].cid) for f in failures]
-        keys: set[int] = set()
         for client, result in results:
             key = client_key(client, result)
-            state = None if key in keys else self._decode(server_round, client, result)
-            if key in keys:
+            if key in accepted:
                 log(
                     WARNING,
                     "round %s: client %s repeats partition-id %s, left out",
@@ -136,48 +145,51 @@ class FedQSSL(Strategy):
                     client.cid,
                     key,
                 )
-            if state is None:
+                rejected.append(client.cid)
+                continue
+            decoded = self._decode(server_round, client, result)
+            if decoded is None:
                 rejected.append(client.cid)
             else:
-                keys.add(key)
-                accepted.append((client, result, state))
-        accepted.sort(key=lambda item: client_key(item[0], item[1]))  # outcome lists follow keys
-        if not accepted:
+                accepted[key] = decoded
+        ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
+        if not ordered:
             log(WARNING, "round %s: no usable client model; global model unchanged", server_round)
-            self._record_round(server_round, [], None, rejected)
+            self._record_round([], None, rejected)
             return None, {}
         outcome = self.server.run_round(
             server_round,
-            {client_key(client, result): state for client, result, state in accepted},
+            {item.key: item.state for item in ordered},
             set(self.client_bits.values()),
         )
         self.global_state = outcome.global_state
         self.downlink = outcome.downlink
-        self._record_round(server_round, accepted, outcome, rejected)
+        self._record_round(ordered, outcome, rejected)
         return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
 
-    def _record_round(self, server_round, accepted, outcome, rejected) -> None:
-        fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
+    def _record_round(
+        self, ordered: list[Accepted], outcome: RoundOutcome | None, rejected: list[str]
+    ) -> None:
         clients = [
             {
-                "partition-id": result.metrics.get("partition-id"),
-                "bitwidth": result.metrics["bitwidth"],
-                "loss": result.metrics.get("loss"),
-                "train-seconds": result.metrics.get("train-seconds"),
-                "torch-threads": result.metrics.get("torch-threads"),
-                "examples": result.num_examples,
-                "uplink-bytes": payload_nbytes(parameters_to_ndarrays(result.parameters)),
-                "downlink-bytes": self.sent_bytes.get(client.cid),
+                "partition-id": item.result.metrics.get("partition-id"),
+                "bitwidth": item.result.metrics["bitwidth"],
+                "loss": item.result.metrics.get("loss"),
+                "train-seconds": item.result.metrics.get("train-seconds"),
+                "torch-threads": item.result.metrics.get("torch-threads"),
+                "examples": item.result.num_examples,
+                "uplink-bytes": item.uplink_bytes,
+                "downlink-bytes": self.sent_bytes.get(item.client.cid),
                 "dq-loss": None if outcome is None else outcome.dq_losses[index],
                 "weight": None if outcome is None else outcome.weights[index],
             }
-            for index, (client, result, _) in enumerate(accepted)
+            for index, item in enumerate(ordered)
         ]
         self.current.update(
             {
                 "clients": clients,
                 "failed": rejected,
-                "fp32-equivalent-bytes": fp32_bytes * len(clients),
+                "fp32-equivalent-bytes": self.fp32_bytes * len(clients),
                 "server-seconds": {} if outcome is None else outcome.seconds,
             }
         )
@@ -187,10 +199,9 @@ class FedQSSL(Strategy):
     def _global_features(self):
         model = new_model(self.config, FULL_PRECISION, self.data.train.channels)
         model.load_state_dict(self.global_state)
-        monitor = self.data.uniform_train(MONITOR_SAMPLES)
         return (
-            extract_features(model.encoder, self.data.normalize(monitor.images)),
-            monitor.labels,
+            extract_features(model.encoder, self.data.normalize(self.monitor.images)),
+            self.monitor.labels,
             extract_features(model.encoder, self.data.normalize(self.data.test.images)),
             self.data.test.labels,
         )
