@@ -1,14 +1,21 @@
-"""Run a Fed-QSSL preset on Flower's Ray simulation backend and print the results summary.
+"""Run Fed-QSSL and its baselines on Flower's Ray simulation backend; print or tabulate results.
 
     python simulation.py                                  # configs/quickstart.yaml (CPU, ~3 min)
-    python simulation.py configs/cifar10-table1.yaml      # the paper's Table 1 setup (GPU)
     python simulation.py --set num-rounds=5 --set bitwidths=4,8,12
+    python simulation.py --set algorithm=fedavg           # one baseline
+    python simulation.py configs/fmnist-table1.yaml       # Table 1 at CPU scale: every algorithm
+    python simulation.py --compare fedqssl,fedsimclr --seeds 0,1,2
+    python simulation.py --sweep dirichlet-beta=0.05,0.1,0.5,1.0
 
-It validates the preset, runs ``flwr run`` with the matching ``--run-config`` and
+One run validates the preset, runs ``flwr run`` with the matching ``--run-config`` and
 ``--federation-config``, streams its progress, and exits non-zero with the server's error if the
-run failed (``flwr run`` itself exits 0 then; the truth is in ``flwr ls``). Flower's state lives in
-``FLWR_HOME`` (default: ``.flwr/`` in this folder); the local SuperLink it starts is stopped at the
-end unless ``--keep-superlink``.
+run failed (``flwr run`` itself exits 0 then; the truth is in ``flwr ls``). A comparison (a
+preset's ``compare:`` list or ``--compare``) runs each algorithm on the same partition,
+bitwidths and seeds and writes ``comparison.md``/``.json``/``.png``; a sweep (a preset's
+``sweep:`` or ``--sweep``) does the same over the values of one config key (``sweep.*``). A row
+named ``<algorithm>-full`` runs that algorithm with every client at 32 bits. Flower's state lives
+in ``FLWR_HOME`` (default: ``.flwr/`` in this folder); the local SuperLink it starts is stopped at
+the end unless ``--keep-superlink``.
 """
 
 from __future__ import annotations
@@ -23,9 +30,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from common import report
+from common.algorithms import ALGORITHM_NAMES
 from common.config import ConfigError, ExperimentConfig
+from common.quant import FULL_PRECISION
 
 ROOT = Path(__file__).resolve().parent
 OFFLINE_ENV = {
@@ -42,22 +55,110 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def load_config(preset: Path, overrides: list[str], output_dir: str | None) -> ExperimentConfig:
-    values = ExperimentConfig.from_yaml(preset).to_dict()
-    for item in overrides:
+PLAN_KEYS = ("compare", "sweep", "seeds")
+FULL_SUFFIX = "-full"
+
+
+@dataclass
+class Plan:
+    """What to run: the base config, rows (name -> config overrides) and seeds."""
+
+    name: str
+    base: dict
+    rows: dict[str, dict]
+    seeds: list[int]
+    kind: str = "single"  # single, compare or sweep
+    sweep_key: str = ""
+
+
+def read_preset(preset: Path) -> tuple[dict, dict]:
+    """(config values, plan values) of a YAML preset; the plan keys are compare/sweep/seeds."""
+    with open(preset, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{preset}: expected a mapping of config keys")
+    plan = {key: values.pop(key) for key in PLAN_KEYS if key in values}
+    return values, plan
+
+
+def algorithm_row(name: str) -> dict:
+    """Overrides of a comparison row: ``fedsimclr`` or ``fedsimclr-full`` (all clients 32-bit)."""
+    algorithm = name.removesuffix(FULL_SUFFIX)
+    if algorithm not in ALGORITHM_NAMES:
+        raise ConfigError(
+            f"compare: unknown row {name!r}; rows are algorithms ({', '.join(ALGORITHM_NAMES)}), "
+            f"optionally with {FULL_SUFFIX!r} for full precision"
+        )
+    row = {"algorithm": algorithm}
+    if name.endswith(FULL_SUFFIX):
+        row["bitwidths"] = str(FULL_PRECISION)
+    return row
+
+
+def parse_list(value: object, what: str) -> list:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{what} must be a non-empty list, got {value!r}")
+    return [item.strip() if isinstance(item, str) else item for item in items]
+
+
+def make_plan(preset: Path, args: argparse.Namespace) -> Plan:
+    """The runs asked for by the preset and the command line (the command line wins)."""
+    values, plan = read_preset(preset)
+    for item in args.set:
         key, separator, value = item.partition("=")
         if not separator:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         values[key.strip()] = value.strip()
-    if output_dir:
-        values["output-dir"] = output_dir
-    if not values.get("output-dir"):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        values["output-dir"] = str(ROOT / "results" / f"{preset.stem}-{stamp}")
-    values["output-dir"] = str(Path(values["output-dir"]).resolve())
+    base = ExperimentConfig.from_mapping(values).to_dict()  # validates the base config
+    seeds = [int(s) for s in parse_list(args.seeds or plan.get("seeds", [base["seed"]]), "seeds")]
+    if args.compare or "compare" in plan:
+        names = parse_list(args.compare or plan["compare"], "compare")
+        return Plan(preset.stem, base, {n: algorithm_row(n) for n in names}, seeds, "compare")
+    if args.sweep or "sweep" in plan:
+        if args.sweep:
+            key, separator, listed = args.sweep.partition("=")
+            if not separator:
+                raise ConfigError(f"--sweep expects key=v1,v2,..., got {args.sweep!r}")
+            sweep = {key.strip(): listed}
+        else:
+            sweep = plan["sweep"]
+        if not isinstance(sweep, dict) or len(sweep) != 1:
+            raise ConfigError(f"sweep must name one config key and its values, got {sweep!r}")
+        ((key, listed),) = sweep.items()
+        rows = {str(v): {key: v} for v in parse_list(listed, f"sweep {key}")}
+        return Plan(preset.stem, base, rows, seeds, "sweep", key)
+    return Plan(preset.stem, base, {base["algorithm"]: {}}, seeds)
+
+
+def run_config(plan: Plan, row: str, seed: int, output_dir: Path) -> ExperimentConfig:
+    """The validated config of one run, its paths absolute (the app runs from a copy)."""
+    values = {**plan.base, **plan.rows[row], "seed": seed}
+    values["output-dir"] = str(output_dir.resolve())
     if values.get("data-dir"):
         values["data-dir"] = str(Path(values["data-dir"]).resolve())
     return ExperimentConfig.from_mapping(values)
+
+
+def plan_runs(plan: Plan, output_dir: Path) -> list[tuple[str, int, ExperimentConfig]]:
+    """Every (row, seed, config) of the plan; one run's results go straight to ``output_dir``."""
+    if plan.kind == "single" and len(plan.seeds) == 1:
+        return [
+            (
+                next(iter(plan.rows)),
+                plan.seeds[0],
+                run_config(plan, next(iter(plan.rows)), plan.seeds[0], output_dir),
+            )
+        ]
+    return [
+        (row, seed, run_config(plan, row, seed, output_dir / safe_name(row) / f"seed-{seed}"))
+        for row in plan.rows
+        for seed in plan.seeds
+    ]
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def toml_value(value: bool | int | float | str) -> str:
@@ -115,28 +216,23 @@ def stop_processes(pids: set[int]) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def run(config: ExperimentConfig, args: argparse.Namespace) -> int:
+def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str]) -> int:
+    """One ``flwr run`` of ``config``; 0 when ``flwr ls`` says it completed."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_config = output_dir / "run_config.toml"
-    run_config.write_text(
+    run_config_file = output_dir / "run_config.toml"
+    run_config_file.write_text(
         "".join(f"{k} = {toml_value(v)}\n" for k, v in config.to_run_config().items())
     )
-    flwr_home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or ROOT / ".flwr").resolve()
-    env = flower_env(flwr_home)
-    if shutil.which("flwr", path=env["PATH"]) is None:
-        print(
-            "flwr not found: run `bash scripts/setup.sh` and use .venv/bin/python", file=sys.stderr
-        )
-        return 2
     supernodes = args.num_supernodes or config.num_clients
     federation = (
         f"num-supernodes={supernodes} client-resources-num-cpus={args.cpus_per_client} "
         f"client-resources-num-gpus={args.gpus_per_client}"
     )
     print(
-        f"==> {config.num_clients} clients, bitwidths {','.join(map(str, config.bitwidths))}, "
-        f"{config.num_rounds} rounds, {config.model} on {config.dataset}"
+        f"==> {config.algorithm}: {config.num_clients} clients, bitwidths "
+        f"{','.join(map(str, config.bitwidths))}, {config.num_rounds} rounds, {config.model} on "
+        f"{config.dataset}, seed {config.seed}"
     )
     print(f"==> results: {output_dir}", flush=True)
     command = [
@@ -144,50 +240,60 @@ def run(config: ExperimentConfig, args: argparse.Namespace) -> int:
         "run",
         str(ROOT),
         "--run-config",
-        str(run_config),
+        str(run_config_file),
         "--federation-config",
         federation,
         "--stream",
     ]
-    running_before = local_superlinks()
-    for pid, cmdline in running_before.items():
-        print(f"==> reusing the local SuperLink already running (pid {pid}): {cmdline[-120:]}")
     run_id = None
-    try:
-        with subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as process:
-            for line in process.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                found = re.search(r"run (\d{6,})", line)
-                run_id = run_id or (found.group(1) if found else None)
-        if run_id is None:
-            print(f"\nflwr run did not start a run (exit {process.returncode})", file=sys.stderr)
-            return 1
-        status = run_status(run_id, env)
-    finally:
-        if not args.keep_superlink:
-            stop_processes(set(local_superlinks()) - set(running_before))
+    with subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = re.search(r"run (\d{6,})", line)
+            run_id = run_id or (found.group(1) if found else None)
+    if run_id is None:
+        print(f"\nflwr run did not start a run (exit {process.returncode})", file=sys.stderr)
+        return 1
+    status = run_status(run_id, env)
     if status.get("status") != "finished:completed":
         print(
             f"\nrun {run_id} failed: {status.get('status')}\n{status.get('status-details')}",
             file=sys.stderr,
         )
         return 1
-    return print_summary(output_dir)
+    return 0
+
+
+@contextlib.contextmanager
+def managed_superlink(keep: bool):
+    """Stop, on the way out, the local SuperLinks started inside (not one running before)."""
+    running_before = local_superlinks()
+    for pid, cmdline in running_before.items():
+        print(f"==> reusing the local SuperLink already running (pid {pid}): {cmdline[-120:]}")
+    try:
+        yield
+    finally:
+        if not keep:
+            stop_processes(set(local_superlinks()) - set(running_before))
+
+
+def read_summary(output_dir: Path) -> dict | None:
+    path = output_dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def print_summary(output_dir: Path) -> int:
-    summary_path = output_dir / "summary.json"
-    if not summary_path.exists():
-        print(f"\nthe run finished but wrote no {summary_path}", file=sys.stderr)
+    summary = read_summary(output_dir)
+    if summary is None:
+        print(f"\nthe run finished but wrote no {output_dir / 'summary.json'}", file=sys.stderr)
         return 1
-    summary = json.loads(summary_path.read_text())
-    print("\n==> results summary")
-    print(f"global accuracy (linear probe, final epoch): {summary['global-accuracy']:.4f}")
+    print(f"\n==> results summary ({summary.get('label', '')})")
+    print(f"global accuracy (final epoch):           {summary['global-accuracy']:.4f}")
     if summary["mean-local-accuracy"] is not None:
-        print(f"mean local accuracy (per-client probes):     {summary['mean-local-accuracy']:.4f}")
+        print(f"mean local accuracy (per-client models): {summary['mean-local-accuracy']:.4f}")
     for client in summary["local-accuracy"]:
         print(
             f"  client {client['partition-id']:>2} ({client['bitwidth']:>2}-bit): "
@@ -202,7 +308,65 @@ def print_summary(output_dir: Path) -> int:
     return 0
 
 
-def main() -> int:
+def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> None:
+    """comparison.* or sweep.*: the table, the per-run numbers and the plot."""
+    rows = {name: report.Row(name) for name in plan.rows}
+    for name, seed, config in runs:
+        rows[name].seeds.append(seed)
+        rows[name].summaries.append(read_summary(Path(config.output_dir)))
+    for name, row in rows.items():
+        labels = {s["label"] for s in row.summaries if s is not None and plan.kind != "sweep"}
+        row.name = labels.pop() if len(labels) == 1 else name
+    stem = "sweep" if plan.kind == "sweep" else "comparison"
+    first = plan.sweep_key if plan.kind == "sweep" else "Algorithm"
+    title = f"{plan.name}: {first} ({len(plan.seeds)} seed{'s' * (len(plan.seeds) > 1)})"
+    base = ExperimentConfig.from_mapping(plan.base)
+    lines = [
+        f"# {title}\n",
+        report.comparison_table(list(rows.values()), first),
+        f"Mean ± sample standard deviation over seeds {plan.seeds}; final-epoch accuracies. "
+        f"{base.num_clients} clients, bitwidths {','.join(map(str, base.bitwidths))} "
+        f"(rows named *(Full)* at 32 bits), {base.model} on {base.dataset}, Dirichlet "
+        f"{base.dirichlet_beta}, {base.num_rounds} rounds of E = {base.local_epochs}. "
+        f"Total wall time {seconds / 60:.1f} min.\n",
+    ]
+    if plan.kind == "sweep":
+        ratios = [
+            report.mean_spread(row.values("buffer-to-client-ratio"))[0] for row in rows.values()
+        ]
+        lines.append(
+            "Measured |D_g| / mean |D_k| per row: "
+            + ", ".join(f"{r.name}: {x:.2f}" for r, x in zip(rows.values(), ratios, strict=True))
+            + "\n"
+        )
+    (output_dir / f"{stem}.md").write_text("\n".join(lines))
+    (output_dir / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "plan": plan.name,
+                "kind": plan.kind,
+                "sweep-key": plan.sweep_key or None,
+                "base-config": plan.base,
+                "seeds": plan.seeds,
+                "wall-seconds": seconds,
+                "rows": {
+                    name: {"label": row.name, "seeds": row.seeds, "summaries": row.summaries}
+                    for name, row in rows.items()
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    if plan.kind == "sweep":
+        report.plot_sweep(list(rows.values()), plan.sweep_key, output_dir / f"{stem}.png", title)
+    else:
+        report.plot_comparison(list(rows.values()), output_dir / f"{stem}.png", title)
+    print(f"\n==> {stem} ({output_dir / (stem + '.md')})\n")
+    print("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "preset", nargs="?", type=Path, default=ROOT / "configs" / "quickstart.yaml"
@@ -214,19 +378,52 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="override a config key (repeatable)",
     )
+    parser.add_argument("--compare", help="algorithms to compare, e.g. fedqssl,fedsimclr-full")
+    parser.add_argument("--sweep", help="one config key and its values, e.g. local-epochs=1,2,4")
+    parser.add_argument("--seeds", help="seeds to run each row with, e.g. 0,1,2")
     parser.add_argument("--output-dir", help="results folder (default: results/<preset>-<time>)")
     parser.add_argument("--num-supernodes", type=int, help="default: num-clients")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     parser.add_argument("--flwr-home", help="Flower's state folder (default: $FLWR_HOME or .flwr/)")
     parser.add_argument("--keep-superlink", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     try:
-        config = load_config(args.preset, args.set, args.output_dir)
-    except (ConfigError, OSError) as error:
+        plan = make_plan(args.preset, args)
+        output_dir = Path(
+            args.output_dir
+            or plan.base.get("output-dir")
+            or ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        ).resolve()
+        runs = plan_runs(plan, output_dir)
+    except (ConfigError, OSError, ValueError, yaml.YAMLError) as error:
         print(f"invalid configuration: {error}", file=sys.stderr)
         return 2
-    return run(config, args)
+    flwr_home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or ROOT / ".flwr").resolve()
+    env = flower_env(flwr_home)
+    if shutil.which("flwr", path=env["PATH"]) is None:
+        print(
+            "flwr not found: run `bash scripts/setup.sh` and use .venv/bin/python", file=sys.stderr
+        )
+        return 2
+    started = time.perf_counter()
+    failed = []
+    with managed_superlink(args.keep_superlink):
+        for index, (row, seed, config) in enumerate(runs, 1):
+            if len(runs) > 1:
+                print(f"\n==> run {index}/{len(runs)}: {row}, seed {seed}", flush=True)
+            if run(config, args, env) != 0:
+                failed.append((row, seed))
+    if len(runs) == 1:
+        return 1 if failed else print_summary(Path(runs[0][2].output_dir))
+    write_report(plan, runs, output_dir, time.perf_counter() - started)
+    for row, seed in failed:
+        print(f"run failed: {row}, seed {seed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def ideal_ratio(config: ExperimentConfig, channels: int) -> float:
-    state = new_model(config, 32, channels).state_dict()
+    state = new_model(config, 32, channels, 10).state_dict()
     quantized = sum(t.numel() for k, t in state.items() if is_quantized(k, t))
     other = sum(t.numel() for k, t in state.items() if not is_quantized(k, t))
     ideal = [quantized * b / 8 + 4 * other for b in config.bitwidths]

@@ -4,11 +4,12 @@ A payload is four numpy arrays (Flower ships each as ``np.save`` bytes, about 12
 apiece, so a model travels in four arrays whatever its size):
 
 0. ``header``: uint8 bytes of UTF-8 JSON: format name, version, bitwidth, and one entry per tensor
-   ``[name, shape, dtype, kind]`` in state-dict order, ``kind`` being ``codes``, ``float`` or
-   ``int``.
-1. ``codes``: uint8, the codes of every ``codes`` tensor, concatenated and packed at ``bits`` bits
-   (exactly ceil(total * bits / 8) bytes, padding bits zero).
-2. ``floats``: float32, one compander scale per ``codes`` tensor, then every ``float`` tensor.
+   ``[name, shape, dtype, kind]`` in state-dict order, ``kind`` being ``codes`` (a weight's
+   compander codes), ``qsgd`` (an update's QSGD codes, ``common.qsgd``), ``float`` or ``int``.
+1. ``codes``: uint8, the codes of every ``codes``/``qsgd`` tensor, concatenated and packed at
+   ``bits`` bits (exactly ceil(total * bits / 8) bytes, padding bits zero).
+2. ``floats``: float32, one scale per coded tensor (compander scale, or QSGD norm), then every
+   ``float`` tensor.
 3. ``ints``: int64, every ``int`` tensor (BatchNorm's ``num_batches_tracked``).
 
 Quantized tensors are the weights of convolutions and linear layers (floating, ``*.weight``, two
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from common.qsgd import qsgd_decode, qsgd_encode, qsgd_levels
 from common.quant import (
     FULL_PRECISION,
     MAX_BITS,
@@ -47,7 +49,8 @@ _INT_DTYPES = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_KINDS = ("codes", "float", "int")
+_KINDS = ("codes", "qsgd", "float", "int")
+_CODED_KINDS = ("codes", "qsgd")
 _PACK_CHUNK = 1 << 20  # codes per chunk: a multiple of 8, so every chunk ends on a byte boundary
 
 
@@ -144,6 +147,40 @@ def encode_state(state_dict: Mapping[str, torch.Tensor], bits: int) -> list[np.n
     The codes are the forward pass's, so ``decode_state`` returns exactly the weights the sender's
     forward pass used.
     """
+
+    def weight_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        if bits == FULL_PRECISION or not is_quantized(name, tensor):
+            return None
+        codes, scale = weight_codes(tensor, bits)
+        return codes, float(scale)
+
+    return _encode(state_dict, bits, "codes", weight_layer)
+
+
+def encode_update(
+    update: Mapping[str, torch.Tensor], bits: int, generator: torch.Generator | None = None
+) -> list[np.ndarray]:
+    """A model *update* (FedPAQ's uplink): every floating tensor QSGD-quantized at ``bits``.
+
+    Unbiased: the decoded update's expectation is ``update``. Integer tensors travel as they are.
+    At 32 bits every floating tensor travels as float32.
+    """
+
+    def qsgd_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        if bits == FULL_PRECISION or not tensor.is_floating_point():
+            return None
+        return qsgd_encode(tensor, bits, generator)
+
+    return _encode(update, bits, "qsgd", qsgd_layer)
+
+
+def _encode(
+    state_dict: Mapping[str, torch.Tensor],
+    bits: int,
+    coded_kind: str,
+    coder: Callable[[str, torch.Tensor], tuple[torch.Tensor, float] | None],
+) -> list[np.ndarray]:
+    """The payload arrays; ``coder`` gives a tensor's (codes, scale), or None to send it as is."""
     check_bits(bits)
     entries: list[list[object]] = []
     codes: list[np.ndarray] = []
@@ -153,15 +190,14 @@ def encode_state(state_dict: Mapping[str, torch.Tensor], bits: int) -> list[np.n
     for name, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
         dtype = str(tensor.dtype).removeprefix("torch.")
-        if tensor.is_floating_point() and dtype not in _FLOAT_DTYPES:
+        allowed = _FLOAT_DTYPES if tensor.is_floating_point() else _INT_DTYPES
+        if dtype not in allowed:
             raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be encoded")
-        if not tensor.is_floating_point() and dtype not in _INT_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be encoded")
-        if bits != FULL_PRECISION and is_quantized(name, tensor):
-            layer_codes, scale = weight_codes(tensor, bits)
-            codes.append(layer_codes.reshape(-1).to(torch.int64).numpy())
-            scales.append(float(scale))
-            kind = "codes"
+        coded = coder(name, tensor)
+        if coded is not None:
+            codes.append(coded[0].reshape(-1).to(torch.int64).numpy())
+            scales.append(coded[1])
+            kind = coded_kind
         elif tensor.is_floating_point():
             floats.append(tensor.reshape(-1).to(torch.float32).numpy())
             kind = "float"
@@ -208,40 +244,56 @@ def decode_state(
     if template is not None:
         _check_against_template(entries, template)
 
+    coded = [kind in _CODED_KINDS for *_, kind in entries]
+    num_layers = sum(coded)
+    num_codes = sum(math.prod(e[1]) for e, c in zip(entries, coded, strict=True) if c)
     counts = {
         kind: sum(math.prod(shape) for _, shape, _, k in entries if k == kind) for kind in _KINDS
     }
-    num_layers = sum(1 for *_, kind in entries if kind == "codes")
-    _check_size("codes", codes_buffer.size, packed_size(counts["codes"], bits) if num_layers else 0)
+    _check_size("codes", codes_buffer.size, packed_size(num_codes, bits) if num_layers else 0)
     _check_size("floats", floats.size, num_layers + counts["float"])
     _check_size("ints", ints.size, counts["int"])
-    if num_layers and not padding_is_zero(codes_buffer, bits, counts["codes"]):
+    if num_layers and not padding_is_zero(codes_buffer, bits, num_codes):
         raise PayloadError("packed codes have non-zero padding bits after the last code")
     if not np.isfinite(floats).all():
         raise PayloadError("payload holds NaN or infinite floats (scales or tensors)")
-    scales = floats[:num_layers]
-    if num_layers and (scales.min() < 0 or scales.max() > MAX_SCALE):
-        raise PayloadError(
-            f"layer scales must lie in [0, {MAX_SCALE}], got [{scales.min()}, {scales.max()}]"
-        )
+    _check_scales(entries, floats[:num_layers])
 
-    all_codes = unpack_bits(codes_buffer, bits, counts["codes"]) if num_layers else None
-    offsets = {"codes": 0, "float": num_layers, "int": 0}
-    sources = {"codes": all_codes, "float": floats, "int": ints}
+    all_codes = unpack_bits(codes_buffer, bits, num_codes) if num_layers else None
+    offsets = {"coded": 0, "float": num_layers, "int": 0}
+    sources = {"coded": all_codes, "float": floats, "int": ints}
     state: dict[str, torch.Tensor] = {}
     layer = 0
     for name, shape, dtype, kind in entries:
         size = math.prod(shape)
-        start = offsets[kind]
-        values = torch.from_numpy(np.array(sources[kind][start : start + size]))
-        offsets[kind] = start + size
+        source = "coded" if kind in _CODED_KINDS else kind
+        start = offsets[source]
+        values = torch.from_numpy(np.array(sources[source][start : start + size]))
+        offsets[source] = start + size
         if kind == "codes":
-            scale = torch.tensor(scales[layer], dtype=torch.float32)
+            scale = torch.tensor(floats[layer], dtype=torch.float32)
             values = codes_to_weight(values.to(torch.float32), scale, bits)
-            layer += 1
+        elif kind == "qsgd":
+            values = values.to(torch.int64)
+            if size and int(values.max()) > 2 * qsgd_levels(bits):
+                raise PayloadError(
+                    f"tensor {name!r}: QSGD code {int(values.max())} exceeds "
+                    f"{2 * qsgd_levels(bits)} at {bits} bits"
+                )
+            values = qsgd_decode(values, float(floats[layer]), bits)
+        layer += kind in _CODED_KINDS
         dtypes = _INT_DTYPES if kind == "int" else _FLOAT_DTYPES
         state[name] = values.to(dtypes[dtype]).reshape(shape)
     return state
+
+
+def _check_scales(entries: list, scales: np.ndarray) -> None:
+    """Compander scales lie in [0, MAX_SCALE]; QSGD norms are >= 0."""
+    coded = [kind for *_, kind in entries if kind in _CODED_KINDS]
+    for kind, scale in zip(coded, scales, strict=True):
+        upper = MAX_SCALE if kind == "codes" else np.inf
+        if not 0 <= scale <= upper:
+            raise PayloadError(f"a {kind} scale must lie in [0, {upper}], got {scale}")
 
 
 def _check_arrays(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -317,7 +369,7 @@ def _check_entry(entry: object, bits: int) -> None:
     allowed = _INT_DTYPES if kind == "int" else _FLOAT_DTYPES
     if dtype not in allowed:
         raise PayloadError(f"tensor {name!r}: dtype {dtype!r} not allowed for kind {kind!r}")
-    if kind == "codes" and bits == FULL_PRECISION:
+    if kind in _CODED_KINDS and bits == FULL_PRECISION:
         raise PayloadError(f"tensor {name!r}: codes in a {FULL_PRECISION}-bit payload")
 
 

@@ -17,12 +17,14 @@ from typing import Any
 
 import yaml
 
+from common.algorithms import ALGORITHM_NAMES
 from common.data import DATASET_NAMES
 from common.models import MODEL_NAMES
 from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,7 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     """Everything one Fed-QSSL run needs. Defaults are the CPU quickstart."""
 
+    algorithm: str = "fedqssl"
     dataset: str = "fashion-mnist"
     data_dir: str = ""
     download: bool = False
@@ -53,10 +56,12 @@ class ExperimentConfig:
     dq_epochs: int = 1
     rq_epochs: int = 1
     dq_temperature: float = 1.0
+    proximal_mu: float = 0.01
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
     max_samples_per_client: int = 0
     seed: int = 0
+    device: str = "auto"
     output_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -164,10 +169,12 @@ def _one_of(config: ExperimentConfig, key: str, allowed: tuple[str, ...]) -> Non
 
 
 def _validate(config: ExperimentConfig) -> None:
+    _one_of(config, "algorithm", ALGORITHM_NAMES)
     _one_of(config, "dataset", DATASET_NAMES)
     _one_of(config, "model", MODEL_NAMES)
     _one_of(config, "weight_update", WEIGHT_UPDATES)
     _one_of(config, "grad_rounding", GRAD_ROUNDINGS)
+    _one_of(config, "device", DEVICES)
     for key in (
         "model_width",
         "num_clients",
@@ -178,7 +185,7 @@ def _validate(config: ExperimentConfig) -> None:
         "dq_epochs",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
-    for key in ("rq_epochs", "max_samples_per_client", "seed"):
+    for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
     for key in ("dirichlet_beta", "learning_rate", "temperature", "dq_temperature"):
         _require(getattr(config, key) > 0, key, f"must be > 0, got {getattr(config, key)}")

@@ -1,4 +1,4 @@
-"""Scoring a frozen feature extractor: kNN accuracy (cheap monitor) and a linear probe.
+"""Scoring models: kNN accuracy (cheap monitor), a linear probe, a classifier's accuracy.
 
 Features come from the encoder in eval mode, computed once, so BatchNorm statistics cannot drift
 while the probe trains. The probe trains a fixed number of epochs and reports the *final* epoch's
@@ -71,3 +71,19 @@ def linear_probe_accuracy(
     with torch.no_grad():
         predictions = probe(test_x).argmax(dim=1)
     return float((predictions == test_labels).float().mean())
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
+    """Accuracy of a classifier (eval mode) on already-normalized ``images``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size].to(device))
+        correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(images), 1)

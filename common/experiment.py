@@ -13,10 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
 from common.data import ImageData, Partition, load_dataset, make_partition, stratified_sample
-from common.models import SSLModel, build_ssl_model
-from common.ssl import NORMALIZATION, normalize_transform, ssl_augmentation
+from common.models import Classifier, SSLModel, build_classifier, build_ssl_model
+from common.ssl import (
+    NORMALIZATION,
+    normalize_transform,
+    ssl_augmentation,
+    supervised_augmentation,
+)
 
 PROJECTION_DIM = 128
 
@@ -37,6 +43,11 @@ class ExperimentData:
 
     def augmentation(self) -> torch.nn.Module:
         return ssl_augmentation(self.train.image_size, self.train.channels, *self.normalization)
+
+    def supervised_augmentation(self) -> torch.nn.Module:
+        return supervised_augmentation(
+            self.train.image_size, self.train.channels, *self.normalization
+        )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_transform(self.train.channels, *self.normalization)(images)
@@ -96,7 +107,35 @@ def experiment_data(config: ExperimentConfig) -> ExperimentData:
     )
 
 
-def new_model(config: ExperimentConfig, bits: int, channels: int) -> SSLModel:
-    """The experiment's SSL model at ``bits``, with the seed's initial weights (same everywhere)."""
-    torch.manual_seed(config.seed)
-    return build_ssl_model(config.model, bits, channels, config.model_width, PROJECTION_DIM)
+def torch_device(config: ExperimentConfig) -> torch.device:
+    """Where models train: ``auto`` is the GPU when this process sees one (in a Ray simulation,
+    clients see one only with ``--gpus-per-client`` > 0), else the CPU."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device is 'cuda' but torch sees no GPU here: set device to 'auto' or 'cpu', or give "
+            "clients GPUs (simulation.py --gpus-per-client 0.1)"
+        )
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def new_model(
+    config: ExperimentConfig, bits: int, channels: int, num_classes: int
+) -> SSLModel | Classifier:
+    """The algorithm's model at ``bits`` with the seed's initial weights (same everywhere), on the
+    config's device: an SSL model (with SimSiam's predictor for ``fedsimsiam``) or a classifier."""
+    algorithm = get_algorithm(config.algorithm)
+    torch.manual_seed(config.seed)  # initialised on the CPU: the same weights on every device
+    if not algorithm.self_supervised:
+        model = build_classifier(config.model, bits, channels, config.model_width, num_classes)
+    else:
+        model = build_ssl_model(
+            config.model,
+            bits,
+            channels,
+            config.model_width,
+            PROJECTION_DIM,
+            predictor=algorithm.objective == "simsiam",
+        )
+    return model.to(torch_device(config))

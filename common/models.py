@@ -1,4 +1,4 @@
-"""Feature extractors (CIFAR ResNet-18, a small CNN), SimCLR/SimSiam heads and the linear probe.
+"""Feature extractors (CIFAR ResNet-18, a small CNN), SimCLR/SimSiam heads, classifiers, probes.
 
 All convolutions and linear layers are quantized layers (``common.quant``): one ``set_bitwidth``
 call moves a whole model between bitwidths. The input image is never activation-quantized (it is
@@ -155,6 +155,30 @@ def build_ssl_model(
     """Encoder ``name`` with a projection head (and a SimSiam predictor), all at ``bitwidth``."""
     encoder = build_model(name, bitwidth, in_channels, width)
     return set_bitwidth(SSLModel(encoder, projection_dim, predictor=predictor), bitwidth)
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head, for the supervised baselines (FedAvg, FedProx, FedPAQ)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = QuantLinear(int(encoder.feature_dim), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def build_classifier(
+    name: str,
+    bitwidth: int = FULL_PRECISION,
+    in_channels: int = 3,
+    width: int | None = None,
+    num_classes: int = 10,
+) -> Classifier:
+    """Encoder ``name`` with a linear classification head, all at ``bitwidth``."""
+    encoder = build_model(name, bitwidth, in_channels, width)
+    return set_bitwidth(Classifier(encoder, num_classes), bitwidth)
 
 
 def linear_probe(feature_dim: int, num_classes: int, bitwidth: int = FULL_PRECISION) -> nn.Module:

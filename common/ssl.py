@@ -1,4 +1,5 @@
-"""Self-supervised objectives (NT-Xent for SimCLR, SimSiam's negative cosine) and augmentations."""
+"""Self-supervised objectives (NT-Xent for SimCLR, SimSiam's negative cosine), augmentations and
+the datasets that apply them."""
 
 from __future__ import annotations
 
@@ -80,6 +81,36 @@ def ssl_augmentation(
             normalize_transform(channels, mean, std),
         ]
     )
+
+
+def supervised_augmentation(
+    image_size: int, channels: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> v2.Compose:
+    """The standard light augmentation of supervised training: padded crop and flip."""
+    return v2.Compose(
+        [
+            v2.RandomCrop(image_size, padding=image_size // 8),
+            v2.RandomHorizontalFlip(),
+            normalize_transform(channels, mean, std),
+        ]
+    )
+
+
+class Labelled(torch.utils.data.Dataset):
+    """One augmentation of each uint8 image with its label: supervised baselines' input."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: nn.Module) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
 
 
 class TwoViews(torch.utils.data.Dataset):

@@ -1,22 +1,28 @@
-"""Low-bit self-supervised training: one step and one epoch, at any bitwidth.
+"""Low-bit local training: one step, one epoch and one call, for every objective and bitwidth.
 
 A step at ``bits`` < 32: forward with ``bits``-bit weights and activations, backward, quantile-
 quantize each quantized layer's weight gradient at ``bits + 2`` bits, optimizer step, and, for the
 paper's ``grid`` update, put the weights back on the ``bits``-bit grid (w <- Q(w - lr * g_Q)).
 With ``latent`` (DoReFa practice) the stored weights stay float32 and only the forward pass sees
 them quantized. At 32 bits every quantizer is a no-op: plain full-precision training.
+
+The objective follows the model and the data: an ``SSLModel`` trains on two augmented views with
+SimCLR's NT-Xent (SimSiam's loss if it has a predictor); a ``Classifier`` trains on one augmented
+view and its label with cross-entropy. FedProx's proximal term is an option of the same step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from common.models import SSLModel
+from common.models import Classifier, SSLModel
 from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
-from common.ssl import TwoViews, nt_xent_loss, simsiam_loss
+from common.ssl import Labelled, TwoViews, nt_xent_loss, simsiam_loss
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,21 @@ class LowBitSettings:
     bits: int = FULL_PRECISION
     weight_update: str = "grid"
     grad_rounding: Rounding = "stochastic"
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's term ``mu / 2 * ||w - anchor||^2`` over the trainable parameters."""
+
+    mu: float
+    anchor: Sequence[torch.Tensor]
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        squares = [
+            (param - ref).pow(2).sum()
+            for param, ref in zip(model.parameters(), self.anchor, strict=True)
+        ]
+        return self.mu / 2 * torch.stack(squares).sum()
 
 
 def ssl_loss(
@@ -39,23 +60,35 @@ def ssl_loss(
     return nt_xent_loss(z1, z2, temperature)
 
 
-def prepare_model(model: SSLModel, settings: LowBitSettings) -> None:
+def objective_loss(
+    model: SSLModel | Classifier, first: torch.Tensor, second: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy of (images, labels) for a classifier; the SSL loss of two views otherwise."""
+    if isinstance(model, Classifier):
+        return F.cross_entropy(model(first), second)
+    return ssl_loss(model, first, second, temperature)
+
+
+def prepare_model(model: nn.Module, settings: LowBitSettings) -> None:
     """Put a model's stored weights on its grid before ``grid`` training (forward unchanged)."""
     if settings.weight_update == "grid":
         project_weights_(model, settings.bits, "deterministic")
 
 
 def train_step(
-    model: SSLModel,
-    view1: torch.Tensor,
-    view2: torch.Tensor,
+    model: SSLModel | Classifier,
+    first: torch.Tensor,
+    second: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     settings: LowBitSettings,
     temperature: float = 0.5,
     generator: torch.Generator | None = None,
+    proximal: Proximal | None = None,
 ) -> float:
-    """One low-bit SSL step; returns the loss."""
-    loss = ssl_loss(model, view1, view2, temperature)
+    """One low-bit step on a batch (two views, or images and labels); returns the loss."""
+    loss = objective_loss(model, first, second, temperature)
+    if proximal is not None:
+        loss = loss + proximal.penalty(model)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     quantize_weight_grads_(model, settings.bits, settings.grad_rounding, generator)
@@ -66,55 +99,75 @@ def train_step(
 
 
 def train_epoch(
-    model: SSLModel,
+    model: SSLModel | Classifier,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     settings: LowBitSettings,
     temperature: float = 0.5,
     generator: torch.Generator | None = None,
+    proximal: Proximal | None = None,
 ) -> float:
-    """One pass over ``batches`` of view pairs; returns the mean loss (nan if no batch)."""
+    """One pass over ``batches``; returns the mean loss (nan if no batch)."""
     model.train()
     device = next(model.parameters()).device
     total, steps = 0.0, 0
-    for view1, view2 in batches:
-        if len(view1) < 2:  # BatchNorm and the contrastive loss need two samples
+    for first, second in batches:
+        if len(first) < 2:  # BatchNorm and the contrastive loss need two samples
             continue
         total += train_step(
-            model, view1.to(device), view2.to(device), optimizer, settings, temperature, generator
+            model,
+            first.to(device),
+            second.to(device),
+            optimizer,
+            settings,
+            temperature,
+            generator,
+            proximal,
         )
         steps += 1
     return total / steps if steps else float("nan")
 
 
-def fit_ssl(
-    model: SSLModel,
+def fit_local(
+    model: SSLModel | Classifier,
     images: torch.Tensor,
-    transform: torch.nn.Module,
+    transform: nn.Module,
     settings: LowBitSettings,
     epochs: int,
     learning_rate: float,
     batch_size: int,
     temperature: float,
     seed: int,
+    labels: torch.Tensor | None = None,
+    proximal_mu: float = 0.0,
 ) -> list[float]:
-    """Train ``model`` on two augmented views of uint8 ``images`` for ``epochs``; loss per epoch.
+    """Train ``model`` on uint8 ``images`` for ``epochs``; the mean loss of each epoch.
 
-    The one training loop of clients (local training) and server (de- and re-quantization).
-    A fresh Adam optimizer is made per call, as each federated round starts from received weights.
+    The one training loop of clients (local training) and server (de- and re-quantization), for
+    every algorithm: two augmented views per image for an SSL model, one view and its label (from
+    ``labels``) for a classifier. ``proximal_mu > 0`` adds FedProx's term around the weights the
+    call started from. A fresh Adam optimizer is made per call, as each federated round starts
+    from received weights.
     """
+    if isinstance(model, Classifier) != (labels is not None):
+        raise ValueError("a Classifier trains on labels, an SSL model without: pass labels iff")
     torch.manual_seed(seed)  # torchvision's augmentations draw from the global generator
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dataset = TwoViews(images, transform) if labels is None else Labelled(images, labels, transform)
     loader = torch.utils.data.DataLoader(
-        TwoViews(images, transform),
+        dataset,
         batch_size=min(batch_size, len(images)),
         shuffle=True,
         drop_last=len(images) > batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
     prepare_model(model, settings)
+    proximal = None
+    if proximal_mu > 0:
+        proximal = Proximal(proximal_mu, [p.detach().clone() for p in model.parameters()])
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
     return [
-        train_epoch(model, loader, optimizer, settings, temperature, generator)
+        train_epoch(model, loader, optimizer, settings, temperature, generator, proximal)
         for _ in range(epochs)
     ]

@@ -1,4 +1,4 @@
-"""The ClientApp: builds a FedQSSLClient from the run config and this node's config."""
+"""The ClientApp: a LowBitClient from the run config, this node's config and its state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flwr.client import ClientApp
 from flwr.common import Context
 
 from common.config import ExperimentConfig
-from fedqssl_client.client import FedQSSLClient, client_bitwidth, torch_threads
+from fedqssl_client.client import LowBitClient, client_bitwidth, torch_threads
 
 
 def client_fn(context: Context):
@@ -19,9 +19,8 @@ def client_fn(context: Context):
             f"partition-id {partition_id} is outside 0..{config.num_clients - 1} (num-clients)"
         )
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
-    return FedQSSLClient(
-        config, partition_id, client_bitwidth(config, context.node_config)
-    ).to_client()
+    bits = client_bitwidth(config, context.node_config)
+    return LowBitClient(config, partition_id, bits, context.state).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

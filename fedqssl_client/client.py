@@ -1,4 +1,5 @@
-"""Fed-QSSL's Flower client: low-bit SimCLR at the device's own bitwidth, packed codes both ways."""
+"""The Flower client of every algorithm: low-bit local training at the device's own bitwidth,
+packed codes both ways (models, or FedPAQ's QSGD-coded updates)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,51 @@ import time
 import numpy as np
 import torch
 from flwr.client import NumPyClient
+from flwr.common import ArrayRecord, RecordDict
 
-from common.codec import PayloadError, decode_state, encode_state, payload_bits, payload_nbytes
+from common.algorithms import get_algorithm
+from common.codec import (
+    PayloadError,
+    decode_state,
+    encode_state,
+    encode_update,
+    payload_bits,
+    payload_nbytes,
+)
 from common.config import ExperimentConfig
-from common.evaluation import linear_probe_accuracy
+from common.evaluation import classifier_accuracy, linear_probe_accuracy
 from common.experiment import experiment_data, new_model
 from common.models import extract_features
 from common.quant import FULL_PRECISION
-from common.training import LowBitSettings, fit_ssl
+from common.training import LowBitSettings, fit_local
 
 Scalar = bool | bytes | float | int | str
 PROBE_EPOCHS = 30
+LOCAL_MODEL = "local-model"
 
 
-class FedQSSLClient(NumPyClient):
-    """One device: its data share, its bitwidth, and its low-bit model."""
+class LowBitClient(NumPyClient):
+    """One device: its data share, its bitwidth, its low-bit model, and the run's algorithm.
 
-    def __init__(self, config: ExperimentConfig, partition_id: int, bits: int) -> None:
+    ``state`` (the node's persistent ``context.state``) keeps a supervised client's own model
+    between its last training and its evaluation.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        partition_id: int,
+        bits: int,
+        state: RecordDict | None = None,
+    ) -> None:
         self.config = config
+        self.algorithm = get_algorithm(config.algorithm)
         self.partition_id = partition_id
         self.bits = bits
+        self.state = RecordDict() if state is None else state
         self.data = experiment_data(config)
         self.train_data = self.data.client_train(partition_id, config.max_samples_per_client)
-        self.model = new_model(config, bits, self.data.train.channels)
+        self.model = new_model(config, bits, self.data.train.channels, self.data.train.num_classes)
 
     def _load(self, parameters: list[np.ndarray]) -> None:
         """Decode a downlink payload: at this device's bitwidth, or the fp32 initial model."""
@@ -48,20 +71,36 @@ class FedQSSLClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         self._load(parameters)
+        received = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         server_round = int(config.get("server-round", 0))
+        seed = self.config.seed * 7919 + server_round * 101 + self.partition_id
+        supervised = not self.algorithm.self_supervised
         start = time.perf_counter()
-        losses = fit_ssl(
+        losses = fit_local(
             self.model,
             self.train_data.images,
-            self.data.augmentation(),
+            self.data.supervised_augmentation() if supervised else self.data.augmentation(),
             LowBitSettings(self.bits, self.config.weight_update, self.config.grad_rounding),
             self.config.local_epochs,
             self.config.learning_rate,
             self.config.batch_size,
             self.config.temperature,
-            seed=self.config.seed * 7919 + server_round * 101 + self.partition_id,
+            seed,
+            labels=self.train_data.labels if supervised else None,
+            proximal_mu=self.config.proximal_mu if self.algorithm.proximal else 0.0,
         )
-        payload = encode_state(self.model.state_dict(), self.bits)
+        trained = self.model.state_dict()
+        if supervised:
+            local = encode_state(trained, self.bits)
+            self.state[LOCAL_MODEL] = ArrayRecord(numpy_ndarrays=local)
+        if self.algorithm.sends_updates:
+            update = {
+                name: tensor - received[name] if tensor.is_floating_point() else tensor
+                for name, tensor in trained.items()
+            }
+            payload = encode_update(update, self.bits, torch.Generator().manual_seed(seed))
+        else:
+            payload = encode_state(trained, self.bits)
         return (
             payload,
             len(self.train_data),
@@ -78,10 +117,20 @@ class FedQSSLClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        """Local accuracy: a linear probe at this bitwidth on the frozen received model, trained
-        on the local labelled share and tested on the local test set (final epoch)."""
+        """Local accuracy on the local test set. SSL: a linear probe at this bitwidth on the
+        frozen received model, trained on the local labelled share (final epoch). Supervised:
+        this device's own low-bit model from its last training (the received one if it never
+        trained)."""
         self._load(parameters)
         test = self.data.client_test(self.partition_id)
+        if not self.algorithm.self_supervised:
+            if LOCAL_MODEL in self.state:
+                local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
+                self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
+            accuracy = classifier_accuracy(
+                self.model, self.data.normalize(test.images), test.labels
+            )
+            return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})
         features = [
             extract_features(self.model.encoder, self.data.normalize(part.images))
             for part in (self.train_data, test)

@@ -1,4 +1,4 @@
-"""The ServerApp: the FedQSSL strategy for ``num-rounds`` rounds, results to ``output-dir``."""
+"""The ServerApp: the configured algorithm's strategy for ``num-rounds`` rounds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from common.config import ExperimentConfig
 from common.experiment import experiment_data
 from fedqssl_server.results import RunRecorder, default_output_dir
-from fedqssl_server.strategy import FedQSSL
+from fedqssl_server.strategy import LowBitStrategy
 
 
 def server_fn(context: Context) -> ServerAppComponents:
@@ -20,14 +20,15 @@ def server_fn(context: Context) -> ServerAppComponents:
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
     log(
         INFO,
-        "fedqssl: %d clients, bits %s, %s on %s; results -> %s",
+        "%s: %d clients, bits %s, %s on %s; results -> %s",
+        config.algorithm,
         config.num_clients,
         ",".join(map(str, config.bitwidths)),
         config.model,
         config.dataset,
         output_dir,
     )
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, output_dir))
+    strategy = LowBitStrategy(config, experiment_data(config), RunRecorder(config, output_dir))
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=config.num_rounds))
 
 

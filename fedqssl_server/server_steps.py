@@ -1,4 +1,6 @@
-"""Fed-QSSL's server steps, free of Flower: de-quantize, weight, aggregate, re-quantize.
+"""The server's half of every algorithm, free of Flower.
+
+Fed-QSSL (``FedQSSLServer``):
 
 1. De-quantize: each received model is fine-tuned in *full precision* on the buffer D_g for
    ``dq-epochs``; ``L_DQ_k`` is the loss of its last epoch.
@@ -6,6 +8,10 @@
 3. Aggregate: the global model is ``sum_k p_k w'_k`` (floats; integer buffers take the maximum).
 4. Re-quantize: once per distinct bitwidth s, the global model is fine-tuned on D_g with s-bit
    operations (``rq-epochs``) and encoded as s-bit codes for every client of that bitwidth.
+
+Baselines: ``AveragingServer`` (Fed-SimCLR, Fed-SimSiam, FedAvg, FedProx) averages the received
+models weighted by sample count; ``UpdateServer`` (FedPAQ) adds the sample-weighted mean of the
+received updates to the global model. Both re-quantize by rounding only (``encode_state``).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.algorithms import get_algorithm
 from common.codec import encode_state
 from common.config import ExperimentConfig
 from common.experiment import ExperimentData, new_model
 from common.quant import FULL_PRECISION
-from common.training import LowBitSettings, fit_ssl
+from common.training import LowBitSettings, fit_local
 
 State = dict[str, torch.Tensor]
 
@@ -50,35 +57,113 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return averaged
 
 
+def cpu_state(model: torch.nn.Module) -> State:
+    """A model's state on the CPU: the server keeps and combines states there, whatever device
+    trained them (decoded payloads arrive on the CPU)."""
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+def sample_weights(examples: Sequence[int]) -> np.ndarray:
+    """FedAvg's weights ``n_k / sum_j n_j``."""
+    counts = np.asarray(examples, dtype=np.float64)
+    if len(counts) == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"sample counts must be >= 0 with a positive sum, got {list(examples)}")
+    return counts / counts.sum()
+
+
+def apply_update(
+    current: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> State:
+    """``current + sum_k w_k update_k`` for floating tensors; integer tensors (sent as values,
+    not differences) take the maximum, as in ``average_states``."""
+    mean_update = average_states(updates, weights)
+    return {
+        name: (tensor.double() + mean_update[name].double()).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else mean_update[name]
+        for name, tensor in current.items()
+    }
+
+
 @dataclass
 class RoundOutcome:
     """What one server round produced, for the strategy and the results files."""
 
     global_state: State
-    dq_losses: list[float]
     weights: list[float]
     downlink: dict[int, list[np.ndarray]]
+    dq_losses: list[float | None] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class FedQSSLServer:
-    """The server's half of Fed-QSSL on its buffer D_g."""
+class AveragingServer:
+    """Sample-weighted averaging, re-quantization by rounding (Fed-SimCLR/SimSiam, FedAvg/Prox)."""
 
     def __init__(self, config: ExperimentConfig, data: ExperimentData) -> None:
         self.config = config
-        self.buffer = data.buffer().images
         self.channels = data.train.channels
-        self.augmentation = data.augmentation()
+        self.num_classes = data.train.num_classes
+
+    def new_model(self, bits: int):
+        return new_model(self.config, bits, self.channels, self.num_classes)
 
     def initial_state(self) -> State:
-        return new_model(self.config, FULL_PRECISION, self.channels).state_dict()
+        return cpu_state(self.new_model(FULL_PRECISION))
+
+    def combine(self, current: State, states: list[State], weights: np.ndarray) -> State:
+        return average_states(states, weights)
+
+    def run_round(
+        self,
+        server_round: int,
+        current: State,
+        received: Mapping[int, State],
+        examples: Mapping[int, int],
+        bitwidths: Iterable[int],
+    ) -> RoundOutcome:
+        """Aggregate ``received`` (keyed by client; lists follow sorted keys) into the new global
+        model and round it to each of ``bitwidths``."""
+        start = time.perf_counter()
+        keys = sorted(received)
+        weights = sample_weights([examples[key] for key in keys])
+        global_state = self.combine(current, [received[key] for key in keys], weights)
+        after_aggregate = time.perf_counter()
+        downlink = {bits: encode_state(global_state, bits) for bits in sorted(set(bitwidths))}
+        return RoundOutcome(
+            global_state=global_state,
+            weights=weights.tolist(),
+            downlink=downlink,
+            dq_losses=[None] * len(keys),
+            seconds={
+                "aggregate": after_aggregate - start,
+                "requantize": time.perf_counter() - after_aggregate,
+            },
+        )
+
+
+class UpdateServer(AveragingServer):
+    """FedPAQ: the received payloads are model updates; their weighted mean moves the model."""
+
+    def combine(self, current: State, states: list[State], weights: np.ndarray) -> State:
+        return apply_update(current, states, weights)
+
+
+class FedQSSLServer(AveragingServer):
+    """The server's half of Fed-QSSL on its buffer D_g."""
+
+    def __init__(self, config: ExperimentConfig, data: ExperimentData) -> None:
+        super().__init__(config, data)
+        self.buffer = data.buffer().images
+        self.augmentation = data.augmentation()
 
     def finetune(self, state: Mapping[str, torch.Tensor], bits: int, epochs: int, seed: int):
         """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss)."""
-        model = new_model(self.config, bits, self.channels)
+        model = self.new_model(bits)
         model.load_state_dict(state)
         settings = LowBitSettings(bits, self.config.weight_update, self.config.grad_rounding)
-        losses = fit_ssl(
+        losses = fit_local(
             model,
             self.buffer,
             self.augmentation,
@@ -89,10 +174,15 @@ class FedQSSLServer:
             self.config.temperature,
             seed,
         )
-        return model.state_dict(), losses[-1] if losses else float("nan")
+        return cpu_state(model), losses[-1] if losses else float("nan")
 
     def run_round(
-        self, server_round: int, received: Mapping[int, State], bitwidths: Iterable[int]
+        self,
+        server_round: int,
+        current: State,
+        received: Mapping[int, State],
+        examples: Mapping[int, int],
+        bitwidths: Iterable[int],
     ) -> RoundOutcome:
         """De-quantize ``received`` models (keyed by client: seeds and order follow the key, not
         arrival), weight, aggregate, re-quantize for ``bitwidths``. Lists follow sorted keys."""
@@ -117,12 +207,20 @@ class FedQSSLServer:
         end = time.perf_counter()
         return RoundOutcome(
             global_state=global_state,
-            dq_losses=losses,
             weights=weights.tolist(),
             downlink=downlink,
+            dq_losses=losses,
             seconds={
                 "dequantize": after_dq - start,
                 "aggregate": after_aggregate - after_dq,
                 "requantize": end - after_aggregate,
             },
         )
+
+
+SERVERS = {"fedqssl": FedQSSLServer, "average": AveragingServer, "update": UpdateServer}
+
+
+def make_server(config: ExperimentConfig, data: ExperimentData) -> AveragingServer:
+    """The server steps of ``config.algorithm``."""
+    return SERVERS[get_algorithm(config.algorithm).server_step](config, data)

@@ -1,4 +1,4 @@
-"""The FedQSSL Flower strategy: thin glue between Flower and ``server_steps``."""
+"""The Flower strategy of every algorithm: thin glue between Flower and ``server_steps``."""
 
 from __future__ import annotations
 
@@ -23,16 +23,22 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from common.algorithms import get_algorithm
 from common.codec import PayloadError, decode_state, encode_state, payload_nbytes
 from common.config import ExperimentConfig
-from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.experiment import ExperimentData, new_model
+from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_accuracy
+from common.experiment import ExperimentData
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import FedQSSLServer, RoundOutcome
+from fedqssl_server.server_steps import RoundOutcome, make_server
 
 MONITOR_SAMPLES = 2000
+
+
+def row_label(label: str, bitwidths: tuple[int, ...]) -> str:
+    """The paper's row name: ``Fed-QSSL``, or ``Fed-QSSL (Full)`` when no client is low-bit."""
+    return f"{label} (Full)" if all(b == FULL_PRECISION for b in bitwidths) else label
 
 
 class Accepted(NamedTuple):
@@ -53,15 +59,17 @@ def client_key(client: ClientProxy, result: FitRes) -> int:
     return 1_000_000 + zlib.crc32(str(client.cid).encode())
 
 
-class FedQSSL(Strategy):
-    """De-quantize on D_g, weight by softmax(-L_DQ), aggregate, re-quantize per bitwidth."""
+class LowBitStrategy(Strategy):
+    """Packed low-bit models both ways, one downlink per bitwidth; the algorithm's server steps
+    (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send."""
 
     def __init__(
         self, config: ExperimentConfig, data: ExperimentData, recorder: RunRecorder | None = None
     ) -> None:
         self.config = config
         self.data = data
-        self.server = FedQSSLServer(config, data)
+        self.algorithm = get_algorithm(config.algorithm)
+        self.server = make_server(config, data)
         self.recorder = recorder
         self.global_state = self.server.initial_state()
         # the model's shape never changes, so neither does its full-precision payload size
@@ -159,7 +167,9 @@ class FedQSSL(Strategy):
             return None, {}
         outcome = self.server.run_round(
             server_round,
+            self.global_state,
             {item.key: item.state for item in ordered},
+            {item.key: item.result.num_examples for item in ordered},
             set(self.client_bits.values()),
         )
         self.global_state = outcome.global_state
@@ -196,9 +206,12 @@ class FedQSSL(Strategy):
 
     # ------------------------------------------------------------ evaluation
 
-    def _global_features(self):
-        model = new_model(self.config, FULL_PRECISION, self.data.train.channels)
+    def _global_model(self):
+        model = self.server.new_model(FULL_PRECISION)
         model.load_state_dict(self.global_state)
+        return model
+
+    def _global_features(self, model):
         return (
             extract_features(model.encoder, self.data.normalize(self.monitor.images)),
             self.monitor.labels,
@@ -207,14 +220,22 @@ class FedQSSL(Strategy):
         )
 
     def evaluate(self, server_round: int, parameters: Parameters):
-        """kNN monitor of the global model each round; the global linear probe after the last."""
-        features = self._global_features()
+        """kNN monitor of the global encoder each round; after the last, global accuracy: a
+        linear probe on the frozen global encoder (SSL), or the global classifier (supervised),
+        on the uniform test set."""
+        model = self._global_model()
+        features = self._global_features(model)
         knn = knn_accuracy(*features)
         metrics: dict[str, Scalar] = {"knn-accuracy": knn}
         if server_round == self.config.num_rounds:
-            self.global_accuracy = linear_probe_accuracy(
-                *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
-            )
+            if self.algorithm.self_supervised:
+                self.global_accuracy = linear_probe_accuracy(
+                    *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
+                )
+            else:
+                self.global_accuracy = classifier_accuracy(
+                    model, self.data.normalize(self.data.test.images), self.data.test.labels
+                )
             metrics["global-accuracy"] = self.global_accuracy
         if server_round > 0:
             self._end_round(server_round, knn)
@@ -296,6 +317,8 @@ class FedQSSL(Strategy):
         uplink = sum(c["uplink-bytes"] for r in rounds for c in r.get("clients", []))
         fp32 = sum(r.get("fp32-equivalent-bytes", 0) for r in rounds)
         return {
+            "algorithm": self.algorithm.name,
+            "label": row_label(self.algorithm.label, self.config.bitwidths),
             "global-accuracy": self.global_accuracy,
             "mean-local-accuracy": mean_local,
             "local-accuracy": local,
@@ -307,4 +330,13 @@ class FedQSSL(Strategy):
                 c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
             ),
             "final-knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
+            "rounds": len(rounds),
+            "buffer-to-client-ratio": self._buffer_to_client_ratio(),
         }
+
+    def _buffer_to_client_ratio(self) -> float:
+        """|D_g| / mean |D_k| (the paper's Figure 3b axis), with the per-client sample cap."""
+        cap = self.config.max_samples_per_client
+        sizes = [len(c) if cap == 0 else min(len(c), cap) for c in self.data.partition.clients]
+        mean_size = float(np.mean(sizes)) if sizes else 0.0
+        return len(self.data.partition.buffer) / mean_size if mean_size else float("nan")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import simulation
+from common.algorithms import ALGORITHM_NAMES
+from common.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """dataset: synthetic
@@ -110,3 +112,77 @@ def test_invalid_preset_is_rejected_before_anything_starts(tmp_path):
     )
     assert completed.returncode == 2
     assert "bitwidths: bitwidth 33 is not allowed" in completed.stderr
+
+
+ALL_ROWS = [*ALGORITHM_NAMES, "fedsimclr-full"]
+
+
+@pytest.fixture(scope="module")
+def comparison_run(tmp_path_factory):
+    """Every algorithm (and one full-precision row) on the same tiny partition, 2 rounds."""
+    preset = TINY + f"compare: [{', '.join(ALL_ROWS)}]\n"
+    return run_simulation(tmp_path_factory.mktemp("compare"), preset)
+
+
+def test_comparison_runs_every_algorithm_end_to_end_and_tabulates(comparison_run):
+    completed, _, output_dir = comparison_run
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    for row in ALL_ROWS:
+        run_dir = output_dir / row / "seed-0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["algorithm"] == row.removesuffix("-full")
+        assert summary["rounds"] == 2
+        assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == (
+            [32, 32, 32] if row.endswith("-full") else [4, 8, 12]
+        )
+        assert 0 <= summary["global-accuracy"] <= 1
+        ratio = summary["uplink-ratio-to-fp32"]
+        assert ratio == pytest.approx(1.0) if row.endswith("-full") else 0 < ratio < 0.5
+        rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
+        assert [json.loads(line)["failed"] for line in rounds] == [[], []]
+    table = (output_dir / "comparison.md").read_text()
+    for label in ("Fed-QSSL", "Fed-SimCLR", "Fed-SimSiam", "FedAvg", "FedProx", "FedPAQ"):
+        assert f"| {label} |" in table
+    assert "| Fed-SimCLR (Full) |" in table and "1/1 |" in table
+    data = json.loads((output_dir / "comparison.json").read_text())
+    assert list(data["rows"]) == ALL_ROWS and data["seeds"] == [0]
+    assert (output_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def plan_of(tmp_path, preset_text, *argv):
+    preset = tmp_path / "plan.yaml"
+    preset.write_text(preset_text)
+    parser_args = simulation.parse_args([str(preset), *argv])
+    return simulation.make_plan(preset, parser_args)
+
+
+def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
+    plan = plan_of(tmp_path, TINY + "compare: [fedqssl, fedqssl-full]\nseeds: [0, 1, 2]\n")
+    runs = simulation.plan_runs(plan, tmp_path / "out")
+    assert [(row, seed) for row, seed, _ in runs] == [
+        (row, seed) for row in ("fedqssl", "fedqssl-full") for seed in (0, 1, 2)
+    ]
+    full = [config for row, _, config in runs if row == "fedqssl-full"]
+    assert all(
+        config.bitwidths == (32, 32, 32) and config.algorithm == "fedqssl" for config in full
+    )
+    assert len({config.output_dir for _, _, config in runs}) == 6
+
+    sweep = plan_of(tmp_path, TINY, "--sweep", "dirichlet-beta=0.1,1.0", "--seeds", "4")
+    configs = [config for _, _, config in simulation.plan_runs(sweep, tmp_path / "s")]
+    assert [(c.dirichlet_beta, c.seed) for c in configs] == [(0.1, 4), (1.0, 4)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "argv", "message"),
+    [
+        ("compare: [fedqssl, fedsgd]\n", (), "unknown row 'fedsgd'"),
+        ("", ("--sweep", "dirichlet-beta"), "--sweep expects key=v1,v2"),
+        ("", ("--sweep", "dirichlet-beta=0.1,-1"), "dirichlet-beta: must be > 0"),
+        ("sweep: {local-epochs: [1], seed: [1]}\n", (), "sweep must name one config key"),
+    ],
+)
+def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan = plan_of(tmp_path, TINY + extra, *argv)
+        simulation.plan_runs(plan, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""The FedQSSL strategy and its server steps, driven with fabricated Flower results."""
+"""The low-bit strategy and its server steps, driven with fabricated Flower results."""
 
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ from common.experiment import experiment_data, new_model
 from fedqssl_server import server_steps
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import average_states, softmax_weights
-from fedqssl_server.strategy import FedQSSL
+from fedqssl_server.strategy import LowBitStrategy
 
 
 class FakeProxy:
@@ -51,7 +51,7 @@ def config(tmp_path):
 
 def fit_result(config, bits, seed, partition_id=0):
     torch.manual_seed(seed)
-    model = new_model(config, bits, 1)
+    model = new_model(config, bits, 1, 10)
     for parameter in model.parameters():  # make every client's model different
         parameter.data.add_(0.01 * torch.randn_like(parameter))
     payload = encode_state(model.state_dict(), bits)
@@ -89,7 +89,9 @@ def test_softmax_weights_and_weighted_average():
 def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bitwidth(
     config, monkeypatch
 ):
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
     calls = []
     finetune = strategy.server.finetune
 
@@ -112,7 +114,9 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
 
 
 def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
     good = fit_result(config, 4, 0)
     bad = fit_result(config, 8, 1, 1)
     arrays = parameters_to_ndarrays(bad.parameters)
@@ -128,7 +132,9 @@ def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
 
 
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
     proxies = [FakeProxy(str(i)) for i in range(3)]
     first = strategy.configure_fit(1, None, FakeManager(proxies))
     assert all(payload_bits(parameters_to_ndarrays(ins.parameters)) == 32 for _, ins in first)
@@ -148,7 +154,7 @@ def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config)
 
 def test_round_records_bytes_and_times(config):
     recorder = RunRecorder(config, config_dir(config))
-    strategy = FedQSSL(config, experiment_data(config), recorder)
+    strategy = LowBitStrategy(config, experiment_data(config), recorder)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     strategy.configure_fit(1, None, FakeManager(proxies))
     results = three_results(config, proxies)
@@ -172,13 +178,19 @@ def test_server_steps_do_not_import_flower():
 
 
 def test_round_outcome_does_not_depend_on_arrival_order(config):
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
     states = {
         key: decode_state(parameters_to_ndarrays(fit_result(config, bits, key, key).parameters))
         for key, bits in enumerate((4, 8, 4))
     }
-    forward = strategy.server.run_round(1, states, {4, 8})
-    backward = strategy.server.run_round(1, dict(reversed(states.items())), {4, 8})
+    examples = dict.fromkeys(states, 10)
+    current = strategy.global_state
+    forward = strategy.server.run_round(1, current, states, examples, {4, 8})
+    backward = strategy.server.run_round(
+        1, current, dict(reversed(states.items())), examples, {4, 8}
+    )
     assert forward.weights == backward.weights
     assert all(
         torch.equal(forward.global_state[k], backward.global_state[k]) for k in forward.global_state
@@ -205,13 +217,15 @@ def test_client_sampling_follows_fraction_fit_and_min_fit_clients(
             "output-dir": str(tmp_path),
         }
     )
-    strategy = FedQSSL(config, experiment_data(config))
+    strategy = LowBitStrategy(config, experiment_data(config))
     proxies = [FakeProxy(str(i)) for i in range(10)]
     assert len(strategy.configure_fit(1, None, FakeManager(proxies))) == expected
 
 
 def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
-    strategy = FedQSSL(config, experiment_data(config), RunRecorder(config, config_dir(config)))
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
     results = [
         (FakeProxy("a"), fit_result(config, 4, 0, 0)),
         (FakeProxy("b"), fit_result(config, 8, 1, 0)),

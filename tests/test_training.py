@@ -1,12 +1,22 @@
-"""Low-bit training steps: gradients on the quantile grid, weights on the weight grid, learning."""
+"""Low-bit training steps: gradients on the quantile grid, weights on the grid, SSL, supervised and
+FedProx objectives."""
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.models import build_ssl_model
-from common.quant import quantize_weight, quantized_layers
-from common.training import LowBitSettings, prepare_model, ssl_loss, train_epoch, train_step
+from common.models import build_classifier, build_ssl_model
+from common.quant import quantize_weight, quantized_layers, weight_codes
+from common.training import (
+    LowBitSettings,
+    Proximal,
+    fit_local,
+    prepare_model,
+    ssl_loss,
+    train_epoch,
+    train_step,
+)
 
 
 def batch(seed=0, n=16):
@@ -89,3 +99,98 @@ def test_knn_and_probe_score_separable_features_high_and_random_labels_at_chance
         )
         < 0.45
     )
+
+
+def labelled_batch(seed=0, n=32, classes=4):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    images = torch.randn(n, 1, 28, 28, generator=generator) + labels.view(-1, 1, 1, 1).float()
+    return images, labels
+
+
+def twin_classifiers(bits):
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", bits, 1, 8, num_classes=4)
+    twin = build_classifier("small_cnn", bits, 1, 8, num_classes=4)
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+@pytest.mark.parametrize("bits", [4, 32])
+def test_fedprox_with_mu_zero_is_exactly_fedavgs_step(bits):
+    fedavg, fedprox = twin_classifiers(bits)
+    settings = LowBitSettings(bits)
+    anchor = [p.detach().clone() + 0.5 for p in fedprox.parameters()]  # far from the weights
+    for model, proximal in ((fedavg, None), (fedprox, Proximal(0.0, anchor))):
+        prepare_model(model, settings)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        train_step(
+            model,
+            *labelled_batch(),
+            optimizer,
+            settings,
+            0.5,
+            torch.Generator().manual_seed(3),
+            proximal,
+        )
+    for name, tensor in fedavg.state_dict().items():
+        assert torch.equal(tensor, fedprox.state_dict()[name]), name
+
+
+def test_fedprox_term_pulls_each_weight_towards_the_global_model():
+    """SGD at 32 bits: the proximal step differs from FedAvg's by -lr * mu * (w - anchor)."""
+    fedavg, fedprox = twin_classifiers(32)
+    anchor = [p.detach().clone() + torch.randn_like(p) for p in fedprox.parameters()]
+    start = [p.detach().clone() for p in fedprox.parameters()]
+    lr, mu = 0.1, 0.3
+    for model, proximal in ((fedavg, None), (fedprox, Proximal(mu, anchor))):
+        train_step(
+            model,
+            *labelled_batch(),
+            torch.optim.SGD(model.parameters(), lr=lr),
+            LowBitSettings(32),
+            proximal=proximal,
+        )
+    for a, b, w, ref in zip(fedavg.parameters(), fedprox.parameters(), start, anchor, strict=True):
+        assert torch.allclose(b - a, -lr * mu * (w - ref), atol=1e-5)
+
+
+def test_low_bit_supervised_training_fits_a_labelled_batch():
+    model, _ = twin_classifiers(4)
+    images, labels = labelled_batch(n=64)
+    losses = fit_local(
+        model,
+        (images.clamp(-3, 6) * 25 + 80).to(torch.uint8),
+        v2.ToDtype(torch.float32, scale=True),
+        LowBitSettings(4),
+        epochs=30,
+        learning_rate=1e-2,
+        batch_size=64,
+        temperature=0.5,
+        seed=0,
+        labels=labels,
+    )
+    assert losses[-1] < 0.5 * losses[0]
+    for layer in quantized_layers(model):  # the stored weights are the 4-bit model
+        assert torch.equal(quantize_weight(layer.weight.detach(), 4), layer.weight.detach())
+        assert weight_codes(layer.weight.detach(), 4)[0].unique().numel() <= 16
+
+
+def test_fit_local_refuses_labels_for_an_ssl_model_and_none_for_a_classifier():
+    images = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    ssl_model = build_ssl_model("small_cnn", 32, in_channels=1, width=8, projection_dim=16)
+    classifier, _ = twin_classifiers(32)
+    for model, labels in ((ssl_model, torch.zeros(8, dtype=torch.long)), (classifier, None)):
+        with pytest.raises(ValueError, match="pass labels"):
+            fit_local(
+                model,
+                images,
+                torch.nn.Identity(),
+                LowBitSettings(32),
+                1,
+                1e-3,
+                8,
+                0.5,
+                0,
+                labels=labels,
+            )

@@ -1,0 +1,61 @@
+"""The federated algorithms this project runs, as data: objective, server step, uplink.
+
+One client and one strategy run every algorithm; what differs is looked up here, so adding a
+baseline is one entry, not another training loop.
+
+- ``fedqssl``: SimCLR locally; server de-quantizes on D_g, weights by softmax(-L_DQ), aggregates
+  and re-quantizes by fine-tuning at each bitwidth (the paper's method).
+- ``fedsimclr`` / ``fedsimsiam``: SimCLR / SimSiam locally, sample-weighted averaging,
+  re-quantization by rounding only.
+- ``fedavg`` / ``fedprox``: supervised (labels) locally, sample-weighted averaging, rounding;
+  FedProx adds ``proximal-mu / 2 * ||w - w_global||^2`` to the local loss.
+- ``fedpaq``: supervised; clients send their model *update*, QSGD-quantized (unbiased) at their
+  bitwidth; the server adds the sample-weighted mean update to the global model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Objective = Literal["simclr", "simsiam", "supervised"]
+ServerStep = Literal["fedqssl", "average", "update"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What one algorithm does differently from the others."""
+
+    name: str
+    label: str  # as the paper's tables name it
+    objective: Objective
+    server_step: ServerStep
+    proximal: bool = False
+
+    @property
+    def self_supervised(self) -> bool:
+        return self.objective != "supervised"
+
+    @property
+    def sends_updates(self) -> bool:
+        return self.server_step == "update"
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("fedqssl", "Fed-QSSL", "simclr", "fedqssl"),
+        Algorithm("fedsimclr", "Fed-SimCLR", "simclr", "average"),
+        Algorithm("fedsimsiam", "Fed-SimSiam", "simsiam", "average"),
+        Algorithm("fedavg", "FedAvg", "supervised", "average"),
+        Algorithm("fedprox", "FedProx", "supervised", "average", proximal=True),
+        Algorithm("fedpaq", "FedPAQ", "supervised", "update"),
+    )
+}
+ALGORITHM_NAMES = tuple(ALGORITHMS)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHM_NAMES)}")
+    return ALGORITHMS[name]

@@ -1,0 +1,188 @@
+"""Every algorithm's client and strategy together, in process (no Ray): the wire, the server
+step and the evaluation each algorithm is defined by."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    RecordDict,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+from common.algorithms import ALGORITHM_NAMES, get_algorithm
+from common.codec import decode_state, payload_bits
+from common.config import ConfigError, ExperimentConfig
+from common.experiment import experiment_data
+from fedqssl_client.client import LOCAL_MODEL, LowBitClient
+from fedqssl_server.results import RunRecorder
+from fedqssl_server.server_steps import (
+    AveragingServer,
+    FedQSSLServer,
+    UpdateServer,
+    apply_update,
+    make_server,
+    sample_weights,
+)
+from fedqssl_server.strategy import LowBitStrategy, row_label
+
+
+class FakeProxy:
+    def __init__(self, cid):
+        self.cid = cid
+
+
+class FakeManager:
+    def __init__(self, proxies):
+        self.proxies = proxies
+
+    def num_available(self):
+        return len(self.proxies)
+
+    def sample(self, num_clients, min_num_clients=None):
+        return self.proxies[:num_clients]
+
+
+def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):
+    return ExperimentConfig.from_mapping(
+        {
+            "algorithm": algorithm,
+            "dataset": "synthetic",
+            "model-width": 8,
+            "num-clients": 2,
+            "bitwidths": bitwidths,
+            "num-rounds": 2,
+            "dirichlet-beta": 1.0,
+            "buffer-ratio": 0.1,
+            "batch-size": 32,
+            "max-samples-per-client": 64,
+            "output-dir": str(tmp_path / algorithm),
+            **extra,
+        }
+    )
+
+
+def federate(config):
+    """Run ``config.num_rounds`` rounds in process; (strategy, clients)."""
+    recorder = RunRecorder(config, Path(config.output_dir))
+    strategy = LowBitStrategy(config, experiment_data(config), recorder)
+    proxies = [FakeProxy(str(k)) for k in range(config.num_clients)]
+    clients = {
+        p.cid: LowBitClient(config, int(p.cid), config.bitwidths[int(p.cid)], RecordDict())
+        for p in proxies
+    }
+    manager = FakeManager(proxies)
+    for server_round in range(1, config.num_rounds + 1):
+        results = []
+        for proxy, ins in strategy.configure_fit(server_round, None, manager):
+            arrays, count, metrics = clients[proxy.cid].fit(
+                parameters_to_ndarrays(ins.parameters), ins.config
+            )
+            results.append(
+                (proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), count, metrics))
+            )
+        strategy.aggregate_fit(server_round, results, [])
+        strategy.evaluate(server_round, None)
+    evaluations = []
+    for proxy, ins in strategy.configure_evaluate(config.num_rounds, None, manager):
+        loss, count, metrics = clients[proxy.cid].evaluate(
+            parameters_to_ndarrays(ins.parameters), ins.config
+        )
+        evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), loss, count, metrics)))
+    strategy.aggregate_evaluate(config.num_rounds, evaluations, [])
+    return strategy, clients
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
+def test_every_algorithm_federates_two_rounds_with_low_bit_payloads(tmp_path, algorithm):
+    config = tiny_config(tmp_path, algorithm)
+    strategy, clients = federate(config)
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert summary["algorithm"] == algorithm and summary["rounds"] == 2
+    assert summary["label"] == get_algorithm(algorithm).label
+    assert 0 <= summary["global-accuracy"] <= 1
+    assert [c["bitwidth"] for c in summary["local-accuracy"]] == [4, 8]
+    assert all(0 <= c["local-accuracy"] <= 1 for c in summary["local-accuracy"])
+    # round 2's downlink is each client's own bitwidth: packed codes, not fp32
+    for bits in (4, 8):
+        assert payload_bits(strategy.downlink[bits]) == bits
+    record = strategy.recorder.rounds[-1]
+    uplink = {c["bitwidth"]: c["uplink-bytes"] for c in record["clients"]}
+    assert uplink[4] < uplink[8] < record["fp32-equivalent-bytes"] / 2
+    supervised = not get_algorithm(algorithm).self_supervised
+    assert all((LOCAL_MODEL in c.state) == supervised for c in clients.values())
+
+
+def test_sample_weights_and_update_application():
+    assert np.allclose(sample_weights([10, 30]), [0.25, 0.75])
+    with pytest.raises(ValueError, match="positive sum"):
+        sample_weights([0, 0])
+    current = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(3)}
+    updates = [
+        {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(4)},
+        {"w": torch.tensor([-2.0, 4.0]), "n": torch.tensor(5)},
+    ]
+    new = apply_update(current, updates, [0.75, 0.25])
+    assert torch.allclose(new["w"], torch.tensor([2.0, 2.0])) and int(new["n"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "server"),
+    [
+        ("fedqssl", FedQSSLServer),
+        ("fedsimclr", AveragingServer),
+        ("fedsimsiam", AveragingServer),
+        ("fedavg", AveragingServer),
+        ("fedprox", AveragingServer),
+        ("fedpaq", UpdateServer),
+    ],
+)
+def test_each_algorithm_gets_its_server_step(tmp_path, algorithm, server):
+    config = tiny_config(tmp_path, algorithm)
+    assert type(make_server(config, experiment_data(config))) is server
+
+
+def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(tmp_path):
+    """The update travels unquantized at 32 bits: global + update == the client's model."""
+    config = tiny_config(
+        tmp_path, "fedpaq", "32", **{"num-clients": 1, "min-fit-clients": 1, "num-rounds": 1}
+    )
+    strategy, clients = federate(config)
+    local = decode_state(clients["0"].state[LOCAL_MODEL].to_numpy_ndarrays())
+    for name, tensor in strategy.global_state.items():
+        assert torch.allclose(tensor, local[name], atol=1e-6), name
+
+
+def test_averaging_server_weights_by_samples_and_rounds_the_downlink(tmp_path):
+    config = tiny_config(tmp_path, "fedsimclr")
+    server = make_server(config, experiment_data(config))
+    base = server.initial_state()
+    states = {0: base, 1: {k: v + 1 if v.is_floating_point() else v for k, v in base.items()}}
+    outcome = server.run_round(1, base, states, {0: 30, 1: 10}, {4})
+    assert outcome.weights == [0.75, 0.25]
+    name = next(k for k, v in base.items() if v.is_floating_point())
+    assert torch.allclose(outcome.global_state[name], base[name] + 0.25)
+    assert payload_bits(outcome.downlink[4]) == 4 and outcome.dq_losses == [None, None]
+
+
+def test_supervised_local_accuracy_uses_the_clients_own_trained_model(tmp_path):
+    config = tiny_config(tmp_path, "fedavg")
+    strategy, clients = federate(config)
+    client = clients["0"]
+    own = decode_state(client.state[LOCAL_MODEL].to_numpy_ndarrays())
+    client.evaluate(strategy.downlink[4], {})
+    assert all(torch.equal(client.model.state_dict()[k], own[k]) for k in own)
+
+
+def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
+    assert row_label("Fed-QSSL", (32, 32)) == "Fed-QSSL (Full)"
+    assert row_label("Fed-QSSL", (4, 32)) == "Fed-QSSL"
+    with pytest.raises(ConfigError, match="algorithm: 'fedsgd' is not one of fedqssl"):
+        ExperimentConfig.from_mapping({"algorithm": "fedsgd"})
