@@ -178,7 +178,7 @@ def test_supervised_local_accuracy_uses_the_clients_own_trained_model(tmp_path):
     client = clients["0"]
     own = decode_state(client.state[LOCAL_MODEL].to_numpy_ndarrays())
     client.evaluate(strategy.downlink[4], {})
-    assert all(torch.equal(client.model.state_dict()[k], own[k]) for k in own)
+    assert all(torch.equal(client.model.state_dict()[k].cpu(), own[k]) for k in own)
 
 
 def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():

@@ -186,3 +186,10 @@ def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         plan = plan_of(tmp_path, TINY + extra, *argv)
         simulation.plan_runs(plan, tmp_path / "out")
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_is_a_valid_plan(tmp_path, preset):
+    plan = simulation.make_plan(preset, simulation.parse_args([str(preset)]))
+    runs = simulation.plan_runs(plan, tmp_path)
+    assert runs and all(config.num_clients == len(config.bitwidths) for _, _, config in runs)
