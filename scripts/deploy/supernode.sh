@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Start one SuperNode (a device): its data partition, its bitwidth and where its data lives are
+# its own node config, so the server needs no list of clients.
+#   bash scripts/deploy/supernode.sh --partition-id 0 --num-partitions 3 --bitwidth 4 \
+#       [--superlink HOST:8000] [--data-dir DIR] [--keys DIR] [--key FILE] [--port 9094] [--insecure]
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+superlink=127.0.0.1:8000 partition="" partitions="" bits="" data_dir="" key="" port=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --partition-id) partition=$2; shift 2 ;;
+    --num-partitions) partitions=$2; shift 2 ;;
+    --bitwidth) bits=$2; shift 2 ;;
+    --superlink) superlink=$2; shift 2 ;;
+    --data-dir) data_dir=$2; shift 2 ;;
+    --keys) keys=$2; shift 2 ;;
+    --key) key=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --insecure) insecure=1; shift ;;
+    *) echo "supernode.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+for name in partition partitions bits; do
+  [ -n "${!name}" ] || { echo "supernode.sh: --partition-id, --num-partitions and --bitwidth are required" >&2; exit 2; }
+done
+node_config="partition-id=$partition num-partitions=$partitions bitwidth=$bits"
+[ -n "$data_dir" ] && node_config+=" data-dir=\"$(cd "$data_dir" && pwd)\""
+args=(--superlink "$superlink" --node-config "$node_config" --port "${port:-$((9094 + partition))}")
+if [ "$insecure" = 1 ]; then
+  args+=(--insecure)
+else
+  key=${key:-$keys/supernode-$partition}
+  need "$keys/ca.crt" "CA certificate"; need "$key" "SuperNode private key"
+  args+=(--root-certificates "$keys/ca.crt" --auth-supernode-private-key "$key")
+fi
+exec flower-supernode "${args[@]}"
