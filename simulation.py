@@ -169,10 +169,19 @@ def toml_value(value: bool | int | float | str) -> str:
     return json.dumps(value)
 
 
-def run_status(run_id: str, env: dict[str, str]) -> dict:
-    """The run's entry from ``flwr ls`` (status like ``finished:completed``)."""
+def run_status(run_id: str, env: dict[str, str], connection: str = "") -> dict:
+    """The run's entry from ``flwr ls`` on ``connection`` (default: the CLI's default one);
+    its status reads like ``finished:completed``."""
     listing = subprocess.run(
-        ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+        [
+            "flwr",
+            "ls",
+            *([connection] if connection else []),
+            "--run-id",
+            run_id,
+            "--format",
+            "json",
+        ],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -224,9 +233,8 @@ def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str])
     run_config_file.write_text(
         "".join(f"{k} = {toml_value(v)}\n" for k, v in config.to_run_config().items())
     )
-    supernodes = args.num_supernodes or config.num_clients
-    federation = (
-        f"num-supernodes={supernodes} client-resources-num-cpus={args.cpus_per_client} "
+    federation = (  # one simulated SuperNode per client partition
+        f"num-supernodes={config.num_clients} client-resources-num-cpus={args.cpus_per_client} "
         f"client-resources-num-gpus={args.gpus_per_client}"
     )
     print(
@@ -382,7 +390,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", help="one config key and its values, e.g. local-epochs=1,2,4")
     parser.add_argument("--seeds", help="seeds to run each row with, e.g. 0,1,2")
     parser.add_argument("--output-dir", help="results folder (default: results/<preset>-<time>)")
-    parser.add_argument("--num-supernodes", type=int, help="default: num-clients")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     parser.add_argument("--flwr-home", help="Flower's state folder (default: $FLWR_HOME or .flwr/)")

@@ -59,6 +59,7 @@ class ExperimentConfig:
     proximal_mu: float = 0.01
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
+    round_timeout: float = 0.0
     max_samples_per_client: int = 0
     seed: int = 0
     device: str = "auto"
@@ -187,6 +188,11 @@ def _validate(config: ExperimentConfig) -> None:
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
     for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
+    _require(
+        config.round_timeout >= 0,
+        "round_timeout",
+        f"must be >= 0 seconds (0: wait for every sampled client), got {config.round_timeout}",
+    )
     for key in ("dirichlet_beta", "learning_rate", "temperature", "dq_temperature"):
         _require(getattr(config, key) > 0, key, f"must be > 0, got {getattr(config, key)}")
     _require(

@@ -7,17 +7,17 @@ import os
 from flwr.client import ClientApp
 from flwr.common import Context
 
-from common.config import ExperimentConfig
-from fedqssl_client.client import LowBitClient, client_bitwidth, torch_threads
+from fedqssl_client.client import (
+    LowBitClient,
+    client_bitwidth,
+    node_experiment_config,
+    torch_threads,
+)
 
 
 def client_fn(context: Context):
-    config = ExperimentConfig.from_mapping(context.run_config)
+    config = node_experiment_config(context.run_config, context.node_config)
     partition_id = int(context.node_config["partition-id"])
-    if not 0 <= partition_id < config.num_clients:
-        raise ValueError(
-            f"partition-id {partition_id} is outside 0..{config.num_clients - 1} (num-clients)"
-        )
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
     bits = client_bitwidth(config, context.node_config)
     return LowBitClient(config, partition_id, bits, context.state).to_client()

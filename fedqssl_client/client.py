@@ -4,6 +4,7 @@ packed codes both ways (models, or FedPAQ's QSGD-coded updates)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -124,13 +125,15 @@ class LowBitClient(NumPyClient):
         self._load(parameters)
         test = self.data.client_test(self.partition_id)
         if not self.algorithm.self_supervised:
-            if LOCAL_MODEL in self.state:
+            own = LOCAL_MODEL in self.state
+            if own:
                 local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
                 self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
             accuracy = classifier_accuracy(
                 self.model, self.data.normalize(test.images), test.labels
             )
-            return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})
+            metrics = {"local-accuracy": accuracy, "local-model": "own" if own else "received"}
+            return 1.0 - accuracy, len(test), self._metrics(**metrics)
         features = [
             extract_features(self.model.encoder, self.data.normalize(part.images))
             for part in (self.train_data, test)
@@ -148,12 +151,36 @@ class LowBitClient(NumPyClient):
         return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})
 
 
-def client_bitwidth(config: ExperimentConfig, node_config: dict[str, Scalar]) -> int:
+def node_experiment_config(
+    run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]
+) -> ExperimentConfig:
+    """The run config as this node sees it: a deployed SuperNode's ``data-dir`` node config
+    names where its own data lives; its partition must fit the run's ``num-clients``."""
+    values = dict(run_config)
+    if "data-dir" in node_config:
+        values["data-dir"] = str(node_config["data-dir"])
+    config = ExperimentConfig.from_mapping(values)
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has no partition-id: start the SuperNode with "
+            '--node-config "partition-id=K num-partitions=N bitwidth=B"'
+        )
+    partition_id = int(node_config["partition-id"])
+    partitions = int(node_config.get("num-partitions", config.num_clients))
+    if partitions != config.num_clients or not 0 <= partition_id < config.num_clients:
+        raise ValueError(
+            f"node has partition-id {partition_id} of num-partitions {partitions}, but the run "
+            f"has num-clients {config.num_clients}: give partition ids 0..{config.num_clients - 1}"
+        )
+    return config
+
+
+def client_bitwidth(config: ExperimentConfig, node_config: Mapping[str, Scalar]) -> int:
     """A device's bitwidth: its own ``bitwidth`` node config in deployment, else the run
     config's list indexed by partition id (simulation)."""
     if "bitwidth" in node_config:
         return ExperimentConfig.from_mapping(
-            {"bitwidths": str(node_config["bitwidth"]), "num-clients": 1}
+            {"bitwidths": str(node_config["bitwidth"]), "num-clients": 1, "min-fit-clients": 1}
         ).bitwidths[0]
     return config.bitwidths[int(node_config["partition-id"])]
 

@@ -29,7 +29,11 @@ def server_fn(context: Context) -> ServerAppComponents:
         output_dir,
     )
     strategy = LowBitStrategy(config, experiment_data(config), RunRecorder(config, output_dir))
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=config.num_rounds))
+    timeout = config.round_timeout or None  # deployment: a dead SuperNode must not stall a round
+    return ServerAppComponents(
+        strategy=strategy,
+        config=ServerConfig(num_rounds=config.num_rounds, round_timeout=timeout),
+    )
 
 
 app = ServerApp(server_fn=server_fn)

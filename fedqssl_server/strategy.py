@@ -195,10 +195,14 @@ class LowBitStrategy(Strategy):
             }
             for index, item in enumerate(ordered)
         ]
+        present = {item.key for item in ordered}
         self.current.update(
             {
                 "clients": clients,
                 "failed": rejected,
+                "missing-partitions": [
+                    k for k in range(self.config.num_clients) if k not in present
+                ],
                 "fp32-equivalent-bytes": self.fp32_bytes * len(clients),
                 "server-seconds": {} if outcome is None else outcome.seconds,
             }
@@ -249,13 +253,14 @@ class LowBitStrategy(Strategy):
         weights = ",".join(f"{c['weight']:.2f}" for c in clients if c["weight"] is not None)
         log(
             INFO,
-            "round %d/%d: %d clients (bits %s), %d failed, p_k [%s], uplink %.2f MB "
-            "(fp32 %.2f MB), kNN acc %.4f, %.0fs",
+            "round %d/%d: %d clients (bits %s), %d failed, missing partitions %s, p_k [%s], "
+            "uplink %.2f MB (fp32 %.2f MB), kNN acc %.4f, %.0fs",
             server_round,
             self.config.num_rounds,
             len(clients),
             bits,
             len(record.get("failed", [])),
+            record.get("missing-partitions", []),
             weights,
             sum(c["uplink-bytes"] for c in clients) / 1e6,
             record.get("fp32-equivalent-bytes", 0) / 1e6,
@@ -291,6 +296,7 @@ class LowBitStrategy(Strategy):
                     "partition-id": r.metrics.get("partition-id"),
                     "bitwidth": r.metrics.get("bitwidth"),
                     "local-accuracy": r.metrics.get("local-accuracy"),
+                    "local-model": r.metrics.get("local-model", "probe"),
                     "test-examples": r.num_examples,
                 }
                 for _, r in results

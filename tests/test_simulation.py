@@ -39,8 +39,6 @@ def run_simulation(tmp_path: Path, preset_text: str, *extra: str):
         str(output_dir),
         "--flwr-home",
         str(tmp_path / "flwr"),
-        "--num-supernodes",
-        "3",
         "--keep-superlink",
         *extra,
     ]

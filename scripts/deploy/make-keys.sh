@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generate everything a TLS deployment with SuperNode authentication needs, into DIR (default
 # deploy-keys/, git-ignored): a CA, the SuperLink's certificate for the given host names, and one
-# ECDSA P-384 key pair (OpenSSH format) per SuperNode. Nothing here is ever committed.
+# ECDSA P-384 key pair (OpenSSH format) per SuperNode, and the shared secret SuperExec processes
+# present to the SuperLink/SuperNodes (docker demo). Nothing here is ever committed.
 #   bash scripts/deploy/make-keys.sh [DIR] [NUM_SUPERNODES] [SERVER_NAMES]
 #   bash scripts/deploy/make-keys.sh deploy-keys 3 "localhost,superlink,127.0.0.1,203.0.113.7"
 set -euo pipefail
@@ -31,6 +32,8 @@ for ((k = 0; k < nodes; k++)); do
   rm -f "$dir/supernode-$k" "$dir/supernode-$k.pub"
   ssh-keygen -q -t ecdsa -b 384 -N "" -C "fedqssl-supernode-$k" -f "$dir/supernode-$k"
 done
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/superexec.secret"  # SuperExec <-> links
 chmod 644 "$dir/ca.crt" "$dir/server.pem" "$dir"/supernode-*.pub
 echo "==> $dir: ca.crt (give to every SuperNode and the flwr CLI), server.pem + server.key (SuperLink"
-echo "    only), supernode-K + supernode-K.pub for K in 0..$((nodes - 1)) (private key stays on node K)"
+echo "    only), supernode-K + supernode-K.pub for K in 0..$((nodes - 1)) (private key stays on node K),"
+echo "    superexec.secret (SuperLink, SuperNodes and their SuperExecs; docker demo)"

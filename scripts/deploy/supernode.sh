@@ -2,10 +2,11 @@
 # Start one SuperNode (a device): its data partition, its bitwidth and where its data lives are
 # its own node config, so the server needs no list of clients.
 #   bash scripts/deploy/supernode.sh --partition-id 0 --num-partitions 3 --bitwidth 4 \
-#       [--superlink HOST:8000] [--data-dir DIR] [--keys DIR] [--key FILE] [--port 9094] [--insecure]
+#       [--superlink HOST:8000] [--data-dir DIR] [--keys DIR] [--key FILE] [--port 9094]
+#       [--max-retries N] [--insecure]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-superlink=127.0.0.1:8000 partition="" partitions="" bits="" data_dir="" key="" port=""
+superlink=127.0.0.1:8000 partition="" partitions="" bits="" data_dir="" key="" port="" retries=""
 while [ $# -gt 0 ]; do
   case $1 in
     --partition-id) partition=$2; shift 2 ;;
@@ -16,6 +17,7 @@ while [ $# -gt 0 ]; do
     --keys) keys=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
+    --max-retries) retries=$2; shift 2 ;;
     --insecure) insecure=1; shift ;;
     *) echo "supernode.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -26,6 +28,7 @@ done
 node_config="partition-id=$partition num-partitions=$partitions bitwidth=$bits"
 [ -n "$data_dir" ] && node_config+=" data-dir=\"$(cd "$data_dir" && pwd)\""
 args=(--superlink "$superlink" --node-config "$node_config" --port "${port:-$((9094 + partition))}")
+[ -n "$retries" ] && args+=(--max-retries "$retries")
 if [ "$insecure" = 1 ]; then
   args+=(--insecure)
 else

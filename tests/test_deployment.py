@@ -1,0 +1,227 @@
+"""Real deployment on loopback: a ``flower-superlink`` and ``flower-supernode`` processes started
+by ``scripts/deploy/``, TLS with SuperNode authentication, ``flwr run`` against them.
+
+Every process is started in its own session and stopped by the fixture that started it (by
+process group), pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "scripts" / "deploy"
+CONNECTION = "fedqssl"
+RUN_CONFIG = """dataset = "synthetic"
+model-width = 8
+num-clients = 3
+bitwidths = "4,4,4"
+dirichlet-beta = 1.0
+buffer-ratio = 0.1
+max-samples-per-client = 150
+num-rounds = 2
+batch-size = 64
+round-timeout = {timeout}
+output-dir = "{output}"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Deployment:
+    """A SuperLink (TLS + SuperNode auth) on a free loopback port and the processes around it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.keys = base / "keys"
+        self.address = f"127.0.0.1:{free_port()}"
+        self.cli_env = simulation.flower_env(base / "cli")
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        env = simulation.flower_env(self.base / f"home-{name}")
+        log = open(self.base / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text()
+
+    def stop(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                self.stop(name)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            args, cwd=ROOT, env=self.cli_env, capture_output=True, text=True, timeout=120
+        )
+
+    def supernode(self, name: str, partition: int, bits: int, *extra: str) -> subprocess.Popen:
+        command = [
+            "bash",
+            str(DEPLOY / "supernode.sh"),
+            "--partition-id", str(partition),
+            "--num-partitions", "3",
+            "--bitwidth", str(bits),
+            "--superlink", self.address,
+            "--keys", str(self.keys),
+            "--port", str(free_port()),
+            *extra,
+        ]  # fmt: skip
+        return self.start(name, command)
+
+    def online_nodes(self) -> int:
+        listing = self.cli("flwr", "supernode", "list", CONNECTION, "--format", "json")
+        nodes = json.loads(listing.stdout).get("nodes", [])
+        return sum(1 for node in nodes if node["status"] == "online")
+
+    def run(self, output: Path, timeout: float, on_round=None) -> tuple[dict, Path]:
+        """``flwr run`` of the tiny config; (the run's ``flwr ls`` entry, its output folder)."""
+        config = self.base / f"{output.name}.toml"
+        config.write_text(RUN_CONFIG.format(timeout=timeout, output=output))
+        process = subprocess.Popen(
+            ["flwr", "run", str(ROOT), CONNECTION, "--run-config", str(config), "--stream"],
+            cwd=ROOT, env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        self.processes[f"run-{output.name}"] = process
+        run_id, lines = None, []
+        for line in process.stdout:
+            lines.append(line)
+            found = re.search(r"run (\d{6,})", line)
+            run_id = run_id or (found.group(1) if found else None)
+            if on_round is not None and re.search(r"round (\d+)/2: ", line):
+                on_round(int(re.search(r"round (\d+)/2: ", line).group(1)))
+        process.wait(timeout=60)
+        assert run_id, "".join(lines)[-3000:]
+        return simulation.run_status(run_id, self.cli_env, CONNECTION), output
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+def port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as probe:
+        return probe.connect_ex((host, int(port))) == 0
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """SuperLink (TLS + auth), nodes 0-2 registered and running at 4, 8 and 12 bits, plus an
+    unregistered node and a plain-text node that must be refused."""
+    base = tmp_path_factory.mktemp("deploy")
+    link = Deployment(base)
+    try:
+        subprocess.run(
+            ["bash", str(DEPLOY / "make-keys.sh"), str(link.keys), "4"], check=True,
+            capture_output=True,
+        )  # fmt: skip
+        host, port = link.address.rsplit(":", 1)
+        link.start(
+            "superlink",
+            [
+                "bash",
+                str(DEPLOY / "superlink.sh"),
+                "--keys",
+                str(link.keys),
+                "--host",
+                host,
+                "--port",
+                port,
+                "--state",
+                str(base / "link.db"),
+            ],
+        )
+        wait_for(lambda: port_open(link.address), 60, "the SuperLink's port")
+        connect = link.cli(
+            "bash",
+            str(DEPLOY / "connect.sh"),
+            "--superlink",
+            link.address,
+            "--keys",
+            str(link.keys),
+        )
+        assert connect.returncode == 0, connect.stderr
+        for k in range(3):
+            registered = link.cli(
+                "bash", str(DEPLOY / "register.sh"), str(link.keys / f"supernode-{k}.pub")
+            )
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        link.supernode("intruder", 0, 4, "--key", str(link.keys / "supernode-3"))
+        link.supernode("plaintext", 1, 8, "--insecure", "--max-retries", "0")
+        for k, bits in enumerate((4, 8, 12)):
+            link.supernode(f"node-{k}", k, bits)
+        wait_for(lambda: link.online_nodes() == 3, 90, "three registered SuperNodes online")
+        yield link
+    finally:
+        link.stop_all()
+
+
+def rounds_of(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_three_supernodes_with_their_own_bitwidths_complete_two_rounds(deployment, tmp_path):
+    status, output = deployment.run(tmp_path / "healthy", timeout=120)
+    assert status["status"] == "finished:completed", status
+    summary = json.loads((output / "summary.json").read_text())
+    assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
+    for record in rounds_of(output):
+        assert sorted(c["bitwidth"] for c in record["clients"]) == [4, 8, 12]
+        assert record["missing-partitions"] == []
+
+
+def test_unregistered_and_plain_text_supernodes_are_refused(deployment):
+    intruder = deployment.processes["intruder"]
+    wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to give up")
+    assert intruder.returncode != 0
+    assert "Failed to activate SuperNode" in deployment.log("intruder")
+    assert "No SuperNode found with the given public key" in deployment.log("superlink")
+    assert "Connection attempt failed" in deployment.log("plaintext")
+    assert deployment.online_nodes() == 3  # only the registered nodes 0-2 ever came online
+
+
+def test_a_supernode_killed_mid_run_is_reported_missing_and_the_run_completes(deployment, tmp_path):
+    def kill_node_2(finished_round: int) -> None:
+        if finished_round == 1:
+            deployment.stop("node-2")
+
+    status, output = deployment.run(tmp_path / "fault", timeout=60, on_round=kill_node_2)
+    assert status["status"] == "finished:completed", status
+    first, second = rounds_of(output)
+    assert sorted(c["bitwidth"] for c in first["clients"]) == [4, 8, 12]
+    assert sorted(c["partition-id"] for c in second["clients"]) == [0, 1]
+    assert second["missing-partitions"] == [2]

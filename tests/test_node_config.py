@@ -1,0 +1,37 @@
+"""A deployed SuperNode's own node config: its partition, bitwidth and data location."""
+
+import pytest
+
+from common.config import ConfigError
+from fedqssl_client.client import client_bitwidth, node_experiment_config
+
+RUN = {"dataset": "synthetic", "num-clients": 3, "bitwidths": "4,8,12", "data-dir": ""}
+
+
+def test_node_config_supplies_bitwidth_and_data_dir(tmp_path):
+    node = {"partition-id": 1, "num-partitions": 3, "bitwidth": 6, "data-dir": str(tmp_path)}
+    config = node_experiment_config(RUN, node)
+    assert config.data_dir == str(tmp_path)
+    assert client_bitwidth(config, node) == 6  # its own bitwidth wins over the run's list
+    assert client_bitwidth(config, {"partition-id": 1}) == 8
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"partition-id": 3, "num-partitions": 3}, "partition ids 0..2"),
+        (
+            {"partition-id": 0, "num-partitions": 5},
+            "num-partitions 5, but the run has num-clients 3",
+        ),
+        ({"num-partitions": 3}, "node config has no partition-id"),
+    ],
+)
+def test_inconsistent_node_config_is_refused_with_the_fix(node, message):
+    with pytest.raises(ValueError, match=message):
+        node_experiment_config(RUN, node)
+
+
+def test_a_bad_node_bitwidth_is_a_config_error():
+    with pytest.raises(ConfigError, match="bitwidth 40 is not allowed"):
+        client_bitwidth(node_experiment_config(RUN, {"partition-id": 0}), {"bitwidth": 40})
