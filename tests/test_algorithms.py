@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_fakes import FakeManager, FakeProxy
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -32,22 +33,6 @@ from fedqssl_server.server_steps import (
     sample_weights,
 )
 from fedqssl_server.strategy import LowBitStrategy, row_label
-
-
-class FakeProxy:
-    def __init__(self, cid):
-        self.cid = cid
-
-
-class FakeManager:
-    def __init__(self, proxies):
-        self.proxies = proxies
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None):
-        return self.proxies[:num_clients]
 
 
 def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flower_fakes import FakeManager, FakeProxy
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from common.codec import decode_state, encode_state, is_quantized, packed_size, payload_bits
@@ -15,22 +16,6 @@ from fedqssl_server import server_steps
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import average_states, softmax_weights
 from fedqssl_server.strategy import LowBitStrategy
-
-
-class FakeProxy:
-    def __init__(self, cid):
-        self.cid = cid
-
-
-class FakeManager:
-    def __init__(self, proxies):
-        self.proxies = proxies
-
-    def num_available(self):
-        return len(self.proxies)
-
-    def sample(self, num_clients, min_num_clients=None):
-        return self.proxies[:num_clients]
 
 
 @pytest.fixture
