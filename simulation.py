@@ -394,6 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     parser.add_argument("--flwr-home", help="Flower's state folder (default: $FLWR_HOME or .flwr/)")
     parser.add_argument("--keep-superlink", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep runs that already wrote a summary (same folder)"
+    )
     return parser.parse_args(argv)
 
 
@@ -423,6 +426,9 @@ def main() -> int:
         for index, (row, seed, config) in enumerate(runs, 1):
             if len(runs) > 1:
                 print(f"\n==> run {index}/{len(runs)}: {row}, seed {seed}", flush=True)
+            if args.resume and read_summary(Path(config.output_dir)) is not None:
+                print(f"==> {config.output_dir} already has a summary: kept (--resume)")
+                continue
             if run(config, args, env) != 0:
                 failed.append((row, seed))
     if len(runs) == 1:
