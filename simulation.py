@@ -339,6 +339,8 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
         f"Total wall time {seconds / 60:.1f} min.\n",
     ]
     if plan.kind == "sweep":
+        lines[-1] += f"Each row sets {plan.sweep_key} to its value, overriding the above.\n"
+    if plan.kind == "sweep":
         ratios = [
             report.mean_spread(row.values("buffer-to-client-ratio"))[0] for row in rows.values()
         ]
