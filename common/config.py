@@ -123,6 +123,17 @@ def parse_bitwidths(value: Any) -> tuple[int, ...]:
         ) from error
 
 
+def check_bitwidth(bits: int) -> int:
+    """``bits`` if it is an allowed bitwidth, else a ConfigError naming the allowed ones."""
+    allowed = f"{MIN_BITS}..{MAX_BITS} or {FULL_PRECISION}"
+    _require(
+        bits == FULL_PRECISION or MIN_BITS <= bits <= MAX_BITS,
+        "bitwidths",
+        f"bitwidth {bits} is not allowed: each must be {allowed}",
+    )
+    return bits
+
+
 def _to_int(text: str) -> int:
     number = float(text)
     if not number.is_integer():
@@ -211,13 +222,8 @@ def _validate(config: ExperimentConfig) -> None:
         "min_fit_clients",
         f"{config.min_fit_clients} exceeds num-clients {config.num_clients}",
     )
-    allowed = f"{MIN_BITS}..{MAX_BITS} or {FULL_PRECISION}"
     for bits in config.bitwidths:
-        _require(
-            bits == FULL_PRECISION or MIN_BITS <= bits <= MAX_BITS,
-            "bitwidths",
-            f"bitwidth {bits} is not allowed: each must be {allowed}",
-        )
+        check_bitwidth(bits)
     _require(
         len(config.bitwidths) in (1, config.num_clients),
         "bitwidths",

@@ -20,7 +20,7 @@ from common.codec import (
     payload_bits,
     payload_nbytes,
 )
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
 from common.evaluation import classifier_accuracy, linear_probe_accuracy
 from common.experiment import experiment_data, new_model
 from common.models import extract_features
@@ -91,17 +91,16 @@ class LowBitClient(NumPyClient):
             proximal_mu=self.config.proximal_mu if self.algorithm.proximal else 0.0,
         )
         trained = self.model.state_dict()
+        model_payload = encode_state(trained, self.bits)
         if supervised:
-            local = encode_state(trained, self.bits)
-            self.state[LOCAL_MODEL] = ArrayRecord(numpy_ndarrays=local)
+            self.state[LOCAL_MODEL] = ArrayRecord(numpy_ndarrays=model_payload)
+        payload = model_payload
         if self.algorithm.sends_updates:
             update = {
                 name: tensor - received[name] if tensor.is_floating_point() else tensor
                 for name, tensor in trained.items()
             }
             payload = encode_update(update, self.bits, torch.Generator().manual_seed(seed))
-        else:
-            payload = encode_state(trained, self.bits)
         return (
             payload,
             len(self.train_data),
@@ -179,9 +178,10 @@ def client_bitwidth(config: ExperimentConfig, node_config: Mapping[str, Scalar])
     """A device's bitwidth: its own ``bitwidth`` node config in deployment, else the run
     config's list indexed by partition id (simulation)."""
     if "bitwidth" in node_config:
-        return ExperimentConfig.from_mapping(
-            {"bitwidths": str(node_config["bitwidth"]), "num-clients": 1, "min-fit-clients": 1}
-        ).bitwidths[0]
+        parsed = parse_bitwidths(str(node_config["bitwidth"]))
+        if len(parsed) != 1:
+            raise ConfigError(f"node config bitwidth must be one value, got {parsed}")
+        return check_bitwidth(parsed[0])
     return config.bitwidths[int(node_config["partition-id"])]
 
 
