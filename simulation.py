@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from common import report
-from common.algorithms import ALGORITHM_NAMES
+from common.algorithms import ALGORITHM_NAMES, get_algorithm
 from common.config import ConfigError, ExperimentConfig
 from common.quant import FULL_PRECISION
 
@@ -56,7 +56,11 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 PLAN_KEYS = ("compare", "sweep", "seeds")
-FULL_SUFFIX = "-full"
+# comparison rows ``<algorithm><suffix>...``: the overrides each suffix adds
+ROW_SUFFIXES = {
+    "-full": {"bitwidths": str(FULL_PRECISION)},  # every client at 32 bits: the (Full) rows
+    "-uniform": {"dq-weighting": "uniform"},  # Fed-QSSL without its softmax(-L_DQ) weights
+}
 
 
 @dataclass
@@ -82,17 +86,21 @@ def read_preset(preset: Path) -> tuple[dict, dict]:
 
 
 def algorithm_row(name: str) -> dict:
-    """Overrides of a comparison row: ``fedsimclr`` or ``fedsimclr-full`` (all clients 32-bit)."""
-    algorithm = name.removesuffix(FULL_SUFFIX)
-    if algorithm not in ALGORITHM_NAMES:
-        raise ConfigError(
-            f"compare: unknown row {name!r}; rows are algorithms ({', '.join(ALGORITHM_NAMES)}), "
-            f"optionally with {FULL_SUFFIX!r} for full precision"
-        )
-    row = {"algorithm": algorithm}
-    if name.endswith(FULL_SUFFIX):
-        row["bitwidths"] = str(FULL_PRECISION)
-    return row
+    """Overrides of a comparison row: an algorithm (``fedsimclr``) with optional suffixes:
+    ``-full`` (all clients 32-bit), ``-uniform`` (uniform instead of softmax(-L_DQ) weights)."""
+    row: dict = {}
+    algorithm = name
+    while algorithm not in ALGORITHM_NAMES:
+        suffix = next((s for s in ROW_SUFFIXES if algorithm.endswith(s)), None)
+        if suffix is None:
+            raise ConfigError(
+                f"compare: unknown row {name!r}; rows are algorithms "
+                f"({', '.join(ALGORITHM_NAMES)}), optionally with the suffixes "
+                f"{', '.join(map(repr, ROW_SUFFIXES))}"
+            )
+        row = {**ROW_SUFFIXES[suffix], **row}
+        algorithm = algorithm.removesuffix(suffix)
+    return {"algorithm": algorithm, **row}
 
 
 def parse_list(value: object, what: str) -> list:
@@ -302,10 +310,12 @@ def print_summary(output_dir: Path) -> int:
     print(f"global accuracy (final epoch):           {summary['global-accuracy']:.4f}")
     if summary["mean-local-accuracy"] is not None:
         print(f"mean local accuracy (per-client models): {summary['mean-local-accuracy']:.4f}")
+    print(f"untrained floor (initial model, same protocol): {floor_line(summary)}")
     for client in summary["local-accuracy"]:
         print(
             f"  client {client['partition-id']:>2} ({client['bitwidth']:>2}-bit): "
-            f"{client['local-accuracy']:.4f} on {client['test-examples']} local test images"
+            f"{client['local-accuracy']:.4f} (untrained {client['untrained-local-accuracy']:.4f}) "
+            f"on {client['test-examples']} local test images"
         )
     fp32_megabytes = summary["fp32-equivalent-uplink-bytes"] / 1e6
     print(
@@ -316,8 +326,34 @@ def print_summary(output_dir: Path) -> int:
     return 0
 
 
+def floor_line(summary: dict) -> str:
+    """``global 0.7777 (gain +0.0050), mean local 0.8790 (gain +0.0037), kNN 0.71 (...)``."""
+    parts = []
+    for name, key in (
+        ("global", report.GLOBAL),
+        ("mean local", report.LOCAL),
+        ("kNN", "final-knn-accuracy"),
+    ):
+        floor_key = "untrained-knn-accuracy" if name == "kNN" else report.UNTRAINED + key
+        value, floor = summary.get(key), summary.get(floor_key)
+        if value is not None and floor is not None:
+            parts.append(f"{name} {floor:.4f} (gain {value - floor:+.4f})")
+    return ", ".join(parts) or "n/a"
+
+
+def floor_source(plan: Plan, rows: dict[str, report.Row]) -> report.Row:
+    """The row whose untrained scores stand for the floor: the first self-supervised low-bit
+    row (the SSL probe at the plan's bitwidths), else the first row."""
+    for name, row in rows.items():
+        algorithm = get_algorithm(plan.rows[name].get("algorithm", plan.base["algorithm"]))
+        if algorithm.self_supervised and "bitwidths" not in plan.rows[name]:
+            return row
+    return next(iter(rows.values()))
+
+
 def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> None:
-    """comparison.* or sweep.*: the table, the per-run numbers and the plot."""
+    """comparison.* or sweep.*: the tables (with the untrained floor), the per-run numbers and
+    the plot."""
     rows = {name: report.Row(name) for name in plan.rows}
     for name, seed, config in runs:
         rows[name].seeds.append(seed)
@@ -329,18 +365,26 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
     first = plan.sweep_key if plan.kind == "sweep" else "Algorithm"
     title = f"{plan.name}: {first} ({len(plan.seeds)} seed{'s' * (len(plan.seeds) > 1)})"
     base = ExperimentConfig.from_mapping(plan.base)
+    floor = None if plan.kind == "sweep" else report.untrained_row(floor_source(plan, rows))
+    supervised = any(
+        not get_algorithm(row.get("algorithm", base.algorithm)).self_supervised
+        for row in plan.rows.values()
+    )
+    table_rows = list(rows.values())
     lines = [
         f"# {title}\n",
-        report.comparison_table(list(rows.values()), first),
+        report.comparison_table(table_rows, first, floor),
         f"Mean ± sample standard deviation over seeds {plan.seeds}; final-epoch accuracies. "
-        f"{base.num_clients} clients, bitwidths {','.join(map(str, base.bitwidths))} "
-        f"(rows named *(Full)* at 32 bits), {base.model} on {base.dataset}, Dirichlet "
-        f"{base.dirichlet_beta}, {base.num_rounds} rounds of E = {base.local_epochs}. "
-        f"Total wall time {seconds / 60:.1f} min.\n",
+        f"Gains are each run's accuracy minus its own untrained floor (the initial model, same "
+        f"protocol, same seed), in points. "
+        + ("The row *untrained* is the initial encoder under the SSL probe. " if floor else "")
+        + f"{base.num_clients} clients, bitwidths {','.join(map(str, base.bitwidths))} "
+        f"(rows named *(Full)* at 32 bits), {base.model} (width {base.model_width}) on "
+        f"{base.dataset}, Dirichlet {base.dirichlet_beta}, {base.num_rounds} rounds of "
+        f"E = {base.local_epochs}. Total wall time {seconds / 60:.1f} min.\n",
     ]
     if plan.kind == "sweep":
         lines[-1] += f"Each row sets {plan.sweep_key} to its value, overriding the above.\n"
-    if plan.kind == "sweep":
         ratios = [
             report.mean_spread(row.values("buffer-to-client-ratio"))[0] for row in rows.values()
         ]
@@ -349,6 +393,19 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
             + ", ".join(f"{r.name}: {x:.2f}" for r, x in zip(rows.values(), ratios, strict=True))
             + "\n"
         )
+    if supervised:
+        lines += [
+            "## Every row under the SSL probe\n",
+            "Supervised rows are scored above by their classifiers; here every row's encoder is "
+            "scored by the same linear probes as the self-supervised rows.\n",
+            report.comparison_table(
+                table_rows, first, floor, (report.GLOBAL_PROBE, report.LOCAL_PROBE), traffic=False
+            ),
+        ]
+    lines += [
+        "## Per seed: global / local (untrained floor)\n",
+        report.per_seed_table(([floor] if floor else []) + table_rows),
+    ]
     (output_dir / f"{stem}.md").write_text("\n".join(lines))
     (output_dir / f"{stem}.json").write_text(
         json.dumps(
@@ -361,7 +418,7 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
                 "wall-seconds": seconds,
                 "rows": {
                     name: {"label": row.name, "seeds": row.seeds, "summaries": row.summaries}
-                    for name, row in rows.items()
+                    for name, row in (({"untrained": floor} if floor else {}) | rows).items()
                 },
             },
             indent=2,
@@ -369,9 +426,9 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
         + "\n"
     )
     if plan.kind == "sweep":
-        report.plot_sweep(list(rows.values()), plan.sweep_key, output_dir / f"{stem}.png", title)
+        report.plot_sweep(table_rows, plan.sweep_key, output_dir / f"{stem}.png", title)
     else:
-        report.plot_comparison(list(rows.values()), output_dir / f"{stem}.png", title)
+        report.plot_comparison([floor, *table_rows], output_dir / f"{stem}.png", title)
     print(f"\n==> {stem} ({output_dir / (stem + '.md')})\n")
     print("\n".join(lines))
 

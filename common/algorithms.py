@@ -7,6 +7,11 @@ baseline is one entry, not another training loop.
   and re-quantizes by fine-tuning at each bitwidth (the paper's method).
 - ``fedsimclr`` / ``fedsimsiam``: SimCLR / SimSiam locally, sample-weighted averaging,
   re-quantization by rounding only.
+- ``fedsimclr-ft``: a control for Fed-QSSL's use of D_g. Fed-SimCLR whose server fine-tunes the
+  sample-weighted average on D_g in full precision (``dq-epochs``, the training each of
+  Fed-QSSL's de-quantized models gets) and re-quantizes it by fine-tuning at each bitwidth
+  (``rq-epochs``, as Fed-QSSL): the buffer's extra training without the per-client
+  de-quantization and its softmax(-L_DQ) weighting.
 - ``fedavg`` / ``fedprox``: supervised (labels) locally, sample-weighted averaging, rounding;
   FedProx adds ``proximal-mu / 2 * ||w - w_global||^2`` to the local loss.
 - ``fedpaq``: supervised; clients send their model *update*, QSGD-quantized (unbiased) at their
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Objective = Literal["simclr", "simsiam", "supervised"]
-ServerStep = Literal["fedqssl", "average", "update"]
+ServerStep = Literal["fedqssl", "finetune", "average", "update"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     for a in (
         Algorithm("fedqssl", "Fed-QSSL", "simclr", "fedqssl"),
         Algorithm("fedsimclr", "Fed-SimCLR", "simclr", "average"),
+        Algorithm("fedsimclr-ft", "Fed-SimCLR + D_g fine-tune", "simclr", "finetune"),
         Algorithm("fedsimsiam", "Fed-SimSiam", "simsiam", "average"),
         Algorithm("fedavg", "FedAvg", "supervised", "average"),
         Algorithm("fedprox", "FedProx", "supervised", "average", proximal=True),

@@ -24,6 +24,7 @@ from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
+DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -56,6 +57,7 @@ class ExperimentConfig:
     dq_epochs: int = 1
     rq_epochs: int = 1
     dq_temperature: float = 1.0
+    dq_weighting: str = "softmax"
     proximal_mu: float = 0.01
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
@@ -186,6 +188,7 @@ def _validate(config: ExperimentConfig) -> None:
     _one_of(config, "model", MODEL_NAMES)
     _one_of(config, "weight_update", WEIGHT_UPDATES)
     _one_of(config, "grad_rounding", GRAD_ROUNDINGS)
+    _one_of(config, "dq_weighting", DQ_WEIGHTINGS)
     _one_of(config, "device", DEVICES)
     for key in (
         "model_width",

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+UNTRAINED = "untrained-"  # prefix of a score's floor: the same protocol on the initial model
+GLOBAL, LOCAL = "global-accuracy", "mean-local-accuracy"
+GLOBAL_PROBE, LOCAL_PROBE = "global-probe-accuracy", "mean-local-probe-accuracy"
+
 
 @dataclass
 class Row:
@@ -25,9 +29,28 @@ class Row:
     def values(self, key: str) -> list[float]:
         return [s[key] for s in self.summaries if s is not None and s.get(key) is not None]
 
+    def gains(self, key: str) -> list[float]:
+        """``key`` minus its untrained floor, paired run by run."""
+        return [
+            s[key] - s[UNTRAINED + key]
+            for s in self.summaries
+            if s is not None and s.get(key) is not None and s.get(UNTRAINED + key) is not None
+        ]
+
     @property
     def failed_seeds(self) -> list[int]:
         return [seed for seed, s in zip(self.seeds, self.summaries, strict=True) if s is None]
+
+
+def untrained_row(row: Row, name: str = "untrained") -> Row:
+    """The floor of ``row`` as a row of its own: each run's untrained scores in the score keys."""
+    summaries = [
+        None
+        if s is None
+        else {key: s.get(UNTRAINED + key) for key in (GLOBAL, LOCAL, GLOBAL_PROBE, LOCAL_PROBE)}
+        for s in row.summaries
+    ]
+    return Row(name, summaries, list(row.seeds))
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -37,12 +60,13 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def percent(values: Sequence[float]) -> str:
-    """``59.31 ± 0.42`` (accuracies in %), or ``n/a``."""
+def percent(values: Sequence[float], signed: bool = False) -> str:
+    """``59.31 ± 0.42`` (accuracies in %; ``+5.10 ± 0.42`` for a gain), or ``n/a``."""
     mean, spread = mean_spread([100 * v for v in values])
     if math.isnan(mean):
         return "n/a"
-    return f"{mean:.2f} ± {spread:.2f}" if len(values) > 1 else f"{mean:.2f}"
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return f"{text} ± {spread:.2f}" if len(values) > 1 else text
 
 
 def megabytes_per_round(row: Row) -> str:
@@ -54,29 +78,68 @@ def megabytes_per_round(row: Row) -> str:
     return f"{statistics.fmean(per_round):.3f}" if per_round else "n/a"
 
 
-def comparison_table(rows: Sequence[Row], first_column: str = "Algorithm") -> str:
-    """A Markdown table: first column | Global Acc (%) | Local Acc (%) | uplink | seeds."""
-    lines = [
-        f"| {first_column} | Global Acc (%) | Local Acc (%) | Uplink MB/round | "
-        "Uplink / fp32 | Runs |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for row in rows:
-        ratio = row.values("uplink-ratio-to-fp32")
-        done = len(row.values("global-accuracy"))
+def comparison_table(
+    rows: Sequence[Row],
+    first_column: str = "Algorithm",
+    floor: Row | None = None,
+    keys: tuple[str, str] = (GLOBAL, LOCAL),
+    traffic: bool = True,
+) -> str:
+    """A Markdown table: first column | global and local accuracy (%) | their gains over each
+    run's untrained floor (points, paired by seed) | uplink | runs; ``floor`` (the untrained
+    encoder) first when given. ``keys`` picks the scores: the algorithms' own protocol, or
+    ``(GLOBAL_PROBE, LOCAL_PROBE)`` for the SSL probe on every row."""
+    global_key, local_key = keys
+    header = f"| {first_column} | Global Acc (%) | Local Acc (%) | Global gain | Local gain |"
+    rule = "|---|---:|---:|---:|---:|"
+    if traffic:
+        header += " Uplink MB/round | Uplink / fp32 |"
+        rule += "---:|---:|"
+    lines = [header + " Runs |", rule + "---|"]
+    for row in [floor] * (floor is not None) + list(rows):
+        done = len(row.values(global_key))
         failed = f", failed seeds {row.failed_seeds}" if row.failed_seeds else ""
-        lines.append(
-            f"| {row.name} | {percent(row.values('global-accuracy'))} | "
-            f"{percent(row.values('mean-local-accuracy'))} | {megabytes_per_round(row)} | "
-            f"{statistics.fmean(ratio):.3f} | {done}/{len(row.seeds)}{failed} |"
-            if ratio
-            else f"| {row.name} | n/a | n/a | n/a | n/a | 0/{len(row.seeds)}{failed} |"
-        )
+        cells = [
+            row.name,
+            percent(row.values(global_key)),
+            percent(row.values(local_key)),
+            "—" if row is floor else percent(row.gains(global_key), signed=True),
+            "—" if row is floor else percent(row.gains(local_key), signed=True),
+        ]
+        if traffic:
+            ratio = row.values("uplink-ratio-to-fp32")
+            ratio_text = f"{statistics.fmean(ratio):.3f}" if ratio else "n/a"
+            cells += ["—", "—"] if row is floor else [megabytes_per_round(row), ratio_text]
+        lines.append("| " + " | ".join([*cells, f"{done}/{len(row.seeds)}{failed}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(rows: Sequence[Row], keys: tuple[str, str] = (GLOBAL, LOCAL)) -> str:
+    """Every run's global / local accuracy (%) and its untrained floor, one column per seed."""
+    seeds = sorted({seed for row in rows for seed in row.seeds})
+    lines = [
+        "| Row | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+
+    def cell(summary: dict | None) -> str:
+        if summary is None:
+            return "failed"
+        scores = [summary.get(k) for k in (*keys, *(UNTRAINED + k for k in keys))]
+        if any(v is None for v in scores):
+            return "n/a"
+        return "{:.2f} / {:.2f} (floor {:.2f} / {:.2f})".format(*(100 * v for v in scores))
+
+    for row in rows:
+        by_seed = dict(zip(row.seeds, row.summaries, strict=True))
+        cells = [cell(by_seed[seed]) if seed in by_seed else "" for seed in seeds]
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Grouped bars of global and local accuracy per row, with the seeds' spread as error bars."""
+    """Grouped bars of global and local accuracy per row, with the seeds' spread as error bars
+    (put the untrained floor's row among ``rows`` to draw it as bars too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,10 +147,7 @@ def plot_comparison(rows: Sequence[Row], path: Path, title: str) -> None:
 
     figure, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.8))
     width = 0.38
-    for offset, key, label in (
-        (-width / 2, "global-accuracy", "global"),
-        (width / 2, "mean-local-accuracy", "local (mean)"),
-    ):
+    for offset, key, label in ((-width / 2, GLOBAL, "global"), (width / 2, LOCAL, "local (mean)")):
         stats = [mean_spread([100 * v for v in row.values(key)]) for row in rows]
         axis.bar(
             [i + offset for i in range(len(rows))],
@@ -107,22 +167,31 @@ def plot_comparison(rows: Sequence[Row], path: Path, title: str) -> None:
 
 
 def plot_sweep(rows: Sequence[Row], key: str, path: Path, title: str) -> None:
-    """Global and local accuracy against the swept value (mean ± spread over seeds)."""
+    """Global and local accuracy against the swept value (mean ± spread over seeds), each beside
+    its untrained floor (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for metric, label in (("global-accuracy", "global"), ("mean-local-accuracy", "local (mean)")):
+    for metric, label in ((GLOBAL, "global"), (LOCAL, "local (mean)")):
         stats = [mean_spread([100 * v for v in row.values(metric)]) for row in rows]
-        axis.errorbar(
+        line = axis.errorbar(
             range(len(rows)),
             [m for m, _ in stats],
             yerr=[s for _, s in stats],
             marker="o",
             capsize=3,
             label=label,
+        )
+        floors = [mean_spread([100 * v for v in row.values(UNTRAINED + metric)])[0] for row in rows]
+        axis.plot(
+            range(len(rows)),
+            floors,
+            linestyle="--",
+            color=line.lines[0].get_color(),
+            label=f"{label}, untrained",
         )
     axis.set_xticks(range(len(rows)), [row.name for row in rows])
     axis.set(xlabel=key, ylabel="accuracy (%)", title=title)

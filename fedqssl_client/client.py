@@ -21,6 +21,7 @@ from common.codec import (
     payload_nbytes,
 )
 from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
+from common.data import ImageData
 from common.evaluation import classifier_accuracy, linear_probe_accuracy
 from common.experiment import experiment_data, new_model
 from common.models import extract_features
@@ -117,27 +118,49 @@ class LowBitClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        """Local accuracy on the local test set. SSL: a linear probe at this bitwidth on the
-        frozen received model, trained on the local labelled share (final epoch). Supervised:
-        this device's own low-bit model from its last training (the received one if it never
-        trained)."""
+        """Local accuracy on the local test set, beside the untrained floor: the same protocol on
+        the initial model at this bitwidth (the seed's weights, as every client starts).
+
+        SSL: a linear probe at this bitwidth on the frozen received model's encoder, trained on
+        the local labelled share (final epoch). Supervised: this device's own low-bit model from
+        its last training (the received one if it never trained); its encoder is also scored by
+        the SSL probe (``local-probe-accuracy``), so supervised and SSL rows compare methods, not
+        protocols.
+        """
         self._load(parameters)
+        supervised = not self.algorithm.self_supervised
+        own = supervised and LOCAL_MODEL in self.state
+        if own:
+            local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
+            self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
         test = self.data.client_test(self.partition_id)
-        if not self.algorithm.self_supervised:
-            own = LOCAL_MODEL in self.state
-            if own:
-                local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
-                self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
-            accuracy = classifier_accuracy(
-                self.model, self.data.normalize(test.images), test.labels
+        untrained = new_model(
+            self.config, self.bits, self.data.train.channels, self.data.train.num_classes
+        )
+        metrics: dict[str, Scalar] = {
+            "local-probe-accuracy": self._probe(self.model.encoder, test),
+            "untrained-local-probe-accuracy": self._probe(untrained.encoder, test),
+        }
+        if supervised:
+            test_images = self.data.normalize(test.images)
+            metrics["local-accuracy"] = classifier_accuracy(self.model, test_images, test.labels)
+            metrics["untrained-local-accuracy"] = classifier_accuracy(
+                untrained, test_images, test.labels
             )
-            metrics = {"local-accuracy": accuracy, "local-model": "own" if own else "received"}
-            return 1.0 - accuracy, len(test), self._metrics(**metrics)
+            metrics["local-model"] = "own" if own else "received"
+        else:
+            metrics["local-accuracy"] = metrics["local-probe-accuracy"]
+            metrics["untrained-local-accuracy"] = metrics["untrained-local-probe-accuracy"]
+        return 1.0 - float(metrics["local-accuracy"]), len(test), self._metrics(**metrics)
+
+    def _probe(self, encoder: torch.nn.Module, test: ImageData) -> float:
+        """The SSL protocol: a linear probe at this bitwidth on ``encoder``'s frozen features of
+        the local labelled share, scored on the local test set (final epoch)."""
         features = [
-            extract_features(self.model.encoder, self.data.normalize(part.images))
+            extract_features(encoder, self.data.normalize(part.images))
             for part in (self.train_data, test)
         ]
-        accuracy = linear_probe_accuracy(
+        return linear_probe_accuracy(
             features[0],
             self.train_data.labels,
             features[1],
@@ -147,7 +170,6 @@ class LowBitClient(NumPyClient):
             epochs=PROBE_EPOCHS,
             seed=self.config.seed,
         )
-        return 1.0 - accuracy, len(test), self._metrics(**{"local-accuracy": accuracy})
 
 
 def node_experiment_config(

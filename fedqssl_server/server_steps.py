@@ -3,8 +3,10 @@
 Fed-QSSL (``FedQSSLServer``):
 
 1. De-quantize: each received model is fine-tuned in *full precision* on the buffer D_g for
-   ``dq-epochs``; ``L_DQ_k`` is the loss of its last epoch.
-2. Weight: ``p_k = softmax(-L_DQ / dq-temperature)``.
+   ``dq-epochs``; ``L_DQ_k`` is the loss of its last epoch. Every client of a round gets the same
+   augmented views in the same order, so ``L_DQ`` compares models, not augmentation luck.
+2. Weight: ``p_k = softmax(-L_DQ / dq-temperature)`` (``dq-weighting = "uniform"``: ``1/K``, the
+   control that measures what the softmax adds).
 3. Aggregate: the global model is ``sum_k p_k w'_k`` (floats; integer buffers take the maximum).
 4. Re-quantize: once per distinct bitwidth s, the global model is fine-tuned on D_g with s-bit
    operations (``rq-epochs``) and encoded as s-bit codes for every client of that bitwidth.
@@ -12,6 +14,9 @@ Fed-QSSL (``FedQSSLServer``):
 Baselines: ``AveragingServer`` (Fed-SimCLR, Fed-SimSiam, FedAvg, FedProx) averages the received
 models weighted by sample count; ``UpdateServer`` (FedPAQ) adds the sample-weighted mean of the
 received updates to the global model. Both re-quantize by rounding only (``encode_state``).
+``FineTuneServer`` (Fed-SimCLR + D_g fine-tune) is the buffer control: the plain sample-weighted
+average, then the same full-precision fine-tune on D_g and per-bitwidth re-quantization as
+Fed-QSSL, so the buffer's extra training is separated from Fed-QSSL's weighting.
 """
 
 from __future__ import annotations
@@ -159,7 +164,8 @@ class FedQSSLServer(AveragingServer):
         self.augmentation = data.augmentation()
 
     def finetune(self, state: Mapping[str, torch.Tensor], bits: int, epochs: int, seed: int):
-        """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss)."""
+        """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss).
+        The seed fixes D_g's augmented views and batch order."""
         model = self.new_model(bits)
         model.load_state_dict(state)
         settings = LowBitSettings(bits, self.config.weight_update, self.config.grad_rounding)
@@ -176,6 +182,42 @@ class FedQSSLServer(AveragingServer):
         )
         return cpu_state(model), losses[-1] if losses else float("nan")
 
+    def round_seed(self, server_round: int) -> int:
+        return self.config.seed * 1_000_003 + server_round * 1_000_000
+
+    def dequantize(
+        self, server_round: int, received: Mapping[int, State]
+    ) -> tuple[list[State], list[float]]:
+        """Each received model fine-tuned in full precision on D_g, and its L_DQ, in key order.
+        Every client of a round sees the same views of D_g in the same order, so L_DQ compares
+        the models, not their augmentation luck (identical models get identical losses)."""
+        seed = self.round_seed(server_round)
+        dequantized = [
+            self.finetune(received[key], FULL_PRECISION, self.config.dq_epochs, seed)
+            for key in sorted(received)
+        ]
+        return [state for state, _ in dequantized], [loss for _, loss in dequantized]
+
+    def weigh(self, losses: Sequence[float], examples: Sequence[int]) -> np.ndarray:
+        """softmax(-L_DQ / T), or uniform weights (``dq-weighting: uniform``, the control that
+        measures what the softmax adds)."""
+        if self.config.dq_weighting == "uniform":
+            return np.full(len(losses), 1.0 / len(losses))
+        return softmax_weights(losses, self.config.dq_temperature)
+
+    def requantize(
+        self, server_round: int, global_state: State, bitwidths: Iterable[int]
+    ) -> dict[int, list[np.ndarray]]:
+        """The global model fine-tuned on D_g with s-bit operations for each bitwidth s, as
+        s-bit codes."""
+        seed = self.round_seed(server_round) + 500_000
+        return {
+            bits: encode_state(
+                self.finetune(global_state, bits, self.config.rq_epochs, seed + bits)[0], bits
+            )
+            for bits in sorted(set(bitwidths))
+        }
+
     def run_round(
         self,
         server_round: int,
@@ -184,27 +226,15 @@ class FedQSSLServer(AveragingServer):
         examples: Mapping[int, int],
         bitwidths: Iterable[int],
     ) -> RoundOutcome:
-        """De-quantize ``received`` models (keyed by client: seeds and order follow the key, not
+        """De-quantize ``received`` models (keyed by client: order follows the key, not
         arrival), weight, aggregate, re-quantize for ``bitwidths``. Lists follow sorted keys."""
-        seed = self.config.seed * 1_000_003 + server_round * 1_000_000
         start = time.perf_counter()
-        dequantized = [
-            self.finetune(received[key], FULL_PRECISION, self.config.dq_epochs, seed + key)
-            for key in sorted(received)
-        ]
-        losses = [loss for _, loss in dequantized]
-        weights = softmax_weights(losses, self.config.dq_temperature)
+        states, losses = self.dequantize(server_round, received)
+        weights = self.weigh(losses, [examples[key] for key in sorted(received)])
         after_dq = time.perf_counter()
-        global_state = average_states([state for state, _ in dequantized], weights)
+        global_state = average_states(states, weights)
         after_aggregate = time.perf_counter()
-        downlink = {
-            bits: encode_state(
-                self.finetune(global_state, bits, self.config.rq_epochs, seed + 500_000 + bits)[0],
-                bits,
-            )
-            for bits in sorted(set(bitwidths))
-        }
-        end = time.perf_counter()
+        downlink = self.requantize(server_round, global_state, bitwidths)
         return RoundOutcome(
             global_state=global_state,
             weights=weights.tolist(),
@@ -213,12 +243,54 @@ class FedQSSLServer(AveragingServer):
             seconds={
                 "dequantize": after_dq - start,
                 "aggregate": after_aggregate - after_dq,
-                "requantize": end - after_aggregate,
+                "requantize": time.perf_counter() - after_aggregate,
             },
         )
 
 
-SERVERS = {"fedqssl": FedQSSLServer, "average": AveragingServer, "update": UpdateServer}
+class FineTuneServer(FedQSSLServer):
+    """The ``fedsimclr-ft`` control: the sample-weighted average of the received models,
+    fine-tuned once in full precision on D_g (``dq-epochs``) and re-quantized by fine-tuning as
+    Fed-QSSL does; no per-client de-quantization, no loss-based weights."""
+
+    def run_round(
+        self,
+        server_round: int,
+        current: State,
+        received: Mapping[int, State],
+        examples: Mapping[int, int],
+        bitwidths: Iterable[int],
+    ) -> RoundOutcome:
+        """Average, fine-tune the average on D_g in full precision, re-quantize by fine-tuning."""
+        start = time.perf_counter()
+        keys = sorted(received)
+        weights = sample_weights([examples[key] for key in keys])
+        average = average_states([received[key] for key in keys], weights)
+        after_aggregate = time.perf_counter()
+        global_state, _ = self.finetune(
+            average, FULL_PRECISION, self.config.dq_epochs, self.round_seed(server_round)
+        )
+        after_finetune = time.perf_counter()
+        downlink = self.requantize(server_round, global_state, bitwidths)
+        return RoundOutcome(
+            global_state=global_state,
+            weights=weights.tolist(),
+            downlink=downlink,
+            dq_losses=[None] * len(keys),
+            seconds={
+                "aggregate": after_aggregate - start,
+                "finetune": after_finetune - after_aggregate,
+                "requantize": time.perf_counter() - after_finetune,
+            },
+        )
+
+
+SERVERS = {
+    "fedqssl": FedQSSLServer,
+    "finetune": FineTuneServer,
+    "average": AveragingServer,
+    "update": UpdateServer,
+}
 
 
 def make_server(config: ExperimentConfig, data: ExperimentData) -> AveragingServer:

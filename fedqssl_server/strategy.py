@@ -34,11 +34,32 @@ from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import RoundOutcome, make_server
 
 MONITOR_SAMPLES = 2000
+# what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
+LOCAL_SCORES = (
+    "local-accuracy",
+    "local-probe-accuracy",
+    "untrained-local-accuracy",
+    "untrained-local-probe-accuracy",
+)
 
 
-def row_label(label: str, bitwidths: tuple[int, ...]) -> str:
-    """The paper's row name: ``Fed-QSSL``, or ``Fed-QSSL (Full)`` when no client is low-bit."""
-    return f"{label} (Full)" if all(b == FULL_PRECISION for b in bitwidths) else label
+def mean_of(clients: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the clients that reported it (None if none did)."""
+    values = [c[key] for c in clients if c.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def row_label(label: str, config: ExperimentConfig) -> str:
+    """The paper's row name: ``Fed-QSSL``; ``Fed-QSSL (Full)`` when no client is low-bit;
+    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones."""
+    notes = []
+    if all(b == FULL_PRECISION for b in config.bitwidths):
+        notes.append("Full")
+    if get_algorithm(config.algorithm).server_step == "fedqssl" and (
+        config.dq_weighting == "uniform"
+    ):
+        notes.append("uniform p_k")
+    return f"{label} ({', '.join(notes)})" if notes else label
 
 
 class Accepted(NamedTuple):
@@ -79,7 +100,8 @@ class LowBitStrategy(Strategy):
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.sent_bytes: dict[str, int] = {}
         self.current: dict = {}
-        self.global_accuracy: float | None = None
+        self.final_scores: dict[str, float] = {}
+        self.untrained_scores: dict[str, float] = {}
 
     # ------------------------------------------------------------ fit
 
@@ -210,9 +232,9 @@ class LowBitStrategy(Strategy):
 
     # ------------------------------------------------------------ evaluation
 
-    def _global_model(self):
+    def _model_of(self, state: dict):
         model = self.server.new_model(FULL_PRECISION)
-        model.load_state_dict(self.global_state)
+        model.load_state_dict(state)
         return model
 
     def _global_features(self, model):
@@ -223,24 +245,40 @@ class LowBitStrategy(Strategy):
             self.data.test.labels,
         )
 
-    def evaluate(self, server_round: int, parameters: Parameters):
-        """kNN monitor of the global encoder each round; after the last, global accuracy: a
-        linear probe on the frozen global encoder (SSL), or the global classifier (supervised),
-        on the uniform test set."""
-        model = self._global_model()
+    def _scores(self, model) -> dict[str, float]:
+        """Global scores of one model: the kNN monitor, the SSL protocol (a linear probe on the
+        frozen encoder) and, for a supervised algorithm, its own protocol (the classifier) as
+        ``global-accuracy``; for SSL algorithms ``global-accuracy`` is the probe."""
         features = self._global_features(model)
-        knn = knn_accuracy(*features)
-        metrics: dict[str, Scalar] = {"knn-accuracy": knn}
+        scores = {
+            "knn-accuracy": knn_accuracy(*features),
+            "global-probe-accuracy": linear_probe_accuracy(
+                *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
+            ),
+        }
+        scores["global-accuracy"] = (
+            scores["global-probe-accuracy"]
+            if self.algorithm.self_supervised
+            else classifier_accuracy(
+                model, self.data.normalize(self.data.test.images), self.data.test.labels
+            )
+        )
+        return scores
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        """kNN monitor of the global encoder each round. After the last, global accuracy on the
+        uniform test set (a linear probe on the frozen global encoder for SSL, the global
+        classifier for supervised algorithms), beside the untrained floor: the same scores of
+        the initial model (the seed's weights every client starts from)."""
+        model = self._model_of(self.global_state)
         if server_round == self.config.num_rounds:
-            if self.algorithm.self_supervised:
-                self.global_accuracy = linear_probe_accuracy(
-                    *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
-                )
-            else:
-                self.global_accuracy = classifier_accuracy(
-                    model, self.data.normalize(self.data.test.images), self.data.test.labels
-                )
-            metrics["global-accuracy"] = self.global_accuracy
+            self.final_scores = self._scores(model)
+            self.untrained_scores = self._scores(self._model_of(self.server.initial_state()))
+            knn = self.final_scores["knn-accuracy"]
+            metrics: dict[str, Scalar] = {**self.final_scores}
+        else:
+            knn = knn_accuracy(*self._global_features(model))
+            metrics = {"knn-accuracy": knn}
         if server_round > 0:
             self._end_round(server_round, knn)
         return 1.0 - knn, metrics
@@ -295,7 +333,7 @@ class LowBitStrategy(Strategy):
                 {
                     "partition-id": r.metrics.get("partition-id"),
                     "bitwidth": r.metrics.get("bitwidth"),
-                    "local-accuracy": r.metrics.get("local-accuracy"),
+                    **{key: r.metrics.get(key) for key in LOCAL_SCORES},
                     "local-model": r.metrics.get("local-model", "probe"),
                     "test-examples": r.num_examples,
                 }
@@ -303,14 +341,20 @@ class LowBitStrategy(Strategy):
             ),
             key=lambda c: c["partition-id"],
         )
-        mean_local = float(np.mean([c["local-accuracy"] for c in local])) if local else None
+        means = {
+            key.replace("local-", "mean-local-", 1): mean_of(local, key) for key in LOCAL_SCORES
+        }
+        mean_local = means["mean-local-accuracy"]
         if self.recorder is not None:
-            summary = self._summary(local, mean_local, len(failures))
+            summary = self._summary(local, means, len(failures))
             log(
                 INFO,
-                "final: global accuracy %.4f, mean local accuracy %s; results in %s",
-                self.global_accuracy or float("nan"),
+                "final: global accuracy %.4f (untrained %.4f), mean local accuracy %s "
+                "(untrained %s); results in %s",
+                summary["global-accuracy"] or float("nan"),
+                summary["untrained-global-accuracy"] or float("nan"),
                 "n/a" if mean_local is None else f"{mean_local:.4f}",
+                means["untrained-mean-local-accuracy"],
                 self.recorder.output_dir,
             )
             self.recorder.finish(summary)
@@ -318,15 +362,22 @@ class LowBitStrategy(Strategy):
             "local-accuracy": mean_local or 0.0
         }
 
-    def _summary(self, local: list[dict], mean_local: float | None, failures: int) -> dict:
+    def _summary(self, local: list[dict], means: dict, failures: int) -> dict:
         rounds = self.recorder.rounds
         uplink = sum(c["uplink-bytes"] for r in rounds for c in r.get("clients", []))
         fp32 = sum(r.get("fp32-equivalent-bytes", 0) for r in rounds)
+        final, untrained = self.final_scores, self.untrained_scores
         return {
             "algorithm": self.algorithm.name,
-            "label": row_label(self.algorithm.label, self.config.bitwidths),
-            "global-accuracy": self.global_accuracy,
-            "mean-local-accuracy": mean_local,
+            "label": row_label(self.algorithm.label, self.config),
+            "global-accuracy": final.get("global-accuracy"),
+            "mean-local-accuracy": means["mean-local-accuracy"],
+            "global-probe-accuracy": final.get("global-probe-accuracy"),
+            "mean-local-probe-accuracy": means["mean-local-probe-accuracy"],
+            "untrained-global-accuracy": untrained.get("global-accuracy"),
+            "untrained-mean-local-accuracy": means["untrained-mean-local-accuracy"],
+            "untrained-global-probe-accuracy": untrained.get("global-probe-accuracy"),
+            "untrained-mean-local-probe-accuracy": means["untrained-mean-local-probe-accuracy"],
             "local-accuracy": local,
             "evaluation-failures": failures,
             "uplink-bytes": uplink,
@@ -336,6 +387,7 @@ class LowBitStrategy(Strategy):
                 c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
             ),
             "final-knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
+            "untrained-knn-accuracy": untrained.get("knn-accuracy"),
             "rounds": len(rounds),
             "buffer-to-client-ratio": self._buffer_to_client_ratio(),
         }

@@ -21,12 +21,14 @@ from flwr.common import (
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
 from common.codec import decode_state, payload_bits
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import experiment_data
+from common.experiment import experiment_data, new_model
+from common.quant import FULL_PRECISION
 from fedqssl_client.client import LOCAL_MODEL, LowBitClient
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import (
     AveragingServer,
     FedQSSLServer,
+    FineTuneServer,
     UpdateServer,
     apply_update,
     make_server,
@@ -95,6 +97,15 @@ def test_every_algorithm_federates_two_rounds_with_low_bit_payloads(tmp_path, al
     assert 0 <= summary["global-accuracy"] <= 1
     assert [c["bitwidth"] for c in summary["local-accuracy"]] == [4, 8]
     assert all(0 <= c["local-accuracy"] <= 1 for c in summary["local-accuracy"])
+    # every score stands beside its untrained floor: the same protocol on the initial model
+    for client in summary["local-accuracy"]:
+        assert 0 <= client["untrained-local-accuracy"] <= 1
+        assert 0 <= client["untrained-local-probe-accuracy"] <= 1
+    for key in ("global-accuracy", "mean-local-accuracy", "global-probe-accuracy"):
+        assert 0 <= summary[f"untrained-{key}"] <= 1
+    if get_algorithm(algorithm).self_supervised:
+        assert summary["global-accuracy"] == summary["global-probe-accuracy"]
+        assert summary["untrained-global-accuracy"] == summary["untrained-global-probe-accuracy"]
     # round 2's downlink is each client's own bitwidth: packed codes, not fp32
     for bits in (4, 8):
         assert payload_bits(strategy.downlink[bits]) == bits
@@ -123,6 +134,7 @@ def test_sample_weights_and_update_application():
     [
         ("fedqssl", FedQSSLServer),
         ("fedsimclr", AveragingServer),
+        ("fedsimclr-ft", FineTuneServer),
         ("fedsimsiam", AveragingServer),
         ("fedavg", AveragingServer),
         ("fedprox", AveragingServer),
@@ -166,8 +178,33 @@ def test_supervised_local_accuracy_uses_the_clients_own_trained_model(tmp_path):
     assert all(torch.equal(client.model.state_dict()[k].cpu(), own[k]) for k in own)
 
 
+def test_untrained_floor_is_the_initial_model_under_the_same_protocol(tmp_path):
+    """Supervised rows: the floor of the classifier score is the initial classifier's; the SSL
+    probe of the initial encoder is the same for every algorithm of a seed (same weights)."""
+    summaries = {}
+    for algorithm in ("fedavg", "fedsimclr"):
+        config = tiny_config(tmp_path, algorithm)
+        strategy, _ = federate(config)
+        summaries[algorithm] = json.loads((Path(config.output_dir) / "summary.json").read_text())
+        untrained = new_model(config, FULL_PRECISION, 1, 10)
+        assert all(
+            torch.equal(untrained.state_dict()[k], v)
+            for k, v in strategy.server.initial_state().items()
+        )
+    supervised, ssl = summaries["fedavg"], summaries["fedsimclr"]
+    for key in ("untrained-global-probe-accuracy", "untrained-mean-local-probe-accuracy"):
+        assert supervised[key] == ssl[key]
+    assert supervised["untrained-global-accuracy"] != supervised["untrained-global-probe-accuracy"]
+    assert [c["local-model"] for c in supervised["local-accuracy"]] == ["own", "own"]
+
+
 def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
-    assert row_label("Fed-QSSL", (32, 32)) == "Fed-QSSL (Full)"
-    assert row_label("Fed-QSSL", (4, 32)) == "Fed-QSSL"
+    def config(**values):
+        return ExperimentConfig.from_mapping({"num-clients": 2, **values})
+
+    assert row_label("Fed-QSSL", config(bitwidths="32,32")) == "Fed-QSSL (Full)"
+    assert row_label("Fed-QSSL", config(bitwidths="4,32")) == "Fed-QSSL"
+    uniform = config(bitwidths="32", **{"dq-weighting": "uniform"})
+    assert row_label("Fed-QSSL", uniform) == "Fed-QSSL (Full, uniform p_k)"
     with pytest.raises(ConfigError, match="algorithm: 'fedsgd' is not one of fedqssl"):
         ExperimentConfig.from_mapping({"algorithm": "fedsgd"})

@@ -5,10 +5,12 @@ import math
 from common import report
 
 
-def summary(global_acc, local_acc, ratio=0.25):
+def summary(global_acc, local_acc, ratio=0.25, floor=(0.4, 0.7)):
     return {
         "global-accuracy": global_acc,
         "mean-local-accuracy": local_acc,
+        "untrained-global-accuracy": floor[0],
+        "untrained-mean-local-accuracy": floor[1],
         "uplink-ratio-to-fp32": ratio,
         "uplink-bytes": 6_000_000,
         "rounds": 3,
@@ -21,12 +23,33 @@ def test_table_gives_mean_and_sample_spread_and_names_failed_seeds():
         report.Row("FedAvg", [None], [0]),
     ]
     table = report.comparison_table(rows)
-    # mean 55.00, sample std of (50, 60) = 7.07; local 85.00 ± 7.07; 6 MB over 3 rounds
+    # mean 55.00, sample std of (50, 60) = 7.07; local 85.00 ± 7.07; gains over the floors
+    # (40, 70): +10 and +20 points global, +10 and +20 local; 6 MB over 3 rounds
     assert (
-        "| Fed-QSSL | 55.00 ± 7.07 | 85.00 ± 7.07 | 2.000 | 0.250 | 2/3, failed seeds [2] |"
-        in table
+        "| Fed-QSSL | 55.00 ± 7.07 | 85.00 ± 7.07 | +15.00 ± 7.07 | +15.00 ± 7.07 | 2.000 | "
+        "0.250 | 2/3, failed seeds [2] |" in table
     )
-    assert "| FedAvg | n/a | n/a | n/a | n/a | 0/1, failed seeds [0] |" in table
+    assert "| FedAvg | n/a | n/a | n/a | n/a | n/a | n/a | 0/1, failed seeds [0] |" in table
+
+
+def test_gains_are_paired_with_each_runs_own_floor_and_the_floor_is_a_row():
+    row = report.Row(
+        "Fed-SimCLR",
+        [summary(0.80, 0.90, floor=(0.78, 0.89)), summary(0.70, 0.85, floor=(0.66, 0.80))],
+        [0, 1],
+    )
+    # paired: +2 and +4 points global (not 75 - 72 = +3 from the means alone)
+    assert report.percent(row.gains("global-accuracy"), signed=True) == "+3.00 ± 1.41"
+    floor = report.untrained_row(row)
+    assert floor.values("global-accuracy") == [0.78, 0.66]
+    table = report.comparison_table([row], floor=floor)
+    assert (
+        table.splitlines()[2] == "| untrained | 72.00 ± 8.49 | 84.50 ± 6.36 | — | — | — | — | 2/2 |"
+    )
+    per_seed = report.per_seed_table([row])
+    assert "| Fed-SimCLR | 80.00 / 90.00 (floor 78.00 / 89.00) | 70.00 / 85.00 (floor 66.00 / " in (
+        per_seed
+    )
 
 
 def test_mean_spread_edge_cases():

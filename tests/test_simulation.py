@@ -68,6 +68,9 @@ def test_simulation_finishes_and_writes_results(tiny_run):
 
     summary = json.loads((output_dir / "summary.json").read_text())
     assert 0 <= summary["global-accuracy"] <= 1
+    gain = summary["global-accuracy"] - summary["untrained-global-accuracy"]
+    assert "untrained floor (initial model, same protocol): global " in completed.stdout
+    assert f"(gain {gain:+.4f})" in completed.stdout
     assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
     assert all(0 <= c["local-accuracy"] <= 1 for c in summary["local-accuracy"])
     assert 0 < summary["uplink-ratio-to-fp32"] < 1
@@ -112,7 +115,7 @@ def test_invalid_preset_is_rejected_before_anything_starts(tmp_path):
     assert "bitwidths: bitwidth 33 is not allowed" in completed.stderr
 
 
-ALL_ROWS = [*ALGORITHM_NAMES, "fedsimclr-full"]
+ALL_ROWS = [*ALGORITHM_NAMES, "fedsimclr-full", "fedqssl-uniform"]
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +131,12 @@ def test_comparison_runs_every_algorithm_end_to_end_and_tabulates(comparison_run
     for row in ALL_ROWS:
         run_dir = output_dir / row / "seed-0"
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["algorithm"] == row.removesuffix("-full")
+        assert summary["algorithm"] == simulation.algorithm_row(row)["algorithm"]
         assert summary["rounds"] == 2
+        # the untrained floor, under each protocol, beside every trained score
+        for key in ("global-accuracy", "mean-local-accuracy"):
+            for score in (key, key.replace("accuracy", "probe-accuracy")):
+                assert 0 <= summary[f"untrained-{score}"] <= 1, (row, score)
         assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == (
             [32, 32, 32] if row.endswith("-full") else [4, 8, 12]
         )
@@ -142,8 +149,17 @@ def test_comparison_runs_every_algorithm_end_to_end_and_tabulates(comparison_run
     for label in ("Fed-QSSL", "Fed-SimCLR", "Fed-SimSiam", "FedAvg", "FedProx", "FedPAQ"):
         assert f"| {label} |" in table
     assert "| Fed-SimCLR (Full) |" in table and "1/1 |" in table
+    assert "| Fed-QSSL (uniform p_k) |" in table and "| Fed-SimCLR + D_g fine-tune |" in table
     data = json.loads((output_dir / "comparison.json").read_text())
-    assert list(data["rows"]) == ALL_ROWS and data["seeds"] == [0]
+    assert list(data["rows"]) == ["untrained", *ALL_ROWS] and data["seeds"] == [0]
+    # the untrained row is the floor of the first low-bit SSL row (Fed-QSSL), in the score keys
+    floor = data["rows"]["untrained"]["summaries"][0]
+    first_ssl = data["rows"]["fedqssl"]["summaries"][0]
+    assert floor["global-accuracy"] == first_ssl["untrained-global-accuracy"]
+    untrained_line = next(line for line in table.splitlines() if line.startswith("| untrained |"))
+    assert f"| {100 * floor['global-accuracy']:.2f} |" in untrained_line
+    # supervised rows are also scored by the SSL probe, in a table of their own
+    assert "## Every row under the SSL probe" in table and "## Per seed" in table
     assert (output_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -165,6 +181,12 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         config.bitwidths == (32, 32, 32) and config.algorithm == "fedqssl" for config in full
     )
     assert len({config.output_dir for _, _, config in runs}) == 6
+    assert simulation.algorithm_row("fedqssl-full-uniform") == {
+        "algorithm": "fedqssl",
+        "bitwidths": "32",
+        "dq-weighting": "uniform",
+    }
+    assert simulation.algorithm_row("fedsimclr-ft") == {"algorithm": "fedsimclr-ft"}
 
     sweep = plan_of(tmp_path, TINY, "--sweep", "dirichlet-beta=0.1,1.0", "--seeds", "4")
     configs = [config for _, _, config in simulation.plan_runs(sweep, tmp_path / "s")]

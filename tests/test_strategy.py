@@ -35,8 +35,8 @@ def config(tmp_path):
 
 
 def fit_result(config, bits, seed, partition_id=0):
+    model = new_model(config, bits, 1, 10)  # seeds torch with config.seed: reseed after it
     torch.manual_seed(seed)
-    model = new_model(config, bits, 1, 10)
     for parameter in model.parameters():  # make every client's model different
         parameter.data.add_(0.01 * torch.randn_like(parameter))
     payload = encode_state(model.state_dict(), bits)
@@ -218,3 +218,72 @@ def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
     strategy.aggregate_fit(1, results, [])
     assert [c["bitwidth"] for c in strategy.current["clients"]] == [4]
     assert strategy.current["failed"] == ["b"]
+
+
+def test_identical_models_get_identical_dq_losses_and_weights(config):
+    """Every client's de-quantization sees the same views of D_g in the same order, so L_DQ
+    compares models, not augmentation luck."""
+    server = server_steps.make_server(config, experiment_data(config))
+    same = decode_state(parameters_to_ndarrays(fit_result(config, 4, 0).parameters))
+    other = decode_state(parameters_to_ndarrays(fit_result(config, 4, 1).parameters))
+    outcome = server.run_round(
+        1, server.initial_state(), {0: same, 1: same, 2: other}, dict.fromkeys(range(3), 10), {4}
+    )
+    first, second, third = outcome.dq_losses
+    assert first == second and first != third
+    assert outcome.weights[0] == outcome.weights[1]
+    assert np.allclose(outcome.weights, softmax_weights(outcome.dq_losses))
+
+
+def initial(config):
+    return server_steps.make_server(config, experiment_data(config)).initial_state()
+
+
+def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
+    uniform = ExperimentConfig.from_mapping({**config.to_run_config(), "dq-weighting": "uniform"})
+    states = {
+        key: decode_state(parameters_to_ndarrays(fit_result(config, 4, key).parameters))
+        for key in range(3)
+    }
+    outcomes = [
+        server_steps.make_server(c, experiment_data(c)).run_round(
+            1,
+            server_steps.make_server(c, experiment_data(c)).initial_state(),
+            states,
+            dict.fromkeys(states, 10),
+            {4},
+        )
+        for c in (config, uniform)
+    ]
+    softmax, flat = outcomes
+    assert flat.weights == pytest.approx([1 / 3] * 3)
+    assert flat.dq_losses == softmax.dq_losses  # same de-quantization, other weights
+    assert not np.allclose(softmax.weights, flat.weights)
+
+
+def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buffer(
+    config, monkeypatch
+):
+    control = ExperimentConfig.from_mapping({**config.to_run_config(), "algorithm": "fedsimclr-ft"})
+    server = server_steps.make_server(control, experiment_data(control))
+    assert type(server) is server_steps.FineTuneServer
+    calls = []
+    finetune = server.finetune
+
+    def recording(state, bits, epochs, seed):
+        calls.append((bits, epochs))
+        return finetune(state, bits, epochs, seed)
+
+    monkeypatch.setattr(server, "finetune", recording)
+    states = {
+        key: decode_state(parameters_to_ndarrays(fit_result(control, 4, key).parameters))
+        for key in range(3)
+    }
+    outcome = server.run_round(1, server.initial_state(), states, {0: 10, 1: 10, 2: 20}, {4, 8})
+    assert outcome.weights == [0.25, 0.25, 0.5]
+    # one full-precision fine-tune of the average (not one per client), then one per bitwidth
+    assert calls == [(32, control.dq_epochs), (4, control.rq_epochs), (8, control.rq_epochs)]
+    average = average_states([states[k] for k in range(3)], outcome.weights)
+    name = next(k for k, v in average.items() if v.is_floating_point() and v.ndim >= 2)
+    assert not torch.allclose(outcome.global_state[name], average[name])  # trained on D_g
+    assert payload_bits(outcome.downlink[8]) == 8 and outcome.dq_losses == [None] * 3
