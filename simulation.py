@@ -332,10 +332,9 @@ def floor_line(summary: dict) -> str:
     for name, key in (
         ("global", report.GLOBAL),
         ("mean local", report.LOCAL),
-        ("kNN", "final-knn-accuracy"),
+        ("kNN", report.KNN_ACCURACY),
     ):
-        floor_key = "untrained-knn-accuracy" if name == "kNN" else report.UNTRAINED + key
-        value, floor = summary.get(key), summary.get(floor_key)
+        value, floor = summary.get(key), summary.get(report.UNTRAINED + key)
         if value is not None and floor is not None:
             parts.append(f"{name} {floor:.4f} (gain {value - floor:+.4f})")
     return ", ".join(parts) or "n/a"
@@ -398,11 +397,14 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
             "## Every row under the SSL probe\n",
             "Supervised rows are scored above by their classifiers; here every row's encoder is "
             "scored by the same linear probes as the self-supervised rows.\n",
-            report.comparison_table(
-                table_rows, first, floor, (report.GLOBAL_PROBE, report.LOCAL_PROBE), traffic=False
-            ),
+            report.comparison_table(table_rows, first, floor, report.SSL_PROBE, traffic=False),
         ]
     lines += [
+        "## Global kNN monitor\n",
+        "The global encoder's cosine 20-nearest-neighbour majority vote (labelled set: "
+        f"{base.probe_samples} class-stratified train images; the uniform test split), after the "
+        "last round, beside the same score of the initial encoder.\n",
+        report.comparison_table(table_rows, first, floor, report.KNN, traffic=False),
         "## Per seed: global / local (untrained floor)\n",
         report.per_seed_table(([floor] if floor else []) + table_rows),
     ]

@@ -63,6 +63,7 @@ class ExperimentConfig:
     min_fit_clients: int = 2
     round_timeout: float = 0.0
     max_samples_per_client: int = 0
+    probe_samples: int = 2000
     seed: int = 0
     device: str = "auto"
     output_dir: str = ""
@@ -198,6 +199,7 @@ def _validate(config: ExperimentConfig) -> None:
         "batch_size",
         "min_fit_clients",
         "dq_epochs",
+        "probe_samples",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
     for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu"):

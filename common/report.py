@@ -16,6 +16,8 @@ from pathlib import Path
 UNTRAINED = "untrained-"  # prefix of a score's floor: the same protocol on the initial model
 GLOBAL, LOCAL = "global-accuracy", "mean-local-accuracy"
 GLOBAL_PROBE, LOCAL_PROBE = "global-probe-accuracy", "mean-local-probe-accuracy"
+KNN_ACCURACY = "knn-accuracy"  # the global encoder's kNN monitor after the last round
+SCORES = (GLOBAL, LOCAL, GLOBAL_PROBE, LOCAL_PROBE, KNN_ACCURACY)
 
 
 @dataclass
@@ -47,7 +49,10 @@ def untrained_row(row: Row, name: str = "untrained") -> Row:
     summaries = [
         None
         if s is None
-        else {key: s.get(UNTRAINED + key) for key in (GLOBAL, LOCAL, GLOBAL_PROBE, LOCAL_PROBE)}
+        else {
+            key: s.get(UNTRAINED + key)
+            for key in (GLOBAL, LOCAL, GLOBAL_PROBE, LOCAL_PROBE, KNN_ACCURACY)
+        }
         for s in row.summaries
     ]
     return Row(name, summaries, list(row.seeds))
@@ -78,33 +83,40 @@ def megabytes_per_round(row: Row) -> str:
     return f"{statistics.fmean(per_round):.3f}" if per_round else "n/a"
 
 
+SSL_PROBE = (("Global Acc", GLOBAL_PROBE), ("Local Acc", LOCAL_PROBE))
+KNN = (("Global kNN", KNN_ACCURACY),)
+
+
 def comparison_table(
     rows: Sequence[Row],
     first_column: str = "Algorithm",
     floor: Row | None = None,
-    keys: tuple[str, str] = (GLOBAL, LOCAL),
+    scores: Sequence[tuple[str, str]] = (("Global Acc", GLOBAL), ("Local Acc", LOCAL)),
     traffic: bool = True,
 ) -> str:
-    """A Markdown table: first column | global and local accuracy (%) | their gains over each
-    run's untrained floor (points, paired by seed) | uplink | runs; ``floor`` (the untrained
-    encoder) first when given. ``keys`` picks the scores: the algorithms' own protocol, or
-    ``(GLOBAL_PROBE, LOCAL_PROBE)`` for the SSL probe on every row."""
-    global_key, local_key = keys
-    header = f"| {first_column} | Global Acc (%) | Local Acc (%) | Global gain | Local gain |"
-    rule = "|---|---:|---:|---:|---:|"
+    """A Markdown table: first column | each score (%) | its gain over each run's untrained floor
+    (points, paired by seed) | uplink | runs; ``floor`` (the untrained encoder) first when given.
+    ``scores`` are (column title, summary key): the algorithms' own protocol by default,
+    ``SSL_PROBE`` for the SSL probe on every row, ``KNN`` for the kNN monitor."""
+    titles = [title for title, _ in scores]
+    header = (
+        f"| {first_column} | "
+        + " | ".join(f"{t} (%)" for t in titles)
+        + " | "
+        + " | ".join(f"{t.split()[0]} gain" if len(scores) > 1 else "Gain" for t in titles)
+        + " |"
+    )
+    rule = "|---|" + "---:|" * 2 * len(scores)
     if traffic:
         header += " Uplink MB/round | Uplink / fp32 |"
         rule += "---:|---:|"
     lines = [header + " Runs |", rule + "---|"]
     for row in [floor] * (floor is not None) + list(rows):
-        done = len(row.values(global_key))
+        done = len(row.values(scores[0][1]))
         failed = f", failed seeds {row.failed_seeds}" if row.failed_seeds else ""
-        cells = [
-            row.name,
-            percent(row.values(global_key)),
-            percent(row.values(local_key)),
-            "—" if row is floor else percent(row.gains(global_key), signed=True),
-            "—" if row is floor else percent(row.gains(local_key), signed=True),
+        cells = [row.name, *(percent(row.values(key)) for _, key in scores)]
+        cells += [
+            "—" if row is floor else percent(row.gains(key), signed=True) for _, key in scores
         ]
         if traffic:
             ratio = row.values("uplink-ratio-to-fp32")

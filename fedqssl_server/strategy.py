@@ -33,7 +33,6 @@ from common.quant import FULL_PRECISION
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import RoundOutcome, make_server
 
-MONITOR_SAMPLES = 2000
 # what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
 LOCAL_SCORES = (
     "local-accuracy",
@@ -95,7 +94,7 @@ class LowBitStrategy(Strategy):
         self.global_state = self.server.initial_state()
         # the model's shape never changes, so neither does its full-precision payload size
         self.fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
-        self.monitor = data.uniform_train(MONITOR_SAMPLES)
+        self.monitor = data.uniform_train(config.probe_samples)
         self.client_bits: dict[str, int] = {}
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.sent_bytes: dict[str, int] = {}
@@ -353,8 +352,10 @@ class LowBitStrategy(Strategy):
                 "(untrained %s); results in %s",
                 summary["global-accuracy"] or float("nan"),
                 summary["untrained-global-accuracy"] or float("nan"),
-                "n/a" if mean_local is None else f"{mean_local:.4f}",
-                means["untrained-mean-local-accuracy"],
+                *(
+                    "n/a" if value is None else f"{value:.4f}"
+                    for value in (mean_local, means["untrained-mean-local-accuracy"])
+                ),
                 self.recorder.output_dir,
             )
             self.recorder.finish(summary)
@@ -386,7 +387,7 @@ class LowBitStrategy(Strategy):
             "downlink-bytes": sum(
                 c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
             ),
-            "final-knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
+            "knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
             "untrained-knn-accuracy": untrained.get("knn-accuracy"),
             "rounds": len(rounds),
             "buffer-to-client-ratio": self._buffer_to_client_ratio(),

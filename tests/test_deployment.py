@@ -138,6 +138,9 @@ def port_open(address: str) -> bool:
         return probe.connect_ex((host, int(port))) == 0
 
 
+pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """SuperLink (TLS + auth), nodes 0-2 registered and running at 4, 8 and 12 bits, plus an

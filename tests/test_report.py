@@ -64,3 +64,17 @@ def test_plots_are_pngs(tmp_path):
     report.plot_sweep(rows, "dirichlet-beta", tmp_path / "s.png", "t")
     for name in ("c.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_single_score_table_has_one_value_and_one_paired_gain_column():
+    runs = [
+        {**summary(0.7, 0.9), "knn-accuracy": 0.56, "untrained-knn-accuracy": 0.46},
+        {**summary(0.7, 0.9), "knn-accuracy": 0.52, "untrained-knn-accuracy": 0.46},
+    ]
+    row = report.Row("Fed-SimCLR", runs, [0, 1])
+    table = report.comparison_table(
+        [row], floor=report.untrained_row(row), scores=report.KNN, traffic=False
+    ).splitlines()
+    assert table[0] == "| Algorithm | Global kNN (%) | Gain | Runs |"
+    assert table[2] == "| untrained | 46.00 ± 0.00 | — | 2/2 |"
+    assert table[3] == "| Fed-SimCLR | 54.00 ± 2.83 | +8.00 ± 2.83 | 2/2 |"

@@ -60,6 +60,7 @@ def tiny_run(tmp_path_factory):
     return run_simulation(tmp_path_factory.mktemp("sim"), TINY)
 
 
+@pytest.mark.slow
 def test_simulation_finishes_and_writes_results(tiny_run):
     completed, status, output_dir = tiny_run
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -93,6 +94,7 @@ def test_simulation_finishes_and_writes_results(tiny_run):
         assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_failed_server_makes_simulation_exit_non_zero(tmp_path):
     broken = TINY.replace("dataset: synthetic", "dataset: cifar10\ndata-dir: /nonexistent-dir")
     completed, status, _ = run_simulation(tmp_path, broken)
@@ -125,6 +127,7 @@ def comparison_run(tmp_path_factory):
     return run_simulation(tmp_path_factory.mktemp("compare"), preset)
 
 
+@pytest.mark.slow
 def test_comparison_runs_every_algorithm_end_to_end_and_tabulates(comparison_run):
     completed, _, output_dir = comparison_run
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -160,6 +163,8 @@ def test_comparison_runs_every_algorithm_end_to_end_and_tabulates(comparison_run
     assert f"| {100 * floor['global-accuracy']:.2f} |" in untrained_line
     # supervised rows are also scored by the SSL probe, in a table of their own
     assert "## Every row under the SSL probe" in table and "## Per seed" in table
+    assert "## Global kNN monitor" in table
+    assert 0 <= floor["knn-accuracy"] == first_ssl["untrained-knn-accuracy"] <= 1
     assert (output_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
