@@ -11,6 +11,12 @@ activation bitwidth s and gradient bitwidth g = s + 2 (32 and 32 at full precisi
 Memory of a step: weights (count x s), activations kept for backward (each quantized layer's
 output elements x s x batch), and weight gradients (count x g). BatchNorm, biases and other
 elementwise work are left out, as in the paper's accounting.
+
+What this counts is the paper's model of low-bit hardware, **not what this PyTorch code does**:
+here only the weight gradients are quantized (quantile grid, s + 2 bits); the error signals
+between layers stay float32, activations are kept for backward as float32 tensors and every
+operation runs in float32 arithmetic. The measured memory of a step is therefore higher than this
+counter says (docs/BENCHMARKS.md; issue 11 makes the saved activations real low-bit codes).
 """
 
 from __future__ import annotations

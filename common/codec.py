@@ -8,8 +8,9 @@ apiece, so a model travels in four arrays whatever its size):
    compander codes), ``qsgd`` (an update's QSGD codes, ``common.qsgd``), ``float`` or ``int``.
 1. ``codes``: uint8, the codes of every ``codes``/``qsgd`` tensor, concatenated and packed at
    ``bits`` bits (exactly ceil(total * bits / 8) bytes, padding bits zero).
-2. ``floats``: float32, one scale per coded tensor (compander scale, or QSGD norm), then every
-   ``float`` tensor.
+2. ``floats``: float32, the scales of every coded tensor in order (one compander scale per
+   ``codes`` tensor; one QSGD norm per bucket of a ``qsgd`` tensor, ``qsgd-bucket`` entries each in
+   the header, 0 meaning the whole tensor), then every ``float`` tensor.
 3. ``ints``: int64, every ``int`` tensor (BatchNorm's ``num_batches_tracked``).
 
 Quantized tensors are the weights of convolutions and linear layers (floating, ``*.weight``, two
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.qsgd import qsgd_decode, qsgd_encode, qsgd_levels
+from common.qsgd import DEFAULT_BUCKET_SIZE, num_buckets, qsgd_decode, qsgd_encode, qsgd_levels
 from common.quant import (
     FULL_PRECISION,
     MAX_BITS,
@@ -148,39 +149,45 @@ def encode_state(state_dict: Mapping[str, torch.Tensor], bits: int) -> list[np.n
     forward pass used.
     """
 
-    def weight_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def weight_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[float]] | None:
         if bits == FULL_PRECISION or not is_quantized(name, tensor):
             return None
         codes, scale = weight_codes(tensor, bits)
-        return codes, float(scale)
+        return codes, [float(scale)]
 
     return _encode(state_dict, bits, "codes", weight_layer)
 
 
 def encode_update(
-    update: Mapping[str, torch.Tensor], bits: int, generator: torch.Generator | None = None
+    update: Mapping[str, torch.Tensor],
+    bits: int,
+    generator: torch.Generator | None = None,
+    bucket_size: int = DEFAULT_BUCKET_SIZE,
 ) -> list[np.ndarray]:
-    """A model *update* (FedPAQ's uplink): every floating tensor QSGD-quantized at ``bits``.
+    """A model *update* (FedPAQ's uplink): every floating tensor QSGD-quantized at ``bits`` in
+    buckets of ``bucket_size`` entries (0: whole tensors), one float32 norm per bucket.
 
     Unbiased: the decoded update's expectation is ``update``. Integer tensors travel as they are.
     At 32 bits every floating tensor travels as float32.
     """
 
-    def qsgd_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def qsgd_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[float]] | None:
         if bits == FULL_PRECISION or not tensor.is_floating_point():
             return None
-        return qsgd_encode(tensor, bits, generator)
+        codes, norms = qsgd_encode(tensor, bits, generator, bucket_size)
+        return codes, norms.tolist()
 
-    return _encode(update, bits, "qsgd", qsgd_layer)
+    return _encode(update, bits, "qsgd", qsgd_layer, {"qsgd-bucket": bucket_size})
 
 
 def _encode(
     state_dict: Mapping[str, torch.Tensor],
     bits: int,
     coded_kind: str,
-    coder: Callable[[str, torch.Tensor], tuple[torch.Tensor, float] | None],
+    coder: Callable[[str, torch.Tensor], tuple[torch.Tensor, list[float]] | None],
+    extra_header: Mapping[str, int] | None = None,
 ) -> list[np.ndarray]:
-    """The payload arrays; ``coder`` gives a tensor's (codes, scale), or None to send it as is."""
+    """The payload arrays; ``coder`` gives a tensor's (codes, scales), or None to send it as is."""
     check_bits(bits)
     entries: list[list[object]] = []
     codes: list[np.ndarray] = []
@@ -196,7 +203,7 @@ def _encode(
         coded = coder(name, tensor)
         if coded is not None:
             codes.append(coded[0].reshape(-1).to(torch.int64).numpy())
-            scales.append(coded[1])
+            scales.extend(coded[1])
             kind = coded_kind
         elif tensor.is_floating_point():
             floats.append(tensor.reshape(-1).to(torch.float32).numpy())
@@ -206,6 +213,7 @@ def _encode(
             kind = "int"
         entries.append([name, list(tensor.shape), dtype, kind])
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "bits": bits, "tensors": entries}
+    header.update(extra_header or {})
     all_codes = np.concatenate(codes) if codes else np.empty(0, dtype=np.int64)
     return [
         np.frombuffer(json.dumps(header, separators=(",", ":")).encode(), dtype=np.uint8).copy(),
@@ -244,26 +252,33 @@ def decode_state(
     if template is not None:
         _check_against_template(entries, template)
 
+    bucket = header.get("qsgd-bucket", 0)
     coded = [kind in _CODED_KINDS for *_, kind in entries]
     num_layers = sum(coded)
     num_codes = sum(math.prod(e[1]) for e, c in zip(entries, coded, strict=True) if c)
+    scale_counts = [
+        num_buckets(math.prod(shape), bucket) if kind == "qsgd" else 1
+        for _, shape, _, kind in entries
+        if kind in _CODED_KINDS
+    ]
+    num_scales = sum(scale_counts)
     counts = {
         kind: sum(math.prod(shape) for _, shape, _, k in entries if k == kind) for kind in _KINDS
     }
     _check_size("codes", codes_buffer.size, packed_size(num_codes, bits) if num_layers else 0)
-    _check_size("floats", floats.size, num_layers + counts["float"])
+    _check_size("floats", floats.size, num_scales + counts["float"])
     _check_size("ints", ints.size, counts["int"])
     if num_layers and not padding_is_zero(codes_buffer, bits, num_codes):
         raise PayloadError("packed codes have non-zero padding bits after the last code")
     if not np.isfinite(floats).all():
         raise PayloadError("payload holds NaN or infinite floats (scales or tensors)")
-    _check_scales(entries, floats[:num_layers])
+    _check_scales(entries, scale_counts, floats[:num_scales])
 
     all_codes = unpack_bits(codes_buffer, bits, num_codes) if num_layers else None
-    offsets = {"coded": 0, "float": num_layers, "int": 0}
+    offsets = {"coded": 0, "float": num_scales, "int": 0}
     sources = {"coded": all_codes, "float": floats, "int": ints}
     state: dict[str, torch.Tensor] = {}
-    layer = 0
+    layer, scale_start = 0, 0
     for name, shape, dtype, kind in entries:
         size = math.prod(shape)
         source = "coded" if kind in _CODED_KINDS else kind
@@ -271,7 +286,7 @@ def decode_state(
         values = torch.from_numpy(np.array(sources[source][start : start + size]))
         offsets[source] = start + size
         if kind == "codes":
-            scale = torch.tensor(floats[layer], dtype=torch.float32)
+            scale = torch.tensor(floats[scale_start], dtype=torch.float32)
             values = codes_to_weight(values.to(torch.float32), scale, bits)
         elif kind == "qsgd":
             values = values.to(torch.int64)
@@ -280,17 +295,21 @@ def decode_state(
                     f"tensor {name!r}: QSGD code {int(values.max())} exceeds "
                     f"{2 * qsgd_levels(bits)} at {bits} bits"
                 )
-            values = qsgd_decode(values, float(floats[layer]), bits)
-        layer += kind in _CODED_KINDS
+            norms = torch.from_numpy(floats[scale_start : scale_start + scale_counts[layer]].copy())
+            values = qsgd_decode(values, norms, bits, bucket)
+        if kind in _CODED_KINDS:
+            scale_start += scale_counts[layer]
+            layer += 1
         dtypes = _INT_DTYPES if kind == "int" else _FLOAT_DTYPES
         state[name] = values.to(dtypes[dtype]).reshape(shape)
     return state
 
 
-def _check_scales(entries: list, scales: np.ndarray) -> None:
+def _check_scales(entries: list, counts: list[int], scales: np.ndarray) -> None:
     """Compander scales lie in [0, MAX_SCALE]; QSGD norms are >= 0."""
     coded = [kind for *_, kind in entries if kind in _CODED_KINDS]
-    for kind, scale in zip(coded, scales, strict=True):
+    kinds = [kind for kind, count in zip(coded, counts, strict=True) for _ in range(count)]
+    for kind, scale in zip(kinds, scales, strict=True):
         upper = MAX_SCALE if kind == "codes" else np.inf
         if not 0 <= scale <= upper:
             raise PayloadError(f"a {kind} scale must lie in [0, {upper}], got {scale}")
@@ -342,6 +361,9 @@ def _parse_header(array: np.ndarray) -> dict:
         check_bits(bits)
     except ValueError as error:
         raise PayloadError(f"payload {error}") from error
+    bucket = header.get("qsgd-bucket", 0)
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 0 <= bucket < 2**31:
+        raise PayloadError(f"payload qsgd-bucket must be an int in [0, 2**31), got {bucket!r}")
     tensors = header.get("tensors")
     if not isinstance(tensors, list):
         raise PayloadError("payload header has no tensor list")

@@ -46,6 +46,7 @@ class ExperimentConfig:
     bitwidths: tuple[int, ...] = (4, 4, 6, 6, 6, 8, 8, 8, 12, 12)
     dirichlet_beta: float = 0.1
     balanced_partition: bool = False
+    partition_balance: float = 0.0
     buffer_ratio: float = 0.1
     num_rounds: int = 3
     local_epochs: int = 1
@@ -59,6 +60,7 @@ class ExperimentConfig:
     dq_temperature: float = 1.0
     dq_weighting: str = "softmax"
     proximal_mu: float = 0.01
+    qsgd_bucket: int = 512
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
     round_timeout: float = 0.0
@@ -202,7 +204,7 @@ def _validate(config: ExperimentConfig) -> None:
         "probe_samples",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
-    for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu"):
+    for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu", "qsgd_bucket"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
     _require(
         config.round_timeout >= 0,
@@ -211,6 +213,12 @@ def _validate(config: ExperimentConfig) -> None:
     )
     for key in ("dirichlet_beta", "learning_rate", "temperature", "dq_temperature"):
         _require(getattr(config, key) > 0, key, f"must be > 0, got {getattr(config, key)}")
+    _require(
+        0 <= config.partition_balance < 1,
+        "partition_balance",
+        f"must be in [0, 1) (0: any client sizes; 0.5: every client within 0.5-1.5x the mean, as "
+        f"in the authors' code), got {config.partition_balance}",
+    )
     _require(
         0 < config.buffer_ratio < 1,
         "buffer_ratio",

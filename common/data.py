@@ -236,6 +236,7 @@ def dirichlet_partition(
     rng: np.random.Generator,
     min_size: int = 2,
     balanced: bool = False,
+    size_band: float = 0.0,
     max_tries: int = 1000,
 ) -> list[np.ndarray]:
     """Split sample indices among clients with Dirichlet(beta) label skew.
@@ -243,13 +244,17 @@ def dirichlet_partition(
     For each class, proportions over clients are drawn from Dirichlet(beta) and the class's samples
     are dealt out accordingly; the draw is repeated until every client holds ``min_size`` samples.
     With ``balanced`` a client stops receiving further classes once it holds N/K samples (as in the
-    paper's code), which keeps sizes near N/K. Smaller beta means stronger skew.
+    paper's code), which keeps sizes near N/K. With ``size_band`` b > 0 a draw is kept only if every
+    client holds between (1 - b) and (1 + b) times the mean (the authors' code: 0.5-1.5x, i.e.
+    b = 0.5). Smaller beta means stronger skew.
     """
     labels = np.asarray(labels)
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if beta <= 0:
         raise ValueError(f"Dirichlet beta must be > 0, got {beta}")
+    if not 0 <= size_band < 1:
+        raise ValueError(f"size_band must be in [0, 1), got {size_band}")
     if len(labels) < num_clients * min_size:
         raise ValueError(
             f"{len(labels)} samples cannot give {num_clients} clients {min_size} samples each"
@@ -272,11 +277,16 @@ def dirichlet_partition(
             for client, part in enumerate(np.split(members, cuts)):
                 shares[client].append(part)
                 sizes[client] += len(part)
-        if sizes.min() >= min_size:
+        in_band = size_band == 0 or (
+            sizes.min() >= (1 - size_band) * target and sizes.max() <= (1 + size_band) * target
+        )
+        if sizes.min() >= min_size and in_band:
             return [np.sort(np.concatenate(parts)) for parts in shares]
+    band = f" and sizes within {1 - size_band:g}-{1 + size_band:g}x the mean" if size_band else ""
     raise ValueError(
         f"no Dirichlet({beta}) split in {max_tries} tries gave all {num_clients} clients at least "
-        f"{min_size} samples: use fewer clients, a larger beta, or more data"
+        f"{min_size} samples{band}: use fewer clients, a larger beta, a wider partition-balance "
+        f"(or balanced-partition), or more data"
     )
 
 
@@ -319,6 +329,7 @@ def make_partition(
     buffer_ratio: float,
     seed: int,
     balanced: bool = False,
+    size_band: float = 0.0,
 ) -> Partition:
     """Fed-QSSL's split: buffer D_g (``buffer_ratio`` of the training pool, stratified), clients by
     Dirichlet(beta) over the rest, and local test sets sized like each client's share."""
@@ -332,7 +343,7 @@ def make_partition(
     clients = [
         pool[part]
         for part in dirichlet_partition(
-            train_labels[pool], num_clients, beta, rng, balanced=balanced
+            train_labels[pool], num_clients, beta, rng, balanced=balanced, size_band=size_band
         )
     ]
     test_share = len(test_labels) / len(pool)

@@ -84,11 +84,19 @@ def _load(
     beta: float,
     buffer_ratio: float,
     balanced: bool,
+    size_band: float,
 ) -> ExperimentData:
     train = load_dataset(dataset, True, data_dir or None, download, seed)
     test = load_dataset(dataset, False, data_dir or None, download, seed)
     partition = make_partition(
-        train.labels.numpy(), test.labels.numpy(), num_clients, beta, buffer_ratio, seed, balanced
+        train.labels.numpy(),
+        test.labels.numpy(),
+        num_clients,
+        beta,
+        buffer_ratio,
+        seed,
+        balanced,
+        size_band,
     )
     return ExperimentData(dataset, train, test, partition, seed)
 
@@ -104,6 +112,7 @@ def experiment_data(config: ExperimentConfig) -> ExperimentData:
         config.dirichlet_beta,
         config.buffer_ratio,
         config.balanced_partition,
+        config.partition_balance,
     )
 
 

@@ -108,6 +108,10 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     """DoReFa activation: clamp to [0, 1], then ``bits``-bit uniform grid; ReLU at full precision.
 
     The gradient is the clamp's (1 inside (0, 1), 0 outside); rounding is straight-through.
+    At 32 bits the nonlinearity is ReLU (unbounded), as in full-precision SimCLR: the (Full) rows,
+    the server's full-precision de-quantization and every global evaluation run ReLU on weights
+    that low-bit clients trained under clamp(0, 1). This is the paper's and DoReFa's convention;
+    it means a low-bit model evaluated at 32 bits is not the function its client trained.
     """
     if bits == FULL_PRECISION:
         return F.relu(x)

@@ -101,7 +101,9 @@ class LowBitClient(NumPyClient):
                 name: tensor - received[name] if tensor.is_floating_point() else tensor
                 for name, tensor in trained.items()
             }
-            payload = encode_update(update, self.bits, torch.Generator().manual_seed(seed))
+            payload = encode_update(
+                update, self.bits, torch.Generator().manual_seed(seed), self.config.qsgd_bucket
+            )
         return (
             payload,
             len(self.train_data),

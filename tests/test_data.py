@@ -219,6 +219,23 @@ def test_balanced_partition_keeps_client_sizes_closer_to_even(labels):
     assert spread(True) < 0.6 * spread(False)
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_partition_balance_keeps_every_client_within_the_band_of_the_mean(labels, balanced):
+    train, _ = labels
+    for seed in range(3):
+        sizes = np.array(
+            [
+                len(c)
+                for c in dirichlet_partition(
+                    train, 10, 0.1, np.random.default_rng(seed), balanced=balanced, size_band=0.5
+                )
+            ]
+        )
+        assert 0.5 * sizes.mean() <= sizes.min() and sizes.max() <= 1.5 * sizes.mean(), sizes
+    with pytest.raises(ValueError, match=r"0\.99-1\.01x the mean.*partition-balance"):
+        dirichlet_partition(train, 10, 0.1, np.random.default_rng(0), size_band=0.01, max_tries=5)
+
+
 def test_partition_rejects_impossible_requests(labels):
     train, test = labels
     with pytest.raises(ValueError, match="beta"):
