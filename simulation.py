@@ -357,6 +357,7 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
     for name, seed, config in runs:
         rows[name].seeds.append(seed)
         rows[name].summaries.append(read_summary(Path(config.output_dir)))
+    run_seconds = sum(sum(row.values("wall-seconds")) for row in rows.values())
     for name, row in rows.items():
         labels = {s["label"] for s in row.summaries if s is not None and plan.kind != "sweep"}
         row.name = labels.pop() if len(labels) == 1 else name
@@ -380,7 +381,8 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
         + f"{base.num_clients} clients, bitwidths {','.join(map(str, base.bitwidths))} "
         f"(rows named *(Full)* at 32 bits), {base.model} (width {base.model_width}) on "
         f"{base.dataset}, Dirichlet {base.dirichlet_beta}, {base.num_rounds} rounds of "
-        f"E = {base.local_epochs}. Total wall time {seconds / 60:.1f} min.\n",
+        f"E = {base.local_epochs}. Wall time {seconds / 60:.1f} min for this invocation; the "
+        f"runs' own wall times sum to {run_seconds / 60:.1f} min.\n",
     ]
     if plan.kind == "sweep":
         lines[-1] += f"Each row sets {plan.sweep_key} to its value, overriding the above.\n"

@@ -138,8 +138,10 @@ def per_seed_table(rows: Sequence[Row], keys: tuple[str, str] = (GLOBAL, LOCAL))
         if summary is None:
             return "failed"
         scores = [summary.get(k) for k in (*keys, *(UNTRAINED + k for k in keys))]
-        if any(v is None for v in scores):
+        if any(v is None for v in scores[:2]):
             return "n/a"
+        if any(v is None for v in scores[2:]):  # the floor's own row
+            return "{:.2f} / {:.2f}".format(*(100 * v for v in scores[:2]))
         return "{:.2f} / {:.2f} (floor {:.2f} / {:.2f})".format(*(100 * v for v in scores))
 
     for row in rows:

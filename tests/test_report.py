@@ -46,7 +46,8 @@ def test_gains_are_paired_with_each_runs_own_floor_and_the_floor_is_a_row():
     assert (
         table.splitlines()[2] == "| untrained | 72.00 ± 8.49 | 84.50 ± 6.36 | — | — | — | — | 2/2 |"
     )
-    per_seed = report.per_seed_table([row])
+    per_seed = report.per_seed_table([floor, row])
+    assert "| untrained | 78.00 / 89.00 | 66.00 / 80.00 |" in per_seed
     assert "| Fed-SimCLR | 80.00 / 90.00 (floor 78.00 / 89.00) | 70.00 / 85.00 (floor 66.00 / " in (
         per_seed
     )
