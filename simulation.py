@@ -9,7 +9,7 @@
 
 One run validates the preset, runs ``flwr run`` with the matching ``--run-config`` and
 ``--federation-config``, streams its progress, and exits non-zero with the server's error if the
-run failed (``flwr run`` itself exits 0 then; the truth is in ``flwr ls``). A comparison (a
+run failed (``flwr run`` itself exits 0 then; the truth is in ``flwr list``). A comparison (a
 preset's ``compare:`` list or ``--compare``) runs each algorithm on the same partition,
 bitwidths and seeds and writes ``comparison.md``/``.json``/``.png``; a sweep (a preset's
 ``sweep:`` or ``--sweep``) does the same over the values of one config key (``sweep.*``). A row
@@ -178,12 +178,12 @@ def toml_value(value: bool | int | float | str) -> str:
 
 
 def run_status(run_id: str, env: dict[str, str], connection: str = "") -> dict:
-    """The run's entry from ``flwr ls`` on ``connection`` (default: the CLI's default one);
+    """The run's entry from ``flwr list`` on ``connection`` (default: the CLI's default one);
     its status reads like ``finished:completed``."""
     listing = subprocess.run(
         [
             "flwr",
-            "ls",
+            "list",
             *([connection] if connection else []),
             "--run-id",
             run_id,
@@ -234,7 +234,7 @@ def stop_processes(pids: set[int]) -> None:
 
 
 def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str]) -> int:
-    """One ``flwr run`` of ``config``; 0 when ``flwr ls`` says it completed."""
+    """One ``flwr run`` of ``config``; 0 when ``flwr list`` says it completed."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_config_file = output_dir / "run_config.toml"

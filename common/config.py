@@ -47,7 +47,7 @@ class ExperimentConfig:
     dirichlet_beta: float = 0.1
     balanced_partition: bool = False
     partition_balance: float = 0.0
-    buffer_ratio: float = 0.1
+    buffer_ratio: float = 0.01
     num_rounds: int = 3
     local_epochs: int = 1
     batch_size: int = 128
@@ -64,7 +64,7 @@ class ExperimentConfig:
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
     round_timeout: float = 0.0
-    max_samples_per_client: int = 0
+    max_samples_per_client: int = 500
     probe_samples: int = 2000
     seed: int = 0
     device: str = "auto"

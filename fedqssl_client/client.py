@@ -191,9 +191,13 @@ def node_experiment_config(
     partition_id = int(node_config["partition-id"])
     partitions = int(node_config.get("num-partitions", config.num_clients))
     if partitions != config.num_clients or not 0 <= partition_id < config.num_clients:
+        n = config.num_clients
         raise ValueError(
             f"node has partition-id {partition_id} of num-partitions {partitions}, but the run "
-            f"has num-clients {config.num_clients}: give partition ids 0..{config.num_clients - 1}"
+            f"has num-clients {n}. Simulation: one SuperNode per client, "
+            f'flwr run . --federation-config "num-supernodes={n}" (or set num-clients={partitions}'
+            f"); deployment: start {n} SuperNodes with partition-id 0..{n - 1} and "
+            f"num-partitions={n}"
         )
     return config
 

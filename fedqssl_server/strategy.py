@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from logging import INFO, WARNING
@@ -79,6 +80,23 @@ def client_key(client: ClientProxy, result: FitRes) -> int:
     return 1_000_000 + zlib.crc32(str(client.cid).encode())
 
 
+class RoundFailedError(RuntimeError):
+    """Too few clients returned a usable model: the run fails rather than report an untrained
+    model as a result."""
+
+
+def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """What Flower knows about a failed client: the exception (a ClientApp's error arrives as
+    one), or the status message of a result that is not OK."""
+    if isinstance(failure, BaseException):
+        text = str(failure)
+        # a ClientApp's exception arrives wrapped in Ray's and Flower's reprs: keep its message
+        inner = re.search(r"occurred\. Message: (.*?)'?>?\)?\. It originated", text, re.DOTALL)
+        return inner.group(1).strip() if inner else f"{type(failure).__name__}: {text}"
+    client, result = failure
+    return f"client {client.cid}: {result.status.code.name} {result.status.message}"
+
+
 class LowBitStrategy(Strategy):
     """Packed low-bit models both ways, one downlink per bitwidth; the algorithm's server steps
     (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send."""
@@ -137,7 +155,8 @@ class LowBitStrategy(Strategy):
             )
         return instructions
 
-    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> Accepted | None:
+    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> Accepted | str:
+        """The decoded model, or why it was left out."""
         bits = result.metrics.get("bitwidth")
         try:
             if not isinstance(bits, int) or isinstance(bits, bool):
@@ -145,14 +164,9 @@ class LowBitStrategy(Strategy):
             arrays = parameters_to_ndarrays(result.parameters)
             state = decode_state(arrays, expect_bits=bits, template=self.global_state)
         except PayloadError as error:
-            log(
-                WARNING,
-                "round %s: client %s sent a bad model, left out: %s",
-                server_round,
-                client.cid,
-                error,
-            )
-            return None
+            reason = f"client {client.cid} sent a bad model: {error}"
+            log(WARNING, "round %s: %s, left out", server_round, reason)
+            return reason
         self.client_bits[client.cid] = bits
         return Accepted(client_key(client, result), client, result, state, payload_nbytes(arrays))
 
@@ -164,28 +178,33 @@ class LowBitStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         accepted: dict[int, Accepted] = {}
         rejected = [str(f if isinstance(f, BaseException) else f[0].cid) for f in failures]
+        reasons = [failure_reason(f) for f in failures]
         for client, result in results:
             key = client_key(client, result)
             if key in accepted:
-                log(
-                    WARNING,
-                    "round %s: client %s repeats partition-id %s, left out",
-                    server_round,
-                    client.cid,
-                    key,
-                )
+                reason = f"client {client.cid} repeats partition-id {key}"
+                log(WARNING, "round %s: %s, left out", server_round, reason)
                 rejected.append(client.cid)
+                reasons.append(reason)
                 continue
             decoded = self._decode(server_round, client, result)
-            if decoded is None:
+            if isinstance(decoded, str):
                 rejected.append(client.cid)
+                reasons.append(decoded)
             else:
                 accepted[key] = decoded
         ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
-        if not ordered:
-            log(WARNING, "round %s: no usable client model; global model unchanged", server_round)
-            self._record_round([], None, rejected)
-            return None, {}
+        if len(ordered) < self.config.min_fit_clients:
+            message = (
+                f"round {server_round}: {len(ordered)} of {len(results) + len(failures)} clients "
+                f"returned a usable model, fewer than min-fit-clients "
+                f"({self.config.min_fit_clients}); first failure: "
+                f"{reasons[0] if reasons else 'none reported'}"
+            )
+            self._record_round(ordered, None, rejected, reasons)
+            if self.recorder is not None:
+                self.recorder.add_round({**self.current, "round": server_round, "error": message})
+            raise RoundFailedError(message)
         outcome = self.server.run_round(
             server_round,
             self.global_state,
@@ -195,11 +214,15 @@ class LowBitStrategy(Strategy):
         )
         self.global_state = outcome.global_state
         self.downlink = outcome.downlink
-        self._record_round(ordered, outcome, rejected)
+        self._record_round(ordered, outcome, rejected, reasons)
         return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
 
     def _record_round(
-        self, ordered: list[Accepted], outcome: RoundOutcome | None, rejected: list[str]
+        self,
+        ordered: list[Accepted],
+        outcome: RoundOutcome | None,
+        rejected: list[str],
+        reasons: list[str],
     ) -> None:
         clients = [
             {
@@ -221,6 +244,7 @@ class LowBitStrategy(Strategy):
             {
                 "clients": clients,
                 "failed": rejected,
+                "failure-reasons": reasons,
                 "missing-partitions": [
                     k for k in range(self.config.num_clients) if k not in present
                 ],

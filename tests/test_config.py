@@ -1,8 +1,13 @@
 """The experiment config: defaults, Flower run-config strings, YAML, and every rejection."""
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from common.config import ConfigError, ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_cpu_quickstart_and_survive_the_run_config_round_trip():
@@ -12,6 +17,16 @@ def test_defaults_are_the_cpu_quickstart_and_survive_the_run_config_round_trip()
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
     assert run_config["bitwidths"] == "4,4,6,6,6,8,8,8,12,12"
     assert ExperimentConfig.from_mapping(run_config) == config
+
+
+def test_one_source_of_defaults_pyproject_quickstart_and_the_dataclass_agree():
+    """``flwr run .`` reads ``[tool.flwr.app.config]``, ``simulation.py`` the quickstart preset,
+    library users the dataclass: all three must be the same run, key for key."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        flower = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    defaults = ExperimentConfig().to_run_config()
+    assert flower == defaults  # every key present, every value equal (and of the same type)
+    assert ExperimentConfig.from_yaml(ROOT / "configs" / "quickstart.yaml") == ExperimentConfig()
 
 
 def test_flower_style_strings_are_parsed():

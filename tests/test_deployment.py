@@ -102,7 +102,7 @@ class Deployment:
         return sum(1 for node in nodes if node["status"] == "online")
 
     def run(self, output: Path, timeout: float, on_round=None) -> tuple[dict, Path]:
-        """``flwr run`` of the tiny config; (the run's ``flwr ls`` entry, its output folder)."""
+        """``flwr run`` of the tiny config; (the run's ``flwr list`` entry, its output folder)."""
         config = self.base / f"{output.name}.toml"
         config.write_text(RUN_CONFIG.format(timeout=timeout, output=output))
         process = subprocess.Popen(

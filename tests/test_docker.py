@@ -5,6 +5,7 @@ checked against the pinned Flower CLI's ``--help``, since flags of older Flower 
 (``--fleet-api-address``, ``--appio-api-address``) are gone or deprecated in 1.41.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 import flwr
 import pytest
 import yaml
+from compose_emulator import interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+COMPOSE = yaml.safe_load(interpolate((ROOT / "docker" / "compose.yaml").read_text()))
 SERVICES = COMPOSE["services"]
 BINARY_OF_IMAGE = {
     "flwr/superlink": "flower-superlink",
@@ -49,8 +51,26 @@ def test_compose_file_is_valid_compose_yaml():
         for dependency in service.get("depends_on", []):
             assert dependency in SERVICES, f"{name} depends on unknown service {dependency}"
         for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            assert source.startswith("..") or source in COMPOSE["volumes"], volume
+            source, target = volume.split(":")[:2]
+            assert source.startswith(("./", "../", "/")) or source in COMPOSE.get("volumes", {})
+            # Flower's images run as uid 49999 in /app: what they use lives under /app
+            assert target.startswith("/app/"), f"{name}: {volume} is outside /app"
+
+
+def test_each_container_gets_only_the_keys_it_needs():
+    """No node can read another node's private key or the SuperLink's."""
+    for name, service in SERVICES.items():
+        keys = {v.split(":")[1] for v in service.get("volumes", []) if "deploy-keys" in v}
+        assert all(
+            v.split(":")[0].startswith("../deploy-keys/")
+            for v in service["volumes"]
+            if "deploy-keys" in v
+        ), f"{name} mounts the whole key folder"
+        private = {k for k in keys if k.endswith((".key",)) or re.search(r"supernode-\d+$", k)}
+        expected = {"superlink": {"/app/keys/server.key"}}.get(
+            name, {f"/app/keys/{name}"} if name.startswith("supernode-") else set()
+        )
+        assert private == expected, f"{name} holds private keys {private}"
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -91,7 +111,60 @@ def test_tls_and_supernode_authentication_are_on():
             assert "--insecure" not in service["command"], name
 
 
-def test_dockerfile_builds_from_the_pinned_superexec_image():
+def test_dockerfile_builds_from_the_pinned_superexec_image_with_the_projects_pins():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert f"FROM flwr/superexec:{flwr.__version__}" in dockerfile
-    assert "torch==2.14.1" in dockerfile and "torchvision==0.29.1" in dockerfile
+    assert "==" not in dockerfile, "pins live in pyproject.toml only"
+    assert "requirements.py /tmp/fedqssl/pyproject.toml" in dockerfile
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in dockerfile
+
+
+@pytest.mark.slow
+def test_the_images_pip_step_resolves_in_a_clean_venv(tmp_path):
+    """The Dockerfile's install, run as far as this machine allows: the same requirements
+    (``docker/requirements.py`` on ``pyproject.toml``) resolved by pip in a fresh venv. The CPU
+    torch index is not reachable here, so the pins resolve from the configured index instead."""
+    requirements = subprocess.run(
+        [sys.executable, ROOT / "docker" / "requirements.py", ROOT / "pyproject.toml"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "torch==2.14.1" in requirements and "flwr[simulation]==1.41.*" in requirements
+    (tmp_path / "requirements.txt").write_text(requirements)
+    subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True)
+    resolved = subprocess.run(
+        [
+            tmp_path / "venv" / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            tmp_path / "report.json",
+            "-r",
+            tmp_path / "requirements.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    versions = {i["metadata"]["name"]: i["metadata"]["version"] for i in report["install"]}
+    assert versions["torch"].startswith("2.14.1") and versions["torchvision"].startswith("0.29.1")
+    assert versions["flwr"].startswith("1.41.")
+
+
+def test_demo_run_config_is_valid_and_points_inside_the_containers_mounts():
+    """The ServerApp reads data and writes results only where the compose file mounts them."""
+    import tomllib
+
+    from common.config import ExperimentConfig
+
+    with open(ROOT / "docker" / "demo.toml", "rb") as handle:
+        config = ExperimentConfig.from_mapping(tomllib.load(handle))
+    mounts = {v.split(":")[1] for v in SERVICES["superexec-serverapp"]["volumes"]}
+    assert config.data_dir in mounts
+    assert any(config.output_dir.startswith(m + "/") for m in mounts)

@@ -19,10 +19,10 @@ def test_node_config_supplies_bitwidth_and_data_dir(tmp_path):
 @pytest.mark.parametrize(
     ("node", "message"),
     [
-        ({"partition-id": 3, "num-partitions": 3}, "partition ids 0..2"),
+        ({"partition-id": 3, "num-partitions": 3}, "partition-id 0..2"),
         (
             {"partition-id": 0, "num-partitions": 5},
-            "num-partitions 5, but the run has num-clients 3",
+            'num-clients 3. Simulation: .* --federation-config "num-supernodes=3"',
         ),
         ({"num-partitions": 3}, "node config has no partition-id"),
     ],

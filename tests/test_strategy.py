@@ -15,7 +15,7 @@ from common.experiment import experiment_data, new_model
 from fedqssl_server import server_steps
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import average_states, softmax_weights
-from fedqssl_server.strategy import LowBitStrategy
+from fedqssl_server.strategy import LowBitStrategy, RoundFailedError
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def config(tmp_path):
             "dirichlet-beta": 1.0,
             "buffer-ratio": 0.1,
             "batch-size": 32,
+            "min-fit-clients": 1,  # the failure tests keep one good client of several
             "output-dir": str(tmp_path / "out"),
         }
     )
@@ -114,6 +115,29 @@ def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
     assert [c["partition-id"] for c in strategy.current["clients"]] == [0]
     assert set(strategy.current["failed"]) == {"b", "c", "node lost"}
     assert strategy.client_bits == {"a": 4}
+
+
+def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(config):
+    """Bare ``flwr run .`` with too few SuperNodes: every client fails; the run must fail with
+    the clients' own reason, and write no summary of a model nobody trained."""
+    config = ExperimentConfig.from_mapping({**config.to_run_config(), "min-fit-clients": 2})
+    strategy = LowBitStrategy(
+        config, experiment_data(config), RunRecorder(config, config_dir(config))
+    )
+    reason = ValueError("node has partition-id 0 of num-partitions 2, but the run has ...")
+    failed = r"0 of 2 clients .* first failure: ValueError: node"
+    with pytest.raises(RoundFailedError, match=failed):
+        strategy.aggregate_fit(1, [], [reason, RuntimeError("lost")])
+    # one usable model of two is still too few
+    bad = fit_result(config, 8, 1, 1)
+    bad.metrics["bitwidth"] = 4
+    results = [(FakeProxy("a"), fit_result(config, 4, 0)), (FakeProxy("b"), bad)]
+    with pytest.raises(RoundFailedError, match=r"1 of 2 clients .* client b sent a bad model"):
+        strategy.aggregate_fit(2, results, [])
+    lines = (config_dir(config) / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert "first failure" in json.loads(lines[0])["error"]
+    assert not (config_dir(config) / "summary.json").exists()
 
 
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):

@@ -18,7 +18,8 @@ export FLWR_HOME=${FLWR_HOME:-$root/.flwr}
 mkdir -p "$FLWR_HOME"
 config=$FLWR_HOME/config.toml
 [ -f "$config" ] || printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n' > "$config"
-python3 - "$config" "$name" "$superlink" "$insecure" "$keys/ca.crt" <<'PY'
+# flwr accepts only an absolute root-certificates path
+python3 - "$config" "$name" "$superlink" "$insecure" "$(realpath -m "$keys/ca.crt")" <<'PY'
 import re, sys
 path, name, address, insecure, ca = sys.argv[1:]
 text = open(path).read()

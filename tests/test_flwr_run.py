@@ -1,0 +1,68 @@
+"""Flower's own ``flwr run .``, as a user types it, not through ``simulation.py``.
+
+Flower 1.41 simulates 2 SuperNodes unless told otherwise: with more clients in the run config,
+every client refuses its partition. That run must fail (``flwr list`` says so, with the fix in
+the reason) and write no summary; the README's command with ``num-supernodes`` must complete.
+"""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import simulation
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    "dataset='synthetic' model-width=8 num-clients=3 bitwidths='4,8,12' dirichlet-beta=1.0 "
+    "buffer-ratio=0.1 max-samples-per-client=150 num-rounds=1 batch-size=64"
+)
+
+
+def flwr_run(tmp_path: Path, *federation: str) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    """``flwr run . --stream`` of the tiny run config; (the process, its ``flwr list`` entry,
+    its output folder)."""
+    output_dir = tmp_path / "out"
+    env = simulation.flower_env(tmp_path / "flwr")
+    before = set(simulation.local_superlinks())
+    command = [
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"{TINY} output-dir='{output_dir}'",
+        *federation,
+    ]
+    try:
+        completed = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480
+        )
+        found = re.search(r"run (\d{6,})", completed.stdout + completed.stderr)
+        assert found, completed.stdout[-3000:] + completed.stderr[-3000:]
+        status = simulation.run_status(found.group(1), env)
+    finally:
+        simulation.stop_processes(set(simulation.local_superlinks()) - before)
+    return completed, status, output_dir
+
+
+@pytest.mark.slow
+def test_bare_flwr_run_with_too_few_supernodes_fails_with_the_fix(tmp_path):
+    _, status, output_dir = flwr_run(tmp_path)
+    assert status["status"] == "finished:failed", status
+    details = status["status-details"]
+    assert "0 of 2 clients returned a usable model" in details
+    assert '--federation-config "num-supernodes=3"' in details
+    assert not (output_dir / "summary.json").exists()  # no result for an untrained model
+
+
+@pytest.mark.slow
+def test_the_readme_flwr_run_command_completes(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert 'flwr run . --federation-config "num-supernodes=10" --stream' in readme
+    completed, status, output_dir = flwr_run(tmp_path, "--federation-config", "num-supernodes=3")
+    assert status["status"] == "finished:completed", completed.stdout[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
