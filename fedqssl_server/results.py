@@ -22,6 +22,10 @@ class RunRecorder:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.rounds: list[dict[str, Any]] = []
+        # a run owns its folder's records: an earlier run's rounds or summary left there would
+        # read as this run's (rounds 1, 2, 1, 2, 3; a summary of a run that then failed)
+        for stale in ("rounds.jsonl", "summary.json"):
+            (self.output_dir / stale).unlink(missing_ok=True)
         (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     def add_round(self, record: dict[str, Any]) -> None:

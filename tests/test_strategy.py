@@ -140,6 +140,17 @@ def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(con
     assert not (config_dir(config) / "summary.json").exists()
 
 
+def test_a_new_run_in_a_used_folder_starts_its_own_records(config):
+    folder = config_dir(config)
+    folder.mkdir(parents=True)
+    (folder / "rounds.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+    (folder / "summary.json").write_text('{"global-accuracy": 0.9}\n')
+    recorder = RunRecorder(config, folder)
+    recorder.add_round({"round": 1})
+    assert (folder / "rounds.jsonl").read_text() == '{"round": 1}\n'
+    assert not (folder / "summary.json").exists()
+
+
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
     strategy = LowBitStrategy(
         config, experiment_data(config), RunRecorder(config, config_dir(config))
