@@ -177,20 +177,21 @@ class LowBitStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         accepted: dict[int, Accepted] = {}
-        rejected = [str(f if isinstance(f, BaseException) else f[0].cid) for f in failures]
-        reasons = [failure_reason(f) for f in failures]
+        # (who, why) of every client left out this round
+        left_out = [
+            (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f))
+            for f in failures
+        ]
         for client, result in results:
             key = client_key(client, result)
             if key in accepted:
                 reason = f"client {client.cid} repeats partition-id {key}"
                 log(WARNING, "round %s: %s, left out", server_round, reason)
-                rejected.append(client.cid)
-                reasons.append(reason)
+                left_out.append((client.cid, reason))
                 continue
             decoded = self._decode(server_round, client, result)
             if isinstance(decoded, str):
-                rejected.append(client.cid)
-                reasons.append(decoded)
+                left_out.append((client.cid, decoded))
             else:
                 accepted[key] = decoded
         ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
@@ -199,11 +200,11 @@ class LowBitStrategy(Strategy):
                 f"round {server_round}: {len(ordered)} of {len(results) + len(failures)} clients "
                 f"returned a usable model, fewer than min-fit-clients "
                 f"({self.config.min_fit_clients}); first failure: "
-                f"{reasons[0] if reasons else 'none reported'}"
+                f"{left_out[0][1] if left_out else 'none reported'}"
             )
-            self._record_round(ordered, None, rejected, reasons)
+            self._record_round(ordered, None, left_out)
             if self.recorder is not None:
-                self.recorder.add_round({**self.current, "round": server_round, "error": message})
+                self.recorder.add_round(self._round_record(server_round, error=message))
             raise RoundFailedError(message)
         outcome = self.server.run_round(
             server_round,
@@ -214,15 +215,14 @@ class LowBitStrategy(Strategy):
         )
         self.global_state = outcome.global_state
         self.downlink = outcome.downlink
-        self._record_round(ordered, outcome, rejected, reasons)
+        self._record_round(ordered, outcome, left_out)
         return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
 
     def _record_round(
         self,
         ordered: list[Accepted],
         outcome: RoundOutcome | None,
-        rejected: list[str],
-        reasons: list[str],
+        left_out: list[tuple[str, str]],
     ) -> None:
         clients = [
             {
@@ -243,8 +243,8 @@ class LowBitStrategy(Strategy):
         self.current.update(
             {
                 "clients": clients,
-                "failed": rejected,
-                "failure-reasons": reasons,
+                "failed": [who for who, _ in left_out],
+                "failure-reasons": [why for _, why in left_out],
                 "missing-partitions": [
                     k for k in range(self.config.num_clients) if k not in present
                 ],
@@ -306,9 +306,14 @@ class LowBitStrategy(Strategy):
             self._end_round(server_round, knn)
         return 1.0 - knn, metrics
 
-    def _end_round(self, server_round: int, knn: float) -> None:
-        record = {**self.current, "round": server_round, "knn-accuracy": knn}
+    def _round_record(self, server_round: int, **values) -> dict:
+        """The round's record for ``rounds.jsonl``: what fit gathered, its seconds, ``values``."""
+        record = {**self.current, "round": server_round, **values}
         record["round-seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
+        return record
+
+    def _end_round(self, server_round: int, knn: float) -> None:
+        record = self._round_record(server_round, **{"knn-accuracy": knn})
         clients = record.get("clients", [])
         bits = ",".join(str(c["bitwidth"]) for c in clients)
         weights = ",".join(f"{c['weight']:.2f}" for c in clients if c["weight"] is not None)

@@ -15,16 +15,11 @@ from pathlib import Path
 import flwr
 import pytest
 import yaml
-from compose_emulator import interpolate
+from compose_emulator import image_of, interpolate
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load(interpolate((ROOT / "docker" / "compose.yaml").read_text()))
 SERVICES = COMPOSE["services"]
-BINARY_OF_IMAGE = {
-    "flwr/superlink": "flower-superlink",
-    "flwr/supernode": "flower-supernode",
-    "fedqssl-superexec": "flower-superexec",
-}
 
 
 @cache
@@ -34,9 +29,9 @@ def help_text(binary: str) -> str:
 
 
 def binary_of(service: dict) -> str:
-    image, tag = service["image"].split(":")
+    tag = service["image"].split(":")[1]
     assert tag == flwr.__version__, f"{service['image']}: tag must be the pinned Flower version"
-    return BINARY_OF_IMAGE[image]
+    return image_of(service, ROOT / "docker").entrypoint[0]
 
 
 def flags(service: dict) -> list[str]:
