@@ -164,15 +164,18 @@ def encode_update(
     generator: torch.Generator | None = None,
     bucket_size: int = DEFAULT_BUCKET_SIZE,
 ) -> list[np.ndarray]:
-    """A model *update* (FedPAQ's uplink): every floating tensor QSGD-quantized at ``bits`` in
-    buckets of ``bucket_size`` entries (0: whole tensors), one float32 norm per bucket.
+    """A model *update* (FedPAQ's uplink): the tensors ``encode_state`` quantizes (conv and
+    linear weights) QSGD-quantized at ``bits`` in buckets of ``bucket_size`` entries (0: whole
+    tensors), one float32 norm per bucket; the rest (biases, batch-norm parameters and running
+    statistics) as float32, as in ``encode_state``.
 
-    Unbiased: the decoded update's expectation is ``update``. Integer tensors travel as they are.
-    At 32 bits every floating tensor travels as float32.
+    Unbiased: the decoded update's expectation is ``update``. QSGD's noise on a running variance
+    could drive it negative (NaN features), which is one reason those stay exact. Integer tensors
+    travel as they are. At 32 bits every floating tensor travels as float32.
     """
 
     def qsgd_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[float]] | None:
-        if bits == FULL_PRECISION or not tensor.is_floating_point():
+        if bits == FULL_PRECISION or not is_quantized(name, tensor):
             return None
         codes, norms = qsgd_encode(tensor, bits, generator, bucket_size)
         return codes, norms.tolist()

@@ -40,6 +40,9 @@ class ExperimentConfig:
     dataset: str = "fashion-mnist"
     data_dir: str = ""
     download: bool = False
+    buffer_dir: str = ""
+    probe_dir: str = ""
+    local_test_fraction: float = 0.2
     model: str = "small_cnn"
     model_width: int = 32
     num_clients: int = 10
@@ -224,6 +227,12 @@ def _validate(config: ExperimentConfig) -> None:
         "buffer_ratio",
         f"must be in (0, 1) (the share of the training pool kept as the server buffer D_g), "
         f"got {config.buffer_ratio}",
+    )
+    _require(
+        0 < config.local_test_fraction < 1,
+        "local_test_fraction",
+        f"must be in (0, 1) (the share of each class of a device's own labelled data held out "
+        f"for its local score), got {config.local_test_fraction}",
     )
     _require(
         0 < config.fraction_fit <= 1,

@@ -20,6 +20,13 @@ import numpy as np
 import torch
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+# (channels, image size, classes) of each dataset: what a device's own images must match
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion-mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "synthetic": (1, 28, 10),
+}
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -37,10 +44,11 @@ class DatasetFormatError(ValueError):
 
 @dataclass(frozen=True)
 class ImageData:
-    """Images as uint8 (N, C, H, W), integer labels (N,), and the number of classes."""
+    """Images as uint8 (N, C, H, W), integer labels (N,) or None (a device's unlabelled data),
+    and the number of classes."""
 
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     num_classes: int
 
     def __post_init__(self) -> None:
@@ -49,11 +57,15 @@ class ImageData:
                 f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
-        if self.labels.shape != (len(self.images),):
+        if self.labels is not None and self.labels.shape != (len(self.images),):
             raise ValueError("labels must be one per image")
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.images)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
 
     @property
     def channels(self) -> int:
@@ -65,7 +77,8 @@ class ImageData:
 
     def subset(self, indices: np.ndarray) -> ImageData:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ImageData(self.images[index], self.labels[index], self.num_classes)
+        labels = None if self.labels is None else self.labels[index]
+        return ImageData(self.images[index], labels, self.num_classes)
 
 
 # ---------------------------------------------------------------- loaders

@@ -1,12 +1,14 @@
 """The data of one experiment, as every participant derives it from the config.
 
-Clients and server each load the dataset and compute the same seeded partition (a second on
-Fashion-MNIST), so no data or index list travels; a process that hosts several clients (the Ray
-simulation) loads it once.
+In simulation, clients and server each load the dataset and compute the same seeded partition (a
+second on Fashion-MNIST), so no data or index list travels; a process that hosts several clients
+(the Ray simulation) loads it once. A deployed device may instead bring its own folder
+(``local-data``), and the server its own buffer and probe folders (``buffer-dir``, ``probe-dir``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -15,7 +17,16 @@ import torch
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
-from common.data import ImageData, Partition, load_dataset, make_partition, stratified_sample
+from common.data import (
+    DATASET_SHAPES,
+    DatasetFormatError,
+    ImageData,
+    Partition,
+    load_dataset,
+    make_partition,
+    stratified_sample,
+)
+from common.local_data import load_images, local_train_test
 from common.models import Classifier, SSLModel, build_classifier, build_ssl_model
 from common.ssl import (
     NORMALIZATION,
@@ -25,6 +36,60 @@ from common.ssl import (
 )
 
 PROJECTION_DIM = 128
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What every participant agrees on about the run's data: image shape, classes and the
+    normalization and augmentations of its dataset."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, dataset: str) -> DatasetSpec:
+        return cls(dataset, *DATASET_SHAPES[dataset])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, image size, classes): what a folder of local data is checked against."""
+        return self.channels, self.image_size, self.num_classes
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return NORMALIZATION[self.name]
+
+    def augmentation(self) -> torch.nn.Module:
+        return ssl_augmentation(self.image_size, self.channels, *self.normalization)
+
+    def supervised_augmentation(self) -> torch.nn.Module:
+        return supervised_augmentation(self.image_size, self.channels, *self.normalization)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_transform(self.channels, *self.normalization)(images)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One device's data: what it trains on, and its labelled local test set (None when its data
+    has no labels: it trains, but has no local score)."""
+
+    spec: DatasetSpec
+    train: ImageData
+    test: ImageData | None
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """The server's data: the buffer D_g (images only) and the labelled probe sets that score the
+    global model (``probe_train`` fits the probe and kNN monitor, ``probe_test`` scores it)."""
+
+    spec: DatasetSpec
+    buffer: torch.Tensor
+    probe_train: ImageData
+    probe_test: ImageData
 
 
 @dataclass(frozen=True)
@@ -38,19 +103,8 @@ class ExperimentData:
     seed: int
 
     @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return NORMALIZATION[self.dataset]
-
-    def augmentation(self) -> torch.nn.Module:
-        return ssl_augmentation(self.train.image_size, self.train.channels, *self.normalization)
-
-    def supervised_augmentation(self) -> torch.nn.Module:
-        return supervised_augmentation(
-            self.train.image_size, self.train.channels, *self.normalization
-        )
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_transform(self.train.channels, *self.normalization)(images)
+    def spec(self) -> DatasetSpec:
+        return DatasetSpec.of(self.dataset)
 
     def client_train(self, client: int, max_samples: int = 0) -> ImageData:
         """Client ``client``'s share, capped at ``max_samples`` (0: all) by a seeded draw."""
@@ -63,15 +117,30 @@ class ExperimentData:
     def client_test(self, client: int) -> ImageData:
         return self.test.subset(self.partition.client_tests[client])
 
+    def for_client(self, client: int, max_samples: int = 0) -> ClientData:
+        return ClientData(
+            self.spec, self.client_train(client, max_samples), self.client_test(client)
+        )
+
     def buffer(self) -> ImageData:
         """The server's buffer D_g (its labels are never used)."""
         return self.train.subset(self.partition.buffer)
 
     def uniform_train(self, size: int) -> ImageData:
         """A class-stratified labelled train subset for the global probe and kNN monitor."""
-        fraction = min(0.999, size / len(self.train))
-        rng = np.random.default_rng([self.seed, 1])
-        return self.train.subset(stratified_sample(self.train.labels.numpy(), fraction, rng))
+        return capped(self.train, size, self.seed)
+
+    def for_server(self, probe_samples: int) -> ServerData:
+        return ServerData(
+            self.spec, self.buffer().images, self.uniform_train(probe_samples), self.test
+        )
+
+
+def capped(data: ImageData, size: int, seed: int) -> ImageData:
+    """A class-stratified subset of about ``size`` of labelled ``data`` (seeded)."""
+    fraction = min(0.999, size / len(data))
+    rng = np.random.default_rng([seed, 1])
+    return data.subset(stratified_sample(data.labels.numpy(), fraction, rng))
 
 
 @functools.lru_cache(maxsize=2)
@@ -114,6 +183,45 @@ def experiment_data(config: ExperimentConfig) -> ExperimentData:
         config.balanced_partition,
         config.partition_balance,
     )
+
+
+def client_data(config: ExperimentConfig, partition_id: int, local_data: str = "") -> ClientData:
+    """A device's data: its own folder ``local_data``, used whole (a held-out test split when it
+    is labelled), or else its partition of the run's dataset."""
+    if not local_data:
+        return experiment_data(config).for_client(partition_id, config.max_samples_per_client)
+    spec = DatasetSpec.of(config.dataset)
+    train, test = local_train_test(
+        local_data, *spec.shape, config.local_test_fraction, [config.seed, partition_id]
+    )
+    return ClientData(spec, train, test)
+
+
+def server_data(config: ExperimentConfig) -> ServerData:
+    """The server's buffer from ``buffer-dir`` and probe sets from ``probe-dir`` when set (the
+    run's dataset is then not loaded for them), else both from the run's dataset and partition."""
+    spec = DatasetSpec.of(config.dataset)
+    if config.buffer_dir and config.probe_dir:
+        buffer = load_images(config.buffer_dir, *spec.shape).images
+        probe_train, probe_test = _probe_folder(config, spec)
+        return ServerData(spec, buffer, probe_train, probe_test)
+    from_dataset = experiment_data(config).for_server(config.probe_samples)
+    if config.buffer_dir:
+        buffer = load_images(config.buffer_dir, *spec.shape).images
+        return dataclasses.replace(from_dataset, buffer=buffer)
+    if config.probe_dir:
+        probe_train, probe_test = _probe_folder(config, spec)
+        return dataclasses.replace(from_dataset, probe_train=probe_train, probe_test=probe_test)
+    return from_dataset
+
+
+def _probe_folder(config: ExperimentConfig, spec: DatasetSpec) -> tuple[ImageData, ImageData]:
+    train, test = local_train_test(
+        config.probe_dir, *spec.shape, config.local_test_fraction, config.seed
+    )
+    if test is None:
+        raise DatasetFormatError(f"probe-dir {config.probe_dir}: the global probe needs labels")
+    return capped(train, config.probe_samples, config.seed), test
 
 
 def torch_device(config: ExperimentConfig) -> torch.device:

@@ -23,7 +23,7 @@ from common.codec import (
 from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
 from common.data import ImageData
 from common.evaluation import classifier_accuracy, linear_probe_accuracy
-from common.experiment import experiment_data, new_model
+from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from common.training import LowBitSettings, fit_local
@@ -34,10 +34,11 @@ LOCAL_MODEL = "local-model"
 
 
 class LowBitClient(NumPyClient):
-    """One device: its data share, its bitwidth, its low-bit model, and the run's algorithm.
+    """One device: its data, its bitwidth, its low-bit model, and the run's algorithm.
 
-    ``state`` (the node's persistent ``context.state``) keeps a supervised client's own model
-    between its last training and its evaluation.
+    ``data`` defaults to the device's partition of the run's dataset. ``state`` (the node's
+    persistent ``context.state``) keeps a supervised client's own model between its last
+    training and its evaluation.
     """
 
     def __init__(
@@ -46,15 +47,25 @@ class LowBitClient(NumPyClient):
         partition_id: int,
         bits: int,
         state: RecordDict | None = None,
+        data: ClientData | None = None,
     ) -> None:
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
         self.partition_id = partition_id
         self.bits = bits
         self.state = RecordDict() if state is None else state
-        self.data = experiment_data(config)
-        self.train_data = self.data.client_train(partition_id, config.max_samples_per_client)
-        self.model = new_model(config, bits, self.data.train.channels, self.data.train.num_classes)
+        self.data = client_data(config, partition_id) if data is None else data
+        self.train_data = self.data.train
+        if not self.algorithm.self_supervised and not self.train_data.labelled:
+            raise ConfigError(
+                f"{config.algorithm} trains on labels, but client {partition_id}'s data has "
+                "none: give it labelled data (class folders 0, 1, ...) or run a self-supervised "
+                "algorithm (fedqssl, fedsimclr, fedsimsiam)"
+            )
+        self.model = new_model(config, bits, *self._shape())
+
+    def _shape(self) -> tuple[int, int]:
+        return self.data.spec.channels, self.data.spec.num_classes
 
     def _load(self, parameters: list[np.ndarray]) -> None:
         """Decode a downlink payload: at this device's bitwidth, or the fp32 initial model."""
@@ -81,7 +92,9 @@ class LowBitClient(NumPyClient):
         losses = fit_local(
             self.model,
             self.train_data.images,
-            self.data.supervised_augmentation() if supervised else self.data.augmentation(),
+            self.data.spec.supervised_augmentation()
+            if supervised
+            else self.data.spec.augmentation(),
             LowBitSettings(self.bits, self.config.weight_update, self.config.grad_rounding),
             self.config.local_epochs,
             self.config.learning_rate,
@@ -127,24 +140,24 @@ class LowBitClient(NumPyClient):
         the local labelled share (final epoch). Supervised: this device's own low-bit model from
         its last training (the received one if it never trained); its encoder is also scored by
         the SSL probe (``local-probe-accuracy``), so supervised and SSL rows compare methods, not
-        protocols.
+        protocols. A device whose data has no labels reports no score (0 test examples).
         """
+        test = self.data.test
+        if test is None:
+            return 0.0, 0, self._metrics(**{"local-model": "unlabelled"})
         self._load(parameters)
         supervised = not self.algorithm.self_supervised
         own = supervised and LOCAL_MODEL in self.state
         if own:
             local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
             self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
-        test = self.data.client_test(self.partition_id)
-        untrained = new_model(
-            self.config, self.bits, self.data.train.channels, self.data.train.num_classes
-        )
+        untrained = new_model(self.config, self.bits, *self._shape())
         metrics: dict[str, Scalar] = {
             "local-probe-accuracy": self._probe(self.model.encoder, test),
             "untrained-local-probe-accuracy": self._probe(untrained.encoder, test),
         }
         if supervised:
-            test_images = self.data.normalize(test.images)
+            test_images = self.data.spec.normalize(test.images)
             metrics["local-accuracy"] = classifier_accuracy(self.model, test_images, test.labels)
             metrics["untrained-local-accuracy"] = classifier_accuracy(
                 untrained, test_images, test.labels
@@ -159,7 +172,7 @@ class LowBitClient(NumPyClient):
         """The SSL protocol: a linear probe at this bitwidth on ``encoder``'s frozen features of
         the local labelled share, scored on the local test set (final epoch)."""
         features = [
-            extract_features(encoder, self.data.normalize(part.images))
+            extract_features(encoder, self.data.spec.normalize(part.images))
             for part in (self.train_data, test)
         ]
         return linear_probe_accuracy(
@@ -167,7 +180,7 @@ class LowBitClient(NumPyClient):
             self.train_data.labels,
             features[1],
             test.labels,
-            self.data.train.num_classes,
+            self.data.spec.num_classes,
             self.bits,
             epochs=PROBE_EPOCHS,
             seed=self.config.seed,
@@ -178,7 +191,8 @@ def node_experiment_config(
     run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]
 ) -> ExperimentConfig:
     """The run config as this node sees it: a deployed SuperNode's ``data-dir`` node config
-    names where its own data lives; its partition must fit the run's ``num-clients``."""
+    names where it finds the run's dataset (to cut its partition from); its partition id must fit
+    the run's ``num-clients``. (A node's ``local-data``, its own data, is read by ``client_fn``.)"""
     values = dict(run_config)
     if "data-dir" in node_config:
         values["data-dir"] = str(node_config["data-dir"])

@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from common.config import ExperimentConfig
-from common.experiment import experiment_data
+from common.experiment import server_data
 from fedqssl_server.results import RunRecorder, default_output_dir
 from fedqssl_server.strategy import LowBitStrategy
 
@@ -28,7 +28,7 @@ def server_fn(context: Context) -> ServerAppComponents:
         config.dataset,
         output_dir,
     )
-    strategy = LowBitStrategy(config, experiment_data(config), RunRecorder(config, output_dir))
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, output_dir))
     timeout = config.round_timeout or None  # deployment: a dead SuperNode must not stall a round
     return ServerAppComponents(
         strategy=strategy,

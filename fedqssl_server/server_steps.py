@@ -31,7 +31,7 @@ import torch
 from common.algorithms import get_algorithm
 from common.codec import encode_state
 from common.config import ExperimentConfig
-from common.experiment import ExperimentData, new_model
+from common.experiment import ServerData, new_model
 from common.quant import FULL_PRECISION
 from common.training import LowBitSettings, fit_local
 
@@ -106,10 +106,10 @@ class RoundOutcome:
 class AveragingServer:
     """Sample-weighted averaging, re-quantization by rounding (Fed-SimCLR/SimSiam, FedAvg/Prox)."""
 
-    def __init__(self, config: ExperimentConfig, data: ExperimentData) -> None:
+    def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         self.config = config
-        self.channels = data.train.channels
-        self.num_classes = data.train.num_classes
+        self.channels = data.spec.channels
+        self.num_classes = data.spec.num_classes
 
     def new_model(self, bits: int):
         return new_model(self.config, bits, self.channels, self.num_classes)
@@ -158,10 +158,10 @@ class UpdateServer(AveragingServer):
 class FedQSSLServer(AveragingServer):
     """The server's half of Fed-QSSL on its buffer D_g."""
 
-    def __init__(self, config: ExperimentConfig, data: ExperimentData) -> None:
+    def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         super().__init__(config, data)
-        self.buffer = data.buffer().images
-        self.augmentation = data.augmentation()
+        self.buffer = data.buffer
+        self.augmentation = data.spec.augmentation()
 
     def finetune(self, state: Mapping[str, torch.Tensor], bits: int, epochs: int, seed: int):
         """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss).
@@ -293,6 +293,6 @@ SERVERS = {
 }
 
 
-def make_server(config: ExperimentConfig, data: ExperimentData) -> AveragingServer:
+def make_server(config: ExperimentConfig, data: ServerData) -> AveragingServer:
     """The server steps of ``config.algorithm``."""
     return SERVERS[get_algorithm(config.algorithm).server_step](config, data)

@@ -28,7 +28,7 @@ from common.algorithms import get_algorithm
 from common.codec import PayloadError, decode_state, encode_state, payload_nbytes
 from common.config import ExperimentConfig
 from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_accuracy
-from common.experiment import ExperimentData
+from common.experiment import ServerData
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_server.results import RunRecorder
@@ -102,7 +102,7 @@ class LowBitStrategy(Strategy):
     (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send."""
 
     def __init__(
-        self, config: ExperimentConfig, data: ExperimentData, recorder: RunRecorder | None = None
+        self, config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
     ) -> None:
         self.config = config
         self.data = data
@@ -112,7 +112,6 @@ class LowBitStrategy(Strategy):
         self.global_state = self.server.initial_state()
         # the model's shape never changes, so neither does its full-precision payload size
         self.fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
-        self.monitor = data.uniform_train(config.probe_samples)
         self.client_bits: dict[str, int] = {}
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.sent_bytes: dict[str, int] = {}
@@ -261,11 +260,16 @@ class LowBitStrategy(Strategy):
         return model
 
     def _global_features(self, model):
+        train, test, normalize = (
+            self.data.probe_train,
+            self.data.probe_test,
+            self.data.spec.normalize,
+        )
         return (
-            extract_features(model.encoder, self.data.normalize(self.monitor.images)),
-            self.monitor.labels,
-            extract_features(model.encoder, self.data.normalize(self.data.test.images)),
-            self.data.test.labels,
+            extract_features(model.encoder, normalize(train.images)),
+            train.labels,
+            extract_features(model.encoder, normalize(test.images)),
+            test.labels,
         )
 
     def _scores(self, model) -> dict[str, float]:
@@ -276,14 +280,16 @@ class LowBitStrategy(Strategy):
         scores = {
             "knn-accuracy": knn_accuracy(*features),
             "global-probe-accuracy": linear_probe_accuracy(
-                *features, self.data.train.num_classes, FULL_PRECISION, seed=self.config.seed
+                *features, self.data.spec.num_classes, FULL_PRECISION, seed=self.config.seed
             ),
         }
         scores["global-accuracy"] = (
             scores["global-probe-accuracy"]
             if self.algorithm.self_supervised
             else classifier_accuracy(
-                model, self.data.normalize(self.data.test.images), self.data.test.labels
+                model,
+                self.data.spec.normalize(self.data.probe_test.images),
+                self.data.probe_test.labels,
             )
         )
         return scores
@@ -422,9 +428,9 @@ class LowBitStrategy(Strategy):
             "buffer-to-client-ratio": self._buffer_to_client_ratio(),
         }
 
-    def _buffer_to_client_ratio(self) -> float:
-        """|D_g| / mean |D_k| (the paper's Figure 3b axis), with the per-client sample cap."""
-        cap = self.config.max_samples_per_client
-        sizes = [len(c) if cap == 0 else min(len(c), cap) for c in self.data.partition.clients]
-        mean_size = float(np.mean(sizes)) if sizes else 0.0
-        return len(self.data.partition.buffer) / mean_size if mean_size else float("nan")
+    def _buffer_to_client_ratio(self) -> float | None:
+        """|D_g| / mean |D_k| (the paper's Figure 3b axis): the clients' sizes as they reported
+        them in the last round (after the per-client sample cap)."""
+        clients = self.recorder.rounds[-1].get("clients", []) if self.recorder.rounds else []
+        mean_size = mean_of(clients, "examples")
+        return len(self.data.buffer) / mean_size if mean_size else None

@@ -21,7 +21,8 @@ from flwr.common import (
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
 from common.codec import decode_state, payload_bits
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import experiment_data, new_model
+from common.experiment import new_model, server_data
+from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_client.client import LOCAL_MODEL, LowBitClient
 from fedqssl_server.results import RunRecorder
@@ -56,13 +57,20 @@ def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):
     )
 
 
-def federate(config):
-    """Run ``config.num_rounds`` rounds in process; (strategy, clients)."""
+def federate(config, client_data=None):
+    """Run ``config.num_rounds`` rounds in process; (strategy, clients). ``client_data``: each
+    client's own ClientData (default: its partition)."""
     recorder = RunRecorder(config, Path(config.output_dir))
-    strategy = LowBitStrategy(config, experiment_data(config), recorder)
+    strategy = LowBitStrategy(config, server_data(config), recorder)
     proxies = [FakeProxy(str(k)) for k in range(config.num_clients)]
     clients = {
-        p.cid: LowBitClient(config, int(p.cid), config.bitwidths[int(p.cid)], RecordDict())
+        p.cid: LowBitClient(
+            config,
+            int(p.cid),
+            config.bitwidths[int(p.cid)],
+            RecordDict(),
+            None if client_data is None else client_data[int(p.cid)],
+        )
         for p in proxies
     }
     manager = FakeManager(proxies)
@@ -114,6 +122,26 @@ def test_every_algorithm_federates_two_rounds_with_low_bit_payloads(tmp_path, al
     assert uplink[4] < uplink[8] < record["fp32-equivalent-bytes"] / 2
     supervised = not get_algorithm(algorithm).self_supervised
     assert all((LOCAL_MODEL in c.state) == supervised for c in clients.values())
+    assert_usable_global_model(strategy)
+
+
+def assert_usable_global_model(strategy) -> None:
+    """Finite, varied features and no negative running variance in the global model."""
+    for name, tensor in strategy.global_state.items():
+        assert not name.endswith("running_var") or (tensor >= 0).all(), name
+    images = strategy.data.spec.normalize(strategy.data.probe_test.images[:64])
+    features = extract_features(strategy._model_of(strategy.global_state).encoder, images)
+    assert torch.isfinite(features).all() and features.std(dim=0).max() > 0
+
+
+def test_fedpaq_at_two_and_three_bits_keeps_its_global_model_usable(tmp_path):
+    """QSGD-coded batch-norm statistics once drove running variances negative: NaN features,
+    a global score of exactly chance (10.00% in every seed of the learning comparison)."""
+    config = tiny_config(
+        tmp_path, "fedpaq", "2,3", **{"dataset": "fashion-mnist", "max-samples-per-client": 256}
+    )
+    strategy, _ = federate(config)
+    assert_usable_global_model(strategy)
 
 
 def test_sample_weights_and_update_application():
@@ -143,7 +171,7 @@ def test_sample_weights_and_update_application():
 )
 def test_each_algorithm_gets_its_server_step(tmp_path, algorithm, server):
     config = tiny_config(tmp_path, algorithm)
-    assert type(make_server(config, experiment_data(config))) is server
+    assert type(make_server(config, server_data(config))) is server
 
 
 def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(tmp_path):
@@ -159,7 +187,7 @@ def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(t
 
 def test_averaging_server_weights_by_samples_and_rounds_the_downlink(tmp_path):
     config = tiny_config(tmp_path, "fedsimclr")
-    server = make_server(config, experiment_data(config))
+    server = make_server(config, server_data(config))
     base = server.initial_state()
     states = {0: base, 1: {k: v + 1 if v.is_floating_point() else v for k, v in base.items()}}
     outcome = server.run_round(1, base, states, {0: 30, 1: 10}, {4})

@@ -1,5 +1,8 @@
 """Real deployment on loopback: a ``flower-superlink`` and ``flower-supernode`` processes started
-by ``scripts/deploy/``, TLS with SuperNode authentication, ``flwr run`` against them.
+by ``scripts/deploy/``, TLS with SuperNode authentication, ``flwr run`` against them. Each device
+trains on its own folder and the server reads its own buffer and probe folders, all written by
+``scripts/make_device_data.py``: nothing here cuts a share out of a global dataset. (The compose
+demo's test covers devices that do.)
 
 Every process is started in its own session and stopped by the fixture that started it (by
 process group), pass or fail.
@@ -14,9 +17,11 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import simulation
@@ -28,9 +33,8 @@ RUN_CONFIG = """dataset = "synthetic"
 model-width = 8
 num-clients = 3
 bitwidths = "4,4,4"
-dirichlet-beta = 1.0
-buffer-ratio = 0.1
-max-samples-per-client = 150
+buffer-dir = "{data}/server/buffer"
+probe-dir = "{data}/server/probe"
 num-rounds = 2
 batch-size = 64
 round-timeout = {timeout}
@@ -50,6 +54,7 @@ class Deployment:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.keys = base / "keys"
+        self.data = base / "data"
         self.address = f"127.0.0.1:{free_port()}"
         self.cli_env = simulation.flower_env(base / "cli")
         self.processes: dict[str, subprocess.Popen] = {}
@@ -89,6 +94,7 @@ class Deployment:
             "--partition-id", str(partition),
             "--num-partitions", "3",
             "--bitwidth", str(bits),
+            "--local-data", str(self.data / f"device-{partition}"),
             "--superlink", self.address,
             "--keys", str(self.keys),
             "--port", str(free_port()),
@@ -104,7 +110,7 @@ class Deployment:
     def run(self, output: Path, timeout: float, on_round=None) -> tuple[dict, Path]:
         """``flwr run`` of the tiny config; (the run's ``flwr list`` entry, its output folder)."""
         config = self.base / f"{output.name}.toml"
-        config.write_text(RUN_CONFIG.format(timeout=timeout, output=output))
+        config.write_text(RUN_CONFIG.format(timeout=timeout, output=output, data=self.data))
         process = subprocess.Popen(
             ["flwr", "run", str(ROOT), CONNECTION, "--run-config", str(config), "--stream"],
             cwd=ROOT, env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -143,11 +149,19 @@ pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """SuperLink (TLS + auth), nodes 0-2 registered and running at 4, 8 and 12 bits, plus an
-    unregistered node and a plain-text node that must be refused."""
+    """SuperLink (TLS + auth), nodes 0-2 registered and running at 4, 8 and 12 bits on their own
+    folders, plus an unregistered node and a plain-text node that must be refused."""
     base = tmp_path_factory.mktemp("deploy")
     link = Deployment(base)
     try:
+        subprocess.run(
+            [
+                sys.executable, str(ROOT / "scripts" / "make_device_data.py"), str(link.data),
+                "--dataset", "synthetic", "--beta", "0.3", "--max-samples", "150",
+                "--buffer-ratio", "0.1", "--probe-samples", "300", "--test-samples", "300",
+            ],
+            check=True, capture_output=True,
+        )  # fmt: skip
         subprocess.run(
             ["bash", str(DEPLOY / "make-keys.sh"), str(link.keys), "4"], check=True,
             capture_output=True,
@@ -197,14 +211,24 @@ def rounds_of(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
 
 
-def test_three_supernodes_with_their_own_bitwidths_complete_two_rounds(deployment, tmp_path):
+def test_three_supernodes_with_their_own_bitwidths_and_data_complete_two_rounds(
+    deployment, tmp_path
+):
     status, output = deployment.run(tmp_path / "healthy", timeout=120)
     assert status["status"] == "finished:completed", status
     summary = json.loads((output / "summary.json").read_text())
     assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
+    # each device trained on all of its folder (150 images, 20% of each class held out)
+    # and was scored on its own held-out split
     for record in rounds_of(output):
         assert sorted(c["bitwidth"] for c in record["clients"]) == [4, 8, 12]
         assert record["missing-partitions"] == []
+        assert all(110 <= c["examples"] <= 130 for c in record["clients"]), record["clients"]
+    assert all(20 <= c["test-examples"] <= 40 for c in summary["local-accuracy"]), summary
+    assert summary["buffer-to-client-ratio"] == pytest.approx(
+        len(list((deployment.data / "server" / "buffer").iterdir()))
+        / np.mean([c["examples"] for c in rounds_of(output)[-1]["clients"]])
+    )
 
 
 def test_unregistered_and_plain_text_supernodes_are_refused(deployment):

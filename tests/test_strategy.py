@@ -11,7 +11,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from common.codec import decode_state, encode_state, is_quantized, packed_size, payload_bits
 from common.config import ExperimentConfig
-from common.experiment import experiment_data, new_model
+from common.experiment import new_model, server_data
 from fedqssl_server import server_steps
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import average_states, softmax_weights
@@ -75,9 +75,7 @@ def test_softmax_weights_and_weighted_average():
 def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bitwidth(
     config, monkeypatch
 ):
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     calls = []
     finetune = strategy.server.finetune
 
@@ -100,9 +98,7 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
 
 
 def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     good = fit_result(config, 4, 0)
     bad = fit_result(config, 8, 1, 1)
     arrays = parameters_to_ndarrays(bad.parameters)
@@ -121,9 +117,7 @@ def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(con
     """Bare ``flwr run .`` with too few SuperNodes: every client fails; the run must fail with
     the clients' own reason, and write no summary of a model nobody trained."""
     config = ExperimentConfig.from_mapping({**config.to_run_config(), "min-fit-clients": 2})
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     reason = ValueError("node has partition-id 0 of num-partitions 2, but the run has ...")
     failed = r"0 of 2 clients .* first failure: ValueError: node"
     with pytest.raises(RoundFailedError, match=failed):
@@ -152,9 +146,7 @@ def test_a_new_run_in_a_used_folder_starts_its_own_records(config):
 
 
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     proxies = [FakeProxy(str(i)) for i in range(3)]
     first = strategy.configure_fit(1, None, FakeManager(proxies))
     assert all(payload_bits(parameters_to_ndarrays(ins.parameters)) == 32 for _, ins in first)
@@ -174,7 +166,7 @@ def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config)
 
 def test_round_records_bytes_and_times(config):
     recorder = RunRecorder(config, config_dir(config))
-    strategy = LowBitStrategy(config, experiment_data(config), recorder)
+    strategy = LowBitStrategy(config, server_data(config), recorder)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     strategy.configure_fit(1, None, FakeManager(proxies))
     results = three_results(config, proxies)
@@ -198,9 +190,7 @@ def test_server_steps_do_not_import_flower():
 
 
 def test_round_outcome_does_not_depend_on_arrival_order(config):
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     states = {
         key: decode_state(parameters_to_ndarrays(fit_result(config, bits, key, key).parameters))
         for key, bits in enumerate((4, 8, 4))
@@ -237,15 +227,13 @@ def test_client_sampling_follows_fraction_fit_and_min_fit_clients(
             "output-dir": str(tmp_path),
         }
     )
-    strategy = LowBitStrategy(config, experiment_data(config))
+    strategy = LowBitStrategy(config, server_data(config))
     proxies = [FakeProxy(str(i)) for i in range(10)]
     assert len(strategy.configure_fit(1, None, FakeManager(proxies))) == expected
 
 
 def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
-    strategy = LowBitStrategy(
-        config, experiment_data(config), RunRecorder(config, config_dir(config))
-    )
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     results = [
         (FakeProxy("a"), fit_result(config, 4, 0, 0)),
         (FakeProxy("b"), fit_result(config, 8, 1, 0)),
@@ -258,7 +246,7 @@ def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
 def test_identical_models_get_identical_dq_losses_and_weights(config):
     """Every client's de-quantization sees the same views of D_g in the same order, so L_DQ
     compares models, not augmentation luck."""
-    server = server_steps.make_server(config, experiment_data(config))
+    server = server_steps.make_server(config, server_data(config))
     same = decode_state(parameters_to_ndarrays(fit_result(config, 4, 0).parameters))
     other = decode_state(parameters_to_ndarrays(fit_result(config, 4, 1).parameters))
     outcome = server.run_round(
@@ -271,7 +259,7 @@ def test_identical_models_get_identical_dq_losses_and_weights(config):
 
 
 def initial(config):
-    return server_steps.make_server(config, experiment_data(config)).initial_state()
+    return server_steps.make_server(config, server_data(config)).initial_state()
 
 
 def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
@@ -281,9 +269,9 @@ def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
         for key in range(3)
     }
     outcomes = [
-        server_steps.make_server(c, experiment_data(c)).run_round(
+        server_steps.make_server(c, server_data(c)).run_round(
             1,
-            server_steps.make_server(c, experiment_data(c)).initial_state(),
+            server_steps.make_server(c, server_data(c)).initial_state(),
             states,
             dict.fromkeys(states, 10),
             {4},
@@ -300,7 +288,7 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     config, monkeypatch
 ):
     control = ExperimentConfig.from_mapping({**config.to_run_config(), "algorithm": "fedsimclr-ft"})
-    server = server_steps.make_server(control, experiment_data(control))
+    server = server_steps.make_server(control, server_data(control))
     assert type(server) is server_steps.FineTuneServer
     calls = []
     finetune = server.finetune

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Start one SuperNode (a device): its data partition, its bitwidth and where its data lives are
-# its own node config, so the server needs no list of clients.
+# Start one SuperNode (a device): its id, its bitwidth and its data are its own node config, so
+# the server needs no list of clients. --local-data DIR: the device's own data, used whole
+# (class folders 0/, 1/, ... of images, a flat folder, an .npz or an idx pair); without it the
+# device cuts partition K of the run's dataset (found in --data-dir, else its usual place).
 #   bash scripts/deploy/supernode.sh --partition-id 0 --num-partitions 3 --bitwidth 4 \
-#       [--superlink HOST:8000] [--data-dir DIR] [--keys DIR] [--key FILE] [--port 9094]
-#       [--max-retries N] [--insecure]
+#       [--local-data DIR | --data-dir DIR] [--superlink HOST:8000] [--keys DIR] [--key FILE]
+#       [--port 9094] [--max-retries N] [--insecure]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-superlink=127.0.0.1:8000 partition="" partitions="" bits="" data_dir="" key="" port="" retries=""
+superlink=127.0.0.1:8000 partition="" partitions="" bits="" data_dir="" local_data="" key="" port="" retries=""
 while [ $# -gt 0 ]; do
   case $1 in
     --partition-id) partition=$2; shift 2 ;;
@@ -14,6 +16,7 @@ while [ $# -gt 0 ]; do
     --bitwidth) bits=$2; shift 2 ;;
     --superlink) superlink=$2; shift 2 ;;
     --data-dir) data_dir=$2; shift 2 ;;
+    --local-data) local_data=$2; shift 2 ;;
     --keys) keys=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
@@ -27,6 +30,10 @@ for name in partition partitions bits; do
 done
 node_config="partition-id=$partition num-partitions=$partitions bitwidth=$bits"
 [ -n "$data_dir" ] && node_config+=" data-dir=\"$(cd "$data_dir" && pwd)\""
+if [ -n "$local_data" ]; then
+  [ -e "$local_data" ] || { echo "supernode.sh: --local-data $local_data does not exist" >&2; exit 2; }
+  node_config+=" local-data=\"$(realpath "$local_data")\""
+fi
 args=(--superlink "$superlink" --node-config "$node_config" --port "${port:-$((9094 + partition))}")
 [ -n "$retries" ] && args+=(--max-retries "$retries")
 if [ "$insecure" = 1 ]; then
