@@ -234,6 +234,23 @@ def stop_processes(pids: set[int]) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def require_gpu(values: dict, gpus_per_client: float) -> None:
+    """``--gpus-per-client`` > 0 means clients train on the GPU: ``device`` becomes ``cuda``, so a
+    client that sees none fails loudly instead of quietly training on the CPU."""
+    if gpus_per_client <= 0:
+        return
+    if values.get("device", "auto") == "cpu":
+        raise ConfigError(f"--gpus-per-client {gpus_per_client} contradicts device: cpu")
+    import torch  # only here: the driver needs torch for this check alone
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus-per-client {gpus_per_client}, but torch sees no GPU on this machine: drop "
+            "the flag to train on the CPU, or install a CUDA build of torch"
+        )
+    values["device"] = "cuda"
+
+
 def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str]) -> int:
     """One ``flwr run`` of ``config``; 0 when ``flwr list`` says it completed."""
     output_dir = Path(config.output_dir)
@@ -468,6 +485,7 @@ def main() -> int:
     args = parse_args()
     try:
         plan = make_plan(args.preset, args)
+        require_gpu(plan.base, args.gpus_per_client)
         output_dir = Path(
             args.output_dir
             or plan.base.get("output-dir")

@@ -88,6 +88,9 @@ class LowBitClient(NumPyClient):
         server_round = int(config.get("server-round", 0))
         seed = self.config.seed * 7919 + server_round * 101 + self.partition_id
         supervised = not self.algorithm.self_supervised
+        on_gpu = next(self.model.parameters()).is_cuda
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         losses = fit_local(
             self.model,
@@ -126,6 +129,9 @@ class LowBitClient(NumPyClient):
                     "payload-bytes": payload_nbytes(payload),
                     "train-seconds": time.perf_counter() - start,
                     "torch-threads": torch.get_num_threads(),
+                    **(
+                        {"gpu-peak-mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}
+                    ),
                 },
             ),
         )

@@ -230,6 +230,7 @@ class LowBitStrategy(Strategy):
                 "loss": item.result.metrics.get("loss"),
                 "train-seconds": item.result.metrics.get("train-seconds"),
                 "torch-threads": item.result.metrics.get("torch-threads"),
+                "gpu-peak-mb": item.result.metrics.get("gpu-peak-mb"),
                 "examples": item.result.num_examples,
                 "uplink-bytes": item.uplink_bytes,
                 "downlink-bytes": self.sent_bytes.get(item.client.cid),
