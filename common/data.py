@@ -75,6 +75,10 @@ class ImageData:
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
+    def without_labels(self) -> ImageData:
+        """The same images as unlabelled data (a device that has no labels)."""
+        return ImageData(self.images, None, self.num_classes)
+
     def subset(self, indices: np.ndarray) -> ImageData:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         labels = None if self.labels is None else self.labels[index]

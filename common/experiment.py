@@ -8,7 +8,6 @@ second on Fashion-MNIST), so no data or index list travels; a process that hosts
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -198,21 +197,25 @@ def client_data(config: ExperimentConfig, partition_id: int, local_data: str = "
 
 
 def server_data(config: ExperimentConfig) -> ServerData:
-    """The server's buffer from ``buffer-dir`` and probe sets from ``probe-dir`` when set (the
-    run's dataset is then not loaded for them), else both from the run's dataset and partition."""
+    """The server's buffer from ``buffer-dir`` and probe sets from ``probe-dir`` when set, else
+    from the run's dataset and partition (not loaded at all when both folders are set)."""
     spec = DatasetSpec.of(config.dataset)
-    if config.buffer_dir and config.probe_dir:
-        buffer = load_images(config.buffer_dir, *spec.shape).images
-        probe_train, probe_test = _probe_folder(config, spec)
-        return ServerData(spec, buffer, probe_train, probe_test)
-    from_dataset = experiment_data(config).for_server(config.probe_samples)
-    if config.buffer_dir:
-        buffer = load_images(config.buffer_dir, *spec.shape).images
-        return dataclasses.replace(from_dataset, buffer=buffer)
-    if config.probe_dir:
-        probe_train, probe_test = _probe_folder(config, spec)
-        return dataclasses.replace(from_dataset, probe_train=probe_train, probe_test=probe_test)
-    return from_dataset
+    from_dataset = (
+        None
+        if config.buffer_dir and config.probe_dir
+        else experiment_data(config).for_server(config.probe_samples)
+    )
+    buffer = (
+        load_images(config.buffer_dir, *spec.shape).images
+        if config.buffer_dir
+        else from_dataset.buffer
+    )
+    probe_train, probe_test = (
+        _probe_folder(config, spec)
+        if config.probe_dir
+        else (from_dataset.probe_train, from_dataset.probe_test)
+    )
+    return ServerData(spec, buffer, probe_train, probe_test)
 
 
 def _probe_folder(config: ExperimentConfig, spec: DatasetSpec) -> tuple[ImageData, ImageData]:

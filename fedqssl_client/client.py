@@ -55,8 +55,7 @@ class LowBitClient(NumPyClient):
         self.bits = bits
         self.state = RecordDict() if state is None else state
         self.data = client_data(config, partition_id) if data is None else data
-        self.train_data = self.data.train
-        if not self.algorithm.self_supervised and not self.train_data.labelled:
+        if not self.algorithm.self_supervised and not self.data.train.labelled:
             raise ConfigError(
                 f"{config.algorithm} trains on labels, but client {partition_id}'s data has "
                 "none: give it labelled data (class folders 0, 1, ...) or run a self-supervised "
@@ -94,7 +93,7 @@ class LowBitClient(NumPyClient):
         start = time.perf_counter()
         losses = fit_local(
             self.model,
-            self.train_data.images,
+            self.data.train.images,
             self.data.spec.supervised_augmentation()
             if supervised
             else self.data.spec.augmentation(),
@@ -104,7 +103,7 @@ class LowBitClient(NumPyClient):
             self.config.batch_size,
             self.config.temperature,
             seed,
-            labels=self.train_data.labels if supervised else None,
+            labels=self.data.train.labels if supervised else None,
             proximal_mu=self.config.proximal_mu if self.algorithm.proximal else 0.0,
         )
         trained = self.model.state_dict()
@@ -122,7 +121,7 @@ class LowBitClient(NumPyClient):
             )
         return (
             payload,
-            len(self.train_data),
+            len(self.data.train),
             self._metrics(
                 loss=losses[-1],
                 **{
@@ -179,11 +178,11 @@ class LowBitClient(NumPyClient):
         the local labelled share, scored on the local test set (final epoch)."""
         features = [
             extract_features(encoder, self.data.spec.normalize(part.images))
-            for part in (self.train_data, test)
+            for part in (self.data.train, test)
         ]
         return linear_probe_accuracy(
             features[0],
-            self.train_data.labels,
+            self.data.train.labels,
             features[1],
             test.labels,
             self.data.spec.num_classes,

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import DATASET_NAMES, ImageData, load_dataset, make_partition
-from common.experiment import capped
+from common.experiment import ExperimentData, capped
 from common.local_data import save_images
 
 
@@ -60,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         args.buffer_ratio,
         args.seed,
     )
-    for device, indices in enumerate(partition.clients):
-        if 0 < args.max_samples < len(indices):  # the draw simulation's client_train makes
-            rng = np.random.default_rng([args.seed, device])
-            indices = np.sort(rng.choice(indices, size=args.max_samples, replace=False))
-        share = train.subset(indices)
+    split = ExperimentData(args.dataset, train, test, partition, args.seed)
+    for device in range(args.num_devices):
+        share = split.client_train(device, args.max_samples)  # simulation's own draw
         if args.unlabelled:
-            share = ImageData(share.images, None, share.num_classes)
+            share = share.without_labels()
         folder = args.output / f"device-{device}"
         save_images(share, folder, args.format)
         classes = (
@@ -76,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{folder}: {len(share)} images, per class {classes}")
     server = args.output / "server"
-    buffer = train.subset(partition.buffer)
-    save_images(ImageData(buffer.images, None, buffer.num_classes), server / "buffer", args.format)
+    buffer = split.buffer().without_labels()
+    save_images(buffer, server / "buffer", args.format)
     save_images(cap(train, args.probe_samples, args.seed), server / "probe" / "train", args.format)
     save_images(cap(test, args.test_samples, args.seed), server / "probe" / "test", args.format)
     print(f"{server}: buffer {len(buffer)} images, probe train/ and test/")

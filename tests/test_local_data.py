@@ -53,7 +53,7 @@ def test_class_folders_of_png_round_trip_with_integer_labels(tmp_path, sample):
 
 
 def test_flat_png_folder_and_npz_round_trip(tmp_path, sample):
-    unlabelled = ImageData(sample.images, None, 10)
+    unlabelled = sample.without_labels()
     save_images(unlabelled, tmp_path / "flat")
     assert_same(load_images(tmp_path / "flat", *GREY), unlabelled)
     save_images(sample, tmp_path / "npz", "npz")
@@ -135,12 +135,12 @@ def test_bad_local_data_is_refused_with_the_fix(tmp_path, sample, make, error, m
 
 def test_images_beside_class_folders_and_wrong_sized_pngs_are_refused(tmp_path, sample):
     save_images(sample.subset(np.arange(3)), tmp_path / "mixed")
-    save_images(ImageData(sample.images[:2], None, 10), tmp_path / "flat")
+    save_images(sample.subset(np.arange(2)).without_labels(), tmp_path / "flat")
     for png in (tmp_path / "flat").iterdir():
         png.rename(tmp_path / "mixed" / png.name)
     with pytest.raises(DatasetFormatError, match="both images and sub-folders"):
         load_images(tmp_path / "mixed", *GREY)
-    save_images(ImageData(sample.images[:2], None, 10), tmp_path / "small")
+    save_images(sample.subset(np.arange(2)).without_labels(), tmp_path / "small")
     with pytest.raises(DatasetFormatError, match="resize the images to 32 x 32"):
         load_images(tmp_path / "small", 1, 32, 10)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
@@ -173,7 +173,7 @@ def test_train_test_subfolders_are_used_as_given_and_unlabelled_data_has_no_test
     save_images(data.subset(np.arange(30, 40)), tmp_path / "own" / "test")
     train, test = local_train_test(tmp_path / "own", *GREY, 0.2, 0)
     assert (len(train), len(test)) == (30, 10)
-    save_images(ImageData(data.images, None, 10), tmp_path / "plain")
+    save_images(data.without_labels(), tmp_path / "plain")
     train, test = local_train_test(tmp_path / "plain", *GREY, 0.2, 0)
     assert len(train) == 40 and test is None
     save_images(make_synthetic(2, seed=7), tmp_path / "tiny")
@@ -258,8 +258,8 @@ def test_devices_on_their_own_folders_federate_and_an_unlabelled_one_is_not_scor
     )
     spec = DatasetSpec.of("synthetic")
     labelled = client_data(config, 0, str(device_folders / "device-0"))
-    unlabelled_images = load_images(device_folders / "device-1", *spec.shape).images
-    unlabelled = ClientData(spec, ImageData(unlabelled_images, None, 10), None)
+    unlabelled_share = load_images(device_folders / "device-1", *spec.shape).without_labels()
+    unlabelled = ClientData(spec, unlabelled_share, None)
     strategy, _ = federate(config, [labelled, unlabelled])
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     first, second = summary["local-accuracy"]
@@ -275,6 +275,6 @@ def test_devices_on_their_own_folders_federate_and_an_unlabelled_one_is_not_scor
 def test_a_supervised_algorithm_refuses_a_device_without_labels(tmp_path):
     config = tiny_config(tmp_path, "fedavg")
     data = ClientData(DatasetSpec.of("synthetic"), make_synthetic(20), None)
-    unlabelled = ClientData(data.spec, ImageData(data.train.images, None, 10), None)
+    unlabelled = ClientData(data.spec, data.train.without_labels(), None)
     with pytest.raises(ConfigError, match="fedavg trains on labels"):
         LowBitClient(config, 0, 4, RecordDict(), unlabelled)
