@@ -21,6 +21,7 @@ from common.algorithms import ALGORITHM_NAMES
 from common.data import DATASET_NAMES
 from common.models import MODEL_NAMES
 from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS
+from common.training import LowBitSettings
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
@@ -58,6 +59,7 @@ class ExperimentConfig:
     temperature: float = 0.5
     weight_update: str = "grid"
     grad_rounding: str = "stochastic"
+    save_codes: bool = True
     dq_epochs: int = 1
     rq_epochs: int = 1
     dq_temperature: float = 1.0
@@ -109,6 +111,10 @@ class ExperimentConfig:
             else getattr(self, f.name)
             for f in dataclasses.fields(self)
         }
+
+    def low_bit_settings(self, bits: int) -> LowBitSettings:
+        """How a model trains at ``bits`` under this config (client training, server fine-tunes)."""
+        return LowBitSettings(bits, self.weight_update, self.grad_rounding, self.save_codes)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flat scalars for Flower's ``--run-config`` (``bitwidths`` as a string)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common.quant import FULL_PRECISION, QuantAct, QuantConv2d, QuantLinear, set_bitwidth
+from common.saved_codes import max_pool
 
 MODEL_NAMES = ("resnet18", "small_cnn")
 
@@ -70,6 +71,19 @@ class ResNet18(nn.Module):
         return torch.flatten(self.pool(out), 1)
 
 
+class CodesMaxPool2d(nn.MaxPool2d):
+    """Max-pool of a quantized activation that saves codes for backward (``saved_codes.max_pool``).
+
+    Its output stays marked as codes: the max of values on a grid is on the grid.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool(self, x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks for 28x28 / 32x32 inputs on CPU: 28 -> 14 -> 7, ``width * 4`` features."""
 
@@ -84,7 +98,7 @@ class SmallCNN(nn.Module):
                 QuantAct(),
             ]
             if index < 2:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(CodesMaxPool2d(2))
             channels = out_channels
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feature_dim = channels

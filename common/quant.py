@@ -16,11 +16,15 @@ model decoded from the wire and trained on resumes exactly where the sender's fo
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from common import saved_codes
+from common.saved_codes import bounded_activation, mark_recomputable
 
 FULL_PRECISION = 32
 MIN_BITS = 2
@@ -98,7 +102,16 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
         return weight
     codes, scale = weight_codes(weight, bits)
     quantized = codes_to_weight(codes, scale, bits).to(weight.dtype)
-    return quantized + (weight - weight.detach())
+    out = quantized + (weight - weight.detach())
+    if saved_codes.active():  # saved for backward as codes and scale, decoded again there
+        small_codes = codes.to(saved_codes.code_dtype(_levels(bits)))
+        decode = functools.partial(_decode_weight, scale=scale, bits=bits, dtype=weight.dtype)
+        mark_recomputable(out, decode, small_codes)
+    return out
+
+
+def _decode_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype):
+    return codes_to_weight(codes, scale, bits).to(dtype)
 
 
 # ---------------------------------------------------------------- activations
@@ -115,10 +128,7 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits == FULL_PRECISION:
         return F.relu(x)
-    bounded = x.clamp(0.0, 1.0)
-    levels = _levels(bits)
-    grid = (torch.round(bounded.detach() * levels) / levels).to(x.dtype)
-    return grid + (bounded - bounded.detach())
+    return bounded_activation(x, _levels(bits))
 
 
 # ---------------------------------------------------------------- gradients
@@ -185,22 +195,42 @@ def quantize_gradient(
 # ---------------------------------------------------------------- layers
 
 
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
 class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose forward pass uses ``bits``-bit weights (bias stays float32)."""
+    """``nn.Conv2d`` whose forward pass uses ``bits``-bit weights (bias stays float32).
+
+    At low bits its output is recomputed in backward instead of saved (``common.saved_codes``).
+    """
 
     bits: int = FULL_PRECISION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, quantize_weight(self.weight, self.bits), self.bias)
+        weight = quantize_weight(self.weight, self.bits)
+        out = self._conv_forward(x, weight, self.bias)
+        if self.bits != FULL_PRECISION:
+            frozen_bias = _detached(self.bias)
+            mark_recomputable(out, lambda y, w: self._conv_forward(y, w, frozen_bias), x, weight)
+        return out
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward pass uses ``bits``-bit weights (bias stays float32)."""
+    """``nn.Linear`` whose forward pass uses ``bits``-bit weights (bias stays float32).
+
+    At low bits its output is recomputed in backward instead of saved (``common.saved_codes``).
+    """
 
     bits: int = FULL_PRECISION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, quantize_weight(self.weight, self.bits), self.bias)
+        weight = quantize_weight(self.weight, self.bits)
+        out = F.linear(x, weight, self.bias)
+        if self.bits != FULL_PRECISION:
+            frozen_bias = _detached(self.bias)
+            mark_recomputable(out, lambda y, w: F.linear(y, w, frozen_bias), x, weight)
+        return out
 
 
 class QuantAct(nn.Module):

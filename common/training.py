@@ -13,6 +13,7 @@ view and its label with cross-entropy. FedProx's proximal term is an option of t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,16 +23,23 @@ from torch.nn import functional as F
 
 from common.models import Classifier, SSLModel
 from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
+from common.saved_codes import saving_codes
 from common.ssl import Labelled, TwoViews, nt_xent_loss, simsiam_loss
 
 
 @dataclass(frozen=True)
 class LowBitSettings:
-    """How a client trains: its bitwidth, the weight-update rule and the gradient rounding."""
+    """How a client trains: its bitwidth, the weight-update rule and the gradient rounding.
+
+    ``save_codes`` keeps what backward needs as low-bit codes (``common.saved_codes``: the same
+    numbers, less memory, one recomputed layer output each); off, autograd keeps float32 tensors
+    (the reference path, faster where memory is no object).
+    """
 
     bits: int = FULL_PRECISION
     weight_update: str = "grid"
     grad_rounding: Rounding = "stochastic"
+    save_codes: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ def train_step(
     proximal: Proximal | None = None,
 ) -> float:
     """One low-bit step on a batch (two views, or images and labels); returns the loss."""
-    loss = objective_loss(model, first, second, temperature)
+    with saving_codes() if settings.save_codes else contextlib.nullcontext():
+        loss = objective_loss(model, first, second, temperature)
     if proximal is not None:
         loss = loss + proximal.penalty(model)
     optimizer.zero_grad(set_to_none=True)
@@ -128,6 +137,67 @@ def train_epoch(
     return total / steps if steps else float("nan")
 
 
+def _loader(
+    images: torch.Tensor,
+    transform: nn.Module,
+    batch_size: int,
+    seed: int,
+    labels: torch.Tensor | None,
+) -> torch.utils.data.DataLoader:
+    """Two augmented views per image (one view and its label with ``labels``), seeded order.
+
+    Seeds torch's global generator too: torchvision's augmentations draw from it.
+    """
+    torch.manual_seed(seed)
+    dataset = TwoViews(images, transform) if labels is None else Labelled(images, labels, transform)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(images)),
+        shuffle=True,
+        drop_last=len(images) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def augmented_epochs(
+    images: torch.Tensor, transform: nn.Module, epochs: int, batch_size: int, seed: int
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The batches ``fit_local`` would draw with this seed, drawn once for many models to share.
+
+    Training draws nothing else from the global generator, so ``fit_batches`` on these equals
+    ``fit_local`` with the same seed (the server's de-quantization augments D_g once a round).
+    """
+    loader = _loader(images, transform, batch_size, seed, None)
+    return [list(loader) for _ in range(epochs)]
+
+
+def fit_batches(
+    model: SSLModel | Classifier,
+    epochs: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    settings: LowBitSettings,
+    learning_rate: float,
+    temperature: float,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> list[float]:
+    """Train ``model`` on each epoch's batches in turn; the mean loss of each epoch.
+
+    A fresh Adam optimizer is made per call, as each federated round starts from received
+    weights. ``proximal_mu > 0`` adds FedProx's term around the weights the call started from.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prepare_model(model, settings)
+    proximal = None
+    if proximal_mu > 0:
+        proximal = Proximal(proximal_mu, [p.detach().clone() for p in model.parameters()])
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
+    return [
+        train_epoch(model, batches, optimizer, settings, temperature, generator, proximal)
+        for batches in epochs
+    ]
+
+
 def fit_local(
     model: SSLModel | Classifier,
     images: torch.Tensor,
@@ -145,29 +215,12 @@ def fit_local(
 
     The one training loop of clients (local training) and server (de- and re-quantization), for
     every algorithm: two augmented views per image for an SSL model, one view and its label (from
-    ``labels``) for a classifier. ``proximal_mu > 0`` adds FedProx's term around the weights the
-    call started from. A fresh Adam optimizer is made per call, as each federated round starts
-    from received weights.
+    ``labels``) for a classifier. Batches are augmented as they are drawn (``augmented_epochs``
+    draws the same ones ahead, to share them).
     """
     if isinstance(model, Classifier) != (labels is not None):
         raise ValueError("a Classifier trains on labels, an SSL model without: pass labels iff")
-    torch.manual_seed(seed)  # torchvision's augmentations draw from the global generator
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    dataset = TwoViews(images, transform) if labels is None else Labelled(images, labels, transform)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(images)),
-        shuffle=True,
-        drop_last=len(images) > batch_size,
-        generator=torch.Generator().manual_seed(seed),
+    loader = _loader(images, transform, batch_size, seed, labels)
+    return fit_batches(
+        model, [loader] * epochs, settings, learning_rate, temperature, seed, proximal_mu
     )
-    prepare_model(model, settings)
-    proximal = None
-    if proximal_mu > 0:
-        proximal = Proximal(proximal_mu, [p.detach().clone() for p in model.parameters()])
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
-    return [
-        train_epoch(model, loader, optimizer, settings, temperature, generator, proximal)
-        for _ in range(epochs)
-    ]

@@ -26,7 +26,7 @@ from common.evaluation import classifier_accuracy, linear_probe_accuracy
 from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
 from common.quant import FULL_PRECISION
-from common.training import LowBitSettings, fit_local
+from common.training import fit_local
 
 Scalar = bool | bytes | float | int | str
 PROBE_EPOCHS = 30
@@ -97,7 +97,7 @@ class LowBitClient(NumPyClient):
             self.data.spec.supervised_augmentation()
             if supervised
             else self.data.spec.augmentation(),
-            LowBitSettings(self.bits, self.config.weight_update, self.config.grad_rounding),
+            self.config.low_bit_settings(self.bits),
             self.config.local_epochs,
             self.config.learning_rate,
             self.config.batch_size,

@@ -11,6 +11,12 @@ Fed-QSSL (``FedQSSLServer``):
 4. Re-quantize: once per distinct bitwidth s, the global model is fine-tuned on D_g with s-bit
    operations (``rq-epochs``) and encoded as s-bit codes for every client of that bitwidth.
 
+Every server streams: it loads, de-quantizes and folds one received model at a time into a
+running weighted sum (``RunningAverage``, an online softmax for Fed-QSSL's weights), so a round
+holds O(1) model states however many clients report; ``received`` maps each client to its state
+or to a function that decodes it. D_g is augmented once per round and every de-quantization
+trains on those same views.
+
 Baselines: ``AveragingServer`` (Fed-SimCLR, Fed-SimSiam, FedAvg, FedProx) averages the received
 models weighted by sample count; ``UpdateServer`` (FedPAQ) adds the sample-weighted mean of the
 received updates to the global model. Both re-quantize by rounding only (``encode_state``).
@@ -21,8 +27,9 @@ Fed-QSSL, so the buffer's extra training is separated from Fed-QSSL's weighting.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +40,15 @@ from common.codec import encode_state
 from common.config import ExperimentConfig
 from common.experiment import ServerData, new_model
 from common.quant import FULL_PRECISION
-from common.training import LowBitSettings, fit_local
+from common.training import augmented_epochs, fit_batches
 
 State = dict[str, torch.Tensor]
+StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+
+def load(source: StateSource) -> Mapping[str, torch.Tensor]:
+    """A received state, decoding it now if it arrived as a decoder (one state in memory)."""
+    return source() if callable(source) else source
 
 
 def softmax_weights(losses: Sequence[float], temperature: float = 1.0) -> np.ndarray:
@@ -62,6 +75,55 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return averaged
 
 
+class RunningAverage:
+    """``sum_k e^{a_k} x_k / sum_k e^{a_k}`` folded one state at a time: O(1) states held.
+
+    ``a_k`` is a log-weight (``-L_DQ / T`` for Fed-QSSL, ``log n_k`` for sample weights); the
+    running maximum of the ``a_k`` keeps every exponent <= 0 (online softmax), and the sums are
+    rescaled when it grows. Integer buffers (BatchNorm counters) take the maximum, as in
+    ``average_states``, whose result this equals up to float rounding.
+    """
+
+    def __init__(self) -> None:
+        self.max_log_weight = -math.inf
+        self.norm = 0.0
+        self.total: State = {}
+
+    def add(self, state: Mapping[str, torch.Tensor], log_weight: float) -> None:
+        if math.isnan(log_weight) or log_weight == math.inf:
+            raise ValueError(f"a log-weight must be a number below +inf, got {log_weight}")
+        if log_weight > self.max_log_weight:
+            if self.total and self.max_log_weight > -math.inf:
+                rescale = math.exp(self.max_log_weight - log_weight)
+                self.norm *= rescale
+                for tensor in self.total.values():
+                    if tensor.is_floating_point():
+                        tensor.mul_(rescale)
+            self.max_log_weight = log_weight
+        weight = 0.0 if log_weight == -math.inf else math.exp(log_weight - self.max_log_weight)
+        self.norm += weight
+        for name, tensor in state.items():
+            if name not in self.total:
+                self.total[name] = (
+                    tensor.double() * weight if tensor.is_floating_point() else tensor.clone()
+                )
+            elif tensor.is_floating_point():
+                self.total[name].add_(tensor.double(), alpha=weight)
+            else:
+                self.total[name] = torch.maximum(self.total[name], tensor)
+
+    def result(self, like: Mapping[str, torch.Tensor]) -> State:
+        """The weighted average, in the dtypes of ``like``."""
+        if self.norm <= 0:
+            raise ValueError("no state with a positive weight was added")
+        return {
+            name: (self.total[name] / self.norm).to(tensor.dtype)
+            if tensor.is_floating_point()
+            else self.total[name]
+            for name, tensor in like.items()
+        }
+
+
 def cpu_state(model: torch.nn.Module) -> State:
     """A model's state on the CPU: the server keeps and combines states there, whatever device
     trained them (decoded payloads arrive on the CPU)."""
@@ -76,31 +138,51 @@ def sample_weights(examples: Sequence[int]) -> np.ndarray:
     return counts / counts.sum()
 
 
+def add_update(current: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> State:
+    """``current + update`` for floating tensors; integer tensors (sent as values, not
+    differences) take the update's."""
+    return {
+        name: (tensor.double() + update[name].double()).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else update[name]
+        for name, tensor in current.items()
+    }
+
+
 def apply_update(
     current: Mapping[str, torch.Tensor],
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
 ) -> State:
-    """``current + sum_k w_k update_k`` for floating tensors; integer tensors (sent as values,
-    not differences) take the maximum, as in ``average_states``."""
-    mean_update = average_states(updates, weights)
-    return {
-        name: (tensor.double() + mean_update[name].double()).to(tensor.dtype)
-        if tensor.is_floating_point()
-        else mean_update[name]
-        for name, tensor in current.items()
-    }
+    """``current + sum_k w_k update_k``; integer tensors take the maximum, as in
+    ``average_states``."""
+    return add_update(current, average_states(updates, weights))
+
+
+def log_weight(weight: float) -> float:
+    return math.log(weight) if weight > 0 else -math.inf
+
+
+class AllRefusedError(ValueError):
+    """Every received model of a round was refused by the server step (reasons in ``refused``)."""
+
+    def __init__(self, refused: Mapping[int, str]) -> None:
+        super().__init__("; ".join(refused.values()))
+        self.refused = dict(refused)
 
 
 @dataclass
 class RoundOutcome:
-    """What one server round produced, for the strategy and the results files."""
+    """What one server round produced, for the strategy and the results files. Lists follow
+    ``keys``: the received clients that count, sorted; ``refused`` says why others do not."""
 
     global_state: State
+    keys: list[int]
     weights: list[float]
     downlink: dict[int, list[np.ndarray]]
     dq_losses: list[float | None] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 class AveragingServer:
@@ -117,27 +199,39 @@ class AveragingServer:
     def initial_state(self) -> State:
         return cpu_state(self.new_model(FULL_PRECISION))
 
-    def combine(self, current: State, states: list[State], weights: np.ndarray) -> State:
-        return average_states(states, weights)
+    def combine(self, current: State, average: State) -> State:
+        """The new global model from the weighted average of what clients sent."""
+        return average
+
+    def sample_average(
+        self, current: State, received: Mapping[int, StateSource], examples: Mapping[int, int]
+    ) -> tuple[list[int], np.ndarray, State]:
+        """(sorted keys, n_k / sum n_j, the weighted average), loading one state at a time."""
+        keys = sorted(received)
+        weights = sample_weights([examples[key] for key in keys])
+        total = RunningAverage()
+        for key, weight in zip(keys, weights, strict=True):
+            total.add(load(received[key]), log_weight(weight))
+        return keys, weights, total.result(current)
 
     def run_round(
         self,
         server_round: int,
         current: State,
-        received: Mapping[int, State],
+        received: Mapping[int, StateSource],
         examples: Mapping[int, int],
         bitwidths: Iterable[int],
     ) -> RoundOutcome:
-        """Aggregate ``received`` (keyed by client; lists follow sorted keys) into the new global
-        model and round it to each of ``bitwidths``."""
+        """Aggregate ``received`` (keyed by client) into the new global model and round it to
+        each of ``bitwidths``."""
         start = time.perf_counter()
-        keys = sorted(received)
-        weights = sample_weights([examples[key] for key in keys])
-        global_state = self.combine(current, [received[key] for key in keys], weights)
+        keys, weights, average = self.sample_average(current, received, examples)
+        global_state = self.combine(current, average)
         after_aggregate = time.perf_counter()
         downlink = {bits: encode_state(global_state, bits) for bits in sorted(set(bitwidths))}
         return RoundOutcome(
             global_state=global_state,
+            keys=keys,
             weights=weights.tolist(),
             downlink=downlink,
             dq_losses=[None] * len(keys),
@@ -151,8 +245,8 @@ class AveragingServer:
 class UpdateServer(AveragingServer):
     """FedPAQ: the received payloads are model updates; their weighted mean moves the model."""
 
-    def combine(self, current: State, states: list[State], weights: np.ndarray) -> State:
-        return apply_update(current, states, weights)
+    def combine(self, current: State, average: State) -> State:
+        return add_update(current, average)
 
 
 class FedQSSLServer(AveragingServer):
@@ -166,17 +260,20 @@ class FedQSSLServer(AveragingServer):
     def finetune(self, state: Mapping[str, torch.Tensor], bits: int, epochs: int, seed: int):
         """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss).
         The seed fixes D_g's augmented views and batch order."""
+        views = augmented_epochs(
+            self.buffer, self.augmentation, epochs, self.config.batch_size, seed
+        )
+        return self.train_on(state, bits, views, seed)
+
+    def train_on(self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int):
+        """``state`` trained at ``bits`` on given epochs of batches; (state, last loss)."""
         model = self.new_model(bits)
         model.load_state_dict(state)
-        settings = LowBitSettings(bits, self.config.weight_update, self.config.grad_rounding)
-        losses = fit_local(
+        losses = fit_batches(
             model,
-            self.buffer,
-            self.augmentation,
-            settings,
-            epochs,
+            views,
+            self.config.low_bit_settings(bits),
             self.config.learning_rate,
-            self.config.batch_size,
             self.config.temperature,
             seed,
         )
@@ -185,22 +282,19 @@ class FedQSSLServer(AveragingServer):
     def round_seed(self, server_round: int) -> int:
         return self.config.seed * 1_000_003 + server_round * 1_000_000
 
-    def dequantize(
-        self, server_round: int, received: Mapping[int, State]
-    ) -> tuple[list[State], list[float]]:
-        """Each received model fine-tuned in full precision on D_g, and its L_DQ, in key order.
-        Every client of a round sees the same views of D_g in the same order, so L_DQ compares
-        the models, not their augmentation luck (identical models get identical losses)."""
-        seed = self.round_seed(server_round)
-        dequantized = [
-            self.finetune(received[key], FULL_PRECISION, self.config.dq_epochs, seed)
-            for key in sorted(received)
-        ]
-        return [state for state, _ in dequantized], [loss for _, loss in dequantized]
+    def dequantize(self, state: Mapping[str, torch.Tensor], views, seed: int):
+        """One received model fine-tuned in full precision on the round's views of D_g:
+        (w'_k, L_DQ_k), the loss of its last epoch. Every client of a round trains on the same
+        views in the same order, so L_DQ compares models, not augmentation luck."""
+        return self.train_on(state, FULL_PRECISION, views, seed)
 
-    def weigh(self, losses: Sequence[float], examples: Sequence[int]) -> np.ndarray:
-        """softmax(-L_DQ / T), or uniform weights (``dq-weighting: uniform``, the control that
-        measures what the softmax adds)."""
+    def log_weight(self, loss: float) -> float:
+        """log p_k up to a constant: ``-L_DQ / T`` (softmax), or 0 (``dq-weighting: uniform``,
+        the control that measures what the softmax adds)."""
+        return 0.0 if self.config.dq_weighting == "uniform" else -loss / self.config.dq_temperature
+
+    def weigh(self, losses: Sequence[float]) -> np.ndarray:
+        """``p_k = softmax(-L_DQ / T)`` (or 1/K), the weights the running sum applied."""
         if self.config.dq_weighting == "uniform":
             return np.full(len(losses), 1.0 / len(losses))
         return softmax_weights(losses, self.config.dq_temperature)
@@ -222,29 +316,47 @@ class FedQSSLServer(AveragingServer):
         self,
         server_round: int,
         current: State,
-        received: Mapping[int, State],
+        received: Mapping[int, StateSource],
         examples: Mapping[int, int],
         bitwidths: Iterable[int],
     ) -> RoundOutcome:
-        """De-quantize ``received`` models (keyed by client: order follows the key, not
-        arrival), weight, aggregate, re-quantize for ``bitwidths``. Lists follow sorted keys."""
+        """De-quantize each received model (in key order, not arrival) and fold it into the
+        p_k-weighted sum at once, then re-quantize the global model for ``bitwidths``. A model
+        whose L_DQ is not finite (it diverged on D_g) is refused; the round goes on without it."""
         start = time.perf_counter()
-        states, losses = self.dequantize(server_round, received)
-        weights = self.weigh(losses, [examples[key] for key in sorted(received)])
+        seed = self.round_seed(server_round)
+        views = augmented_epochs(
+            self.buffer, self.augmentation, self.config.dq_epochs, self.config.batch_size, seed
+        )
+        total = RunningAverage()
+        losses: dict[int, float] = {}
+        refused: dict[int, str] = {}
+        for key in sorted(received):
+            state, loss = self.dequantize(load(received[key]), views, seed)
+            if not math.isfinite(loss):
+                refused[key] = f"client {key}: de-quantization loss {loss} on D_g, refused"
+                continue
+            losses[key] = loss
+            total.add(state, self.log_weight(loss))
+        if not losses:
+            raise AllRefusedError(refused)
+        weights = self.weigh(list(losses.values()))
         after_dq = time.perf_counter()
-        global_state = average_states(states, weights)
+        global_state = total.result(current)
         after_aggregate = time.perf_counter()
         downlink = self.requantize(server_round, global_state, bitwidths)
         return RoundOutcome(
             global_state=global_state,
+            keys=list(losses),
             weights=weights.tolist(),
             downlink=downlink,
-            dq_losses=losses,
+            dq_losses=list(losses.values()),
             seconds={
                 "dequantize": after_dq - start,
                 "aggregate": after_aggregate - after_dq,
                 "requantize": time.perf_counter() - after_aggregate,
             },
+            refused=refused,
         )
 
 
@@ -257,15 +369,13 @@ class FineTuneServer(FedQSSLServer):
         self,
         server_round: int,
         current: State,
-        received: Mapping[int, State],
+        received: Mapping[int, StateSource],
         examples: Mapping[int, int],
         bitwidths: Iterable[int],
     ) -> RoundOutcome:
         """Average, fine-tune the average on D_g in full precision, re-quantize by fine-tuning."""
         start = time.perf_counter()
-        keys = sorted(received)
-        weights = sample_weights([examples[key] for key in keys])
-        average = average_states([received[key] for key in keys], weights)
+        keys, weights, average = self.sample_average(current, received, examples)
         after_aggregate = time.perf_counter()
         global_state, _ = self.finetune(
             average, FULL_PRECISION, self.config.dq_epochs, self.round_seed(server_round)
@@ -274,6 +384,7 @@ class FineTuneServer(FedQSSLServer):
         downlink = self.requantize(server_round, global_state, bitwidths)
         return RoundOutcome(
             global_state=global_state,
+            keys=keys,
             weights=weights.tolist(),
             downlink=downlink,
             dq_losses=[None] * len(keys),

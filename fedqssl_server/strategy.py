@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import zlib
+from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import NamedTuple
 
@@ -32,7 +34,7 @@ from common.experiment import ServerData
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import RoundOutcome, make_server
+from fedqssl_server.server_steps import AllRefusedError, RoundOutcome, make_server
 
 # what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
 LOCAL_SCORES = (
@@ -63,12 +65,13 @@ def row_label(label: str, config: ExperimentConfig) -> str:
 
 
 class Accepted(NamedTuple):
-    """A client result that decoded cleanly."""
+    """A client result that decoded cleanly; ``decode`` decodes it again when the server step
+    needs it, so a round holds one decoded state at a time."""
 
     key: int
     client: ClientProxy
     result: FitRes
-    state: dict
+    decode: Callable[[], dict]
     uplink_bytes: int
 
 
@@ -161,13 +164,18 @@ class LowBitStrategy(Strategy):
             if not isinstance(bits, int) or isinstance(bits, bool):
                 raise PayloadError(f"fit metrics carry no integer 'bitwidth' (got {bits!r})")
             arrays = parameters_to_ndarrays(result.parameters)
-            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
+            decode_state(arrays, expect_bits=bits, template=self.global_state)  # check only
         except PayloadError as error:
             reason = f"client {client.cid} sent a bad model: {error}"
             log(WARNING, "round %s: %s, left out", server_round, reason)
             return reason
         self.client_bits[client.cid] = bits
-        return Accepted(client_key(client, result), client, result, state, payload_nbytes(arrays))
+        decode = functools.partial(self._decoded, result.parameters, bits)
+        return Accepted(client_key(client, result), client, result, decode, payload_nbytes(arrays))
+
+    def _decoded(self, parameters: Parameters, bits: int) -> dict:
+        arrays = parameters_to_ndarrays(parameters)
+        return decode_state(arrays, expect_bits=bits, template=self.global_state)
 
     def aggregate_fit(
         self,
@@ -194,28 +202,45 @@ class LowBitStrategy(Strategy):
             else:
                 accepted[key] = decoded
         ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
-        if len(ordered) < self.config.min_fit_clients:
-            message = (
-                f"round {server_round}: {len(ordered)} of {len(results) + len(failures)} clients "
-                f"returned a usable model, fewer than min-fit-clients "
-                f"({self.config.min_fit_clients}); first failure: "
-                f"{left_out[0][1] if left_out else 'none reported'}"
+        self._require_enough(server_round, ordered, len(results) + len(failures), left_out)
+        outcome: RoundOutcome | None = None
+        try:
+            outcome = self.server.run_round(
+                server_round,
+                self.global_state,
+                {item.key: item.decode for item in ordered},
+                {item.key: item.result.num_examples for item in ordered},
+                set(self.client_bits.values()),
             )
-            self._record_round(ordered, None, left_out)
-            if self.recorder is not None:
-                self.recorder.add_round(self._round_record(server_round, error=message))
-            raise RoundFailedError(message)
-        outcome = self.server.run_round(
-            server_round,
-            self.global_state,
-            {item.key: item.state for item in ordered},
-            {item.key: item.result.num_examples for item in ordered},
-            set(self.client_bits.values()),
-        )
+            refused = outcome.refused
+        except AllRefusedError as error:
+            refused = error.refused
+        for key, reason in refused.items():
+            log(WARNING, "round %s: %s", server_round, reason)
+            left_out.append((accepted[key].client.cid, reason))
+        ordered = [item for item in ordered if item.key not in refused]
+        self._require_enough(server_round, ordered, len(results) + len(failures), left_out)
+        assert outcome is not None  # every model refused leaves none: the round failed above
         self.global_state = outcome.global_state
         self.downlink = outcome.downlink
         self._record_round(ordered, outcome, left_out)
         return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
+
+    def _require_enough(
+        self, server_round: int, usable: list[Accepted], sent: int, left_out: list[tuple[str, str]]
+    ) -> None:
+        """Fail the round (recorded, then ``RoundFailedError``) below min-fit-clients models."""
+        if len(usable) >= self.config.min_fit_clients:
+            return
+        message = (
+            f"round {server_round}: {len(usable)} of {sent} clients returned a usable model, "
+            f"fewer than min-fit-clients ({self.config.min_fit_clients}); first failure: "
+            f"{left_out[0][1] if left_out else 'none reported'}"
+        )
+        self._record_round(usable, None, left_out)
+        if self.recorder is not None:
+            self.recorder.add_round(self._round_record(server_round, error=message))
+        raise RoundFailedError(message)
 
     def _record_round(
         self,

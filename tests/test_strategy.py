@@ -1,6 +1,10 @@
-"""The low-bit strategy and its server steps, driven with fabricated Flower results."""
+"""The low-bit strategy and its server steps, driven with fabricated Flower results; the server
+streams (one received state at a time) with the result of de-quantizing all, then averaging."""
 
+import gc
 import json
+import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +12,17 @@ import pytest
 import torch
 from flower_fakes import FakeManager, FakeProxy
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.codec import decode_state, encode_state, is_quantized, packed_size, payload_bits
 from common.config import ExperimentConfig
 from common.experiment import new_model, server_data
+from common.quant import FULL_PRECISION
+from common.training import fit_local
 from fedqssl_server import server_steps
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import average_states, softmax_weights
+from fedqssl_server.server_steps import RunningAverage, average_states, softmax_weights
 from fedqssl_server.strategy import LowBitStrategy, RoundFailedError
 
 
@@ -77,13 +85,13 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
 ):
     strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
     calls = []
-    finetune = strategy.server.finetune
+    train_on = strategy.server.train_on
 
-    def counting(state, bits, epochs, seed):
+    def counting(state, bits, views, seed):
         calls.append(bits)
-        return finetune(state, bits, epochs, seed)
+        return train_on(state, bits, views, seed)
 
-    monkeypatch.setattr(strategy.server, "finetune", counting)
+    monkeypatch.setattr(strategy.server, "train_on", counting)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     results = three_results(config, proxies)
     parameters, _ = strategy.aggregate_fit(1, results, [])
@@ -310,3 +318,126 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     name = next(k for k, v in average.items() if v.is_floating_point() and v.ndim >= 2)
     assert not torch.allclose(outcome.global_state[name], average[name])  # trained on D_g
     assert payload_bits(outcome.downlink[8]) == 8 and outcome.dq_losses == [None] * 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    log_weights=st.lists(
+        st.floats(min_value=-700, max_value=700, allow_nan=False), min_size=1, max_size=6
+    ),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_running_average_equals_the_softmax_weighted_average(log_weights, seed):
+    generator = torch.Generator().manual_seed(seed)
+    states = [
+        {
+            "w": torch.randn(5, generator=generator),
+            "n": torch.randint(0, 9, (2,), generator=generator),
+        }
+        for _ in log_weights
+    ]
+    total = RunningAverage()
+    for state, log_weight in zip(states, log_weights, strict=True):
+        total.add(state, log_weight)
+    expected = average_states(states, softmax_weights([-a for a in log_weights]))
+    result = total.result(states[0])
+    torch.testing.assert_close(result["w"], expected["w"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(result["n"], expected["n"])
+
+
+def test_running_average_gives_zero_weight_to_minus_infinity_and_refuses_nan():
+    total = RunningAverage()
+    total.add({"w": torch.tensor([100.0])}, -math.inf)
+    total.add({"w": torch.tensor([2.0])}, math.log(3))
+    assert total.result({"w": torch.tensor([0.0])})["w"].item() == 2.0
+    with pytest.raises(ValueError, match="log-weight"):
+        total.add({"w": torch.tensor([1.0])}, math.nan)
+    with pytest.raises(ValueError, match="positive weight"):
+        RunningAverage().result({"w": torch.tensor([0.0])})
+
+
+def received_states(config, count=3):
+    return {
+        key: decode_state(parameters_to_ndarrays(fit_result(config, 4, key, key).parameters))
+        for key in range(count)
+    }
+
+
+def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
+    """Today's result before streaming, rebuilt from the paper's steps: each model fine-tuned in
+    full precision on D_g (same seed for all), p = softmax(-L_DQ), weighted average."""
+    data = server_data(config)
+    server = server_steps.make_server(config, data)
+    states = received_states(config)
+    outcome = server.run_round(7, server.initial_state(), states, dict.fromkeys(states, 10), {4})
+    seed = server.round_seed(7)
+    dequantized, losses = [], []
+    for key in sorted(states):
+        model = server.new_model(FULL_PRECISION)
+        model.load_state_dict(states[key])
+        epoch_losses = fit_local(
+            model,
+            data.buffer,
+            data.spec.augmentation(),
+            config.low_bit_settings(FULL_PRECISION),
+            config.dq_epochs,
+            config.learning_rate,
+            config.batch_size,
+            config.temperature,
+            seed,
+        )
+        dequantized.append({k: v.detach() for k, v in model.state_dict().items()})
+        losses.append(epoch_losses[-1])
+    weights = softmax_weights(losses, config.dq_temperature)
+    expected = average_states(dequantized, weights)
+    assert outcome.dq_losses == losses
+    assert np.allclose(outcome.weights, weights)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(outcome.global_state[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_the_server_holds_one_received_state_at_a_time(config):
+    server = server_steps.make_server(config, server_data(config))
+    states = received_states(config, count=4)
+    alive: list[weakref.ref] = []
+
+    def decoder(key):
+        def decode():
+            gc.collect()
+            assert all(ref() is None for ref in alive), "an earlier received state is still held"
+            state = {name: tensor.clone() for name, tensor in states[key].items()}
+            alive.append(weakref.ref(next(iter(state.values()))))
+            return state
+
+        return decode
+
+    received = {key: decoder(key) for key in states}
+    outcome = server.run_round(1, server.initial_state(), received, dict.fromkeys(states, 10), {4})
+    assert outcome.keys == [0, 1, 2, 3] and len(alive) == 4
+
+
+def test_a_model_that_diverges_on_the_buffer_is_refused_and_the_round_goes_on(config):
+    """A finite model whose de-quantization loss is not finite (BatchNorm weights of 3e38) no
+    longer ends the round: it is a logged failure, and the round equals the round without it."""
+
+    def strategy():
+        return LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+
+    honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
+    poisoned = fit_result(config, 4, 2, 2)
+    arrays = parameters_to_ndarrays(poisoned.parameters)
+    state = decode_state(arrays)
+    for name in state:
+        if name.endswith("weight") and state[name].dim() == 1:  # every BatchNorm scale
+            state[name] = torch.full_like(state[name], 3e38)
+    poisoned.parameters = ndarrays_to_parameters(encode_state(state, 4))
+    with_bad = strategy()
+    with_bad.aggregate_fit(1, [*honest, (FakeProxy("bad"), poisoned)], [])
+    without = strategy()
+    without.aggregate_fit(1, honest, [])
+    assert with_bad.current["failed"] == ["bad"]
+    assert "de-quantization loss" in with_bad.current["failure-reasons"][0]
+    assert [c["partition-id"] for c in with_bad.current["clients"]] == [0, 1]
+    for name, tensor in without.global_state.items():
+        assert torch.isfinite(with_bad.global_state[name].float()).all()
+        torch.testing.assert_close(with_bad.global_state[name], tensor)

@@ -1,0 +1,185 @@
+"""What a low-bit training step keeps for backward, kept as low-bit codes instead of float32.
+
+Autograd saves the tensors each backward formula needs. In a plain PyTorch low-bit network those
+are float32 copies of values that carry only ``s`` bits: the quantized activation (saved by the
+next conv or linear layer), the float input of the activation's clamp, and the layer's output
+(saved by the BatchNorm after it). A low-bit step then needs *more* memory than fp32, the opposite
+of what low-bit hardware promises. Inside ``saving_codes()`` (wrapped around the forward pass of
+every low-bit training step) three rules apply, through PyTorch's ``saved_tensors_hooks``:
+
+1. a quantized activation (marked by ``mark_codes``) is saved once as its integer codes (uint8
+   up to 8 bits, int16 up to 15, int32 at 16) and rebuilt in backward as ``codes / levels``: the
+   same float, bit for bit;
+2. the activation's own backward keeps a one-bit-per-element mask of where its clamp passes the
+   gradient, not its float input (``bounded_activation``), and a max-pool of an activation keeps
+   its input's codes, not int64 argmax indices (``max_pool``: backward finds the argmax again);
+3. a quantized layer's output (marked by ``mark_recomputable``) is not saved at all: backward
+   recomputes it from the layer's saved input codes and weight (one extra conv or matmul per
+   layer, the price of the memory), and a quantized weight is saved as its codes and scale and
+   decoded again (``common.quant.quantize_weight``).
+
+Outside the context (evaluation, full precision) nothing is marked and nothing changes. The
+numbers are those of the float32 path: ``tests/test_saved_codes.py`` compares losses and every
+gradient with the context on and off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+_active_depth = 0  # > 0 while a forward pass runs inside saving_codes()
+
+
+def active() -> bool:
+    """Whether tensors should be marked: a forward pass inside ``saving_codes`` with grad on."""
+    return _active_depth > 0 and torch.is_grad_enabled()
+
+
+class _BoundedQuantize(torch.autograd.Function):
+    """DoReFa's activation, clamp(0, 1) then a ``levels`` grid, saving a bool mask for backward.
+
+    The gradient is the clamp's (passed where 0 <= x <= 1, as ``torch.clamp``'s backward), and
+    rounding is straight-through: the same gradient as ``grid + (bounded - bounded.detach())``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pack_bits((x >= 0) & (x <= 1)))
+        ctx.shape = x.shape
+        return torch.round(x.clamp(0.0, 1.0) * levels) / levels
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (packed,) = ctx.saved_tensors
+        passes = unpack_bits(packed, ctx.shape)
+        return torch.where(passes, grad, torch.zeros_like(grad)), None
+
+
+_BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as one bit per element (uint8, little-endian within each byte)."""
+    flat = mask.reshape(-1)
+    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, -flat.numel() % 8))
+    return (flat.view(-1, 8) * _BIT_VALUES.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool tensor of ``shape`` that ``pack_bits`` packed."""
+    bits = (packed.unsqueeze(1) & _BIT_VALUES.to(packed.device)) != 0
+    return bits.reshape(-1)[: shape.numel()].reshape(shape)
+
+
+class _MaxPoolRecomputed(torch.autograd.Function):
+    """2-D max-pool that saves its input (as codes, when marked), not int64 argmax indices.
+
+    Backward finds the same argmax again from the same input values, so ties break the same way
+    and the gradient equals ``F.max_pool2d``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: torch.nn.MaxPool2d) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.pool = pool
+        return pool.forward_plain(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (grad_input,) = torch.autograd.grad(ctx.pool.forward_plain(leaf), leaf, grad)
+        return grad_input, None
+
+
+def max_pool(pool: torch.nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)``; on a marked activation inside ``saving_codes``, saving codes, not indices."""
+    if not (active() and hasattr(x, "_saved_codes_levels")):
+        return pool.forward_plain(x)
+    out = _MaxPoolRecomputed.apply(x, pool)
+    copy_mark(out, x)
+    return out
+
+
+def bounded_activation(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """The quantized activation, marked so that what is saved for backward is its codes."""
+    out = _BoundedQuantize.apply(x, levels)
+    mark_codes(out, levels)
+    return out
+
+
+def mark_codes(tensor: torch.Tensor, levels: int) -> None:
+    """Mark ``tensor`` as holding ``codes / levels`` so that saving it keeps the codes."""
+    if active():
+        tensor._saved_codes_levels = levels  # type: ignore[attr-defined]
+
+
+def copy_mark(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Carry ``source``'s codes mark to ``target`` (e.g. a max-pool of a quantized activation)."""
+    levels = getattr(source, "_saved_codes_levels", None)
+    if levels is not None:
+        mark_codes(target, levels)
+
+
+def mark_recomputable(
+    output: torch.Tensor, layer: Callable[..., torch.Tensor], *inputs: torch.Tensor
+) -> None:
+    """Mark ``output`` as recomputable by ``layer(*inputs)`` in backward.
+
+    Called after the layer ran, so its inputs have already been saved (as codes if marked): the
+    recipe holds what the layer itself saved, nothing more. ``layer`` must not hold a float
+    tensor the recipe is meant to spare.
+    """
+    if active():
+        packed = tuple(_pack(tensor) for tensor in inputs)
+        output._saved_codes_recipe = (layer, packed)  # type: ignore[attr-defined]
+
+
+def code_dtype(levels: int) -> torch.dtype:
+    """The smallest integer type holding codes 0..levels (uint8 to 8 bits, int16 to 15, int32)."""
+    if levels <= torch.iinfo(torch.uint8).max:
+        return torch.uint8
+    return torch.int16 if levels <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _pack(tensor: torch.Tensor) -> object:
+    levels = getattr(tensor, "_saved_codes_levels", None)
+    if levels is not None:
+        codes = getattr(tensor, "_saved_codes_packed", None)
+        if codes is None:  # the first save: later saves of the same tensor share these codes
+            dtype = code_dtype(levels)
+            codes = torch.round(tensor.detach() * levels).to(dtype)
+            tensor._saved_codes_packed = codes  # type: ignore[attr-defined]
+        return ("codes", codes, levels, tensor.dtype)
+    recipe = getattr(tensor, "_saved_codes_recipe", None)
+    if recipe is not None:
+        return ("recompute", *recipe)
+    return tensor
+
+
+def _unpack(packed: object) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    kind, *rest = packed  # type: ignore[misc]
+    if kind == "codes":
+        codes, levels, dtype = rest
+        return codes.to(dtype) / levels
+    layer, packed_inputs = rest
+    with torch.no_grad():
+        return layer(*(_unpack(packed) for packed in packed_inputs))
+
+
+@contextlib.contextmanager
+def saving_codes() -> Iterator[None]:
+    """Run a forward pass whose saved activations are low-bit codes (see the module docstring)."""
+    global _active_depth
+    _active_depth += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _active_depth -= 1

@@ -1,0 +1,140 @@
+"""Saved activations as codes: the same numbers as the float32 path, a fraction of its memory."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common import saved_codes
+from common.models import build_classifier, build_ssl_model
+from common.quant import FULL_PRECISION, quantize_activation
+from common.saved_codes import saving_codes
+from common.training import objective_loss
+
+
+def loss_and_grads(model, views, use_codes: bool):
+    model.zero_grad(set_to_none=True)
+    if use_codes:
+        with saving_codes():
+            loss = objective_loss(model, *views, temperature=0.5)
+    else:
+        loss = objective_loss(model, *views, temperature=0.5)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def views_for(model_name: str, batch: int, seed: int):
+    channels, size = (1, 28) if model_name == "small_cnn" else (3, 32)
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, size, size, generator=generator) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "predictor", "bits"),
+    [
+        ("small_cnn", False, 2),
+        ("small_cnn", False, 4),
+        ("small_cnn", True, 8),
+        ("small_cnn", False, 12),
+        ("resnet18", False, 4),
+    ],
+)
+def test_codes_give_the_same_loss_and_gradients_as_float32(model_name, predictor, bits):
+    torch.manual_seed(0)
+    channels = 1 if model_name == "small_cnn" else 3
+    model = build_ssl_model(model_name, bits, channels, width=8, predictor=predictor)
+    views = views_for(model_name, 16, seed=1)
+    plain_loss, plain_grads = loss_and_grads(model, views, use_codes=False)
+    coded_loss, coded_grads = loss_and_grads(model, views, use_codes=True)
+    assert torch.equal(coded_loss, plain_loss)
+    for coded, plain in zip(coded_grads, plain_grads, strict=True):
+        assert torch.equal(coded, plain)  # bit for bit: codes rebuild and recompute exactly
+
+
+def test_a_classifier_step_is_unchanged_too():
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 3, 1, width=8)
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(16) % 10
+    plain = loss_and_grads(model, (images, labels), use_codes=False)
+    coded = loss_and_grads(model, (images, labels), use_codes=True)
+    assert torch.equal(plain[0], coded[0])
+    for a, b in zip(plain[1], coded[1], strict=True):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(min_value=2, max_value=16),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_activation_codes_rebuild_the_float_bit_for_bit_and_keep_its_gradient(bits, seed):
+    x = (
+        torch.randn(257, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.5
+    ).requires_grad_()
+    with saving_codes():
+        out = quantize_activation(x, bits)
+    codes = saved_codes._pack(out)
+    expected_dtype = torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+    assert codes[0] == "codes" and codes[1].dtype == expected_dtype
+    assert torch.equal(saved_codes._unpack(codes), out.detach())
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    passes = (x.detach() >= 0) & (x.detach() <= 1)  # the clamp's gradient, as torch.clamp's
+    assert torch.equal(grad, passes.float())
+
+
+def saved_bytes(model, views, use_codes: bool) -> int:
+    """Bytes of distinct storage that autograd keeps for backward after one forward pass."""
+    kept: dict[int, int] = {}
+
+    def record(packed) -> None:
+        if isinstance(packed, torch.Tensor):
+            kept[packed.untyped_storage().data_ptr()] = packed.untyped_storage().nbytes()
+        elif packed[0] == "codes":
+            record(packed[1])
+        else:
+            for source in packed[2]:
+                record(source)
+
+    def counting_pack(tensor):
+        packed = original_pack(tensor)
+        record(packed)
+        return packed
+
+    original_pack = saved_codes._pack
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved_codes._pack = counting_pack
+    try:
+        if use_codes:
+            with saving_codes():
+                loss = objective_loss(model, *views, temperature=0.5)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(counting_pack, saved_codes._unpack):
+                loss = objective_loss(model, *views, temperature=0.5)
+    finally:
+        saved_codes._pack = original_pack
+    del loss
+    return sum(size for ptr, size in kept.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
+def test_a_four_bit_step_keeps_under_a_third_of_what_float32_saves(model_name):
+    torch.manual_seed(0)
+    channels = 1 if model_name == "small_cnn" else 3
+    views = views_for(model_name, 32, seed=3)
+    full = saved_bytes(build_ssl_model(model_name, FULL_PRECISION, channels, width=8), views, False)
+    low = build_ssl_model(model_name, 4, channels, width=8)
+    without_codes = saved_bytes(low, views, use_codes=False)
+    with_codes = saved_bytes(low, views, use_codes=True)
+    print(f"{model_name}: saved bytes fp32 {full}, 4-bit {without_codes}, as codes {with_codes}")
+    assert with_codes < full / 3
+    assert with_codes < without_codes / 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=4))
+def test_masks_pack_to_one_bit_each_and_back(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.5
+    packed = saved_codes.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(saved_codes.unpack_bits(packed, mask.shape), mask)
