@@ -14,9 +14,10 @@ elementwise work are left out, as in the paper's accounting.
 
 What this counts is the paper's model of low-bit hardware, **not what this PyTorch code does**:
 here only the weight gradients are quantized (quantile grid, s + 2 bits); the error signals
-between layers stay float32, activations are kept for backward as float32 tensors and every
-operation runs in float32 arithmetic. The measured memory of a step is therefore higher than this
-counter says (docs/BENCHMARKS.md; issue 11 makes the saved activations real low-bit codes).
+between layers stay float32 and every operation runs in float32 arithmetic. What backward keeps
+of the activations is their codes (``common.saved_codes``), so measured step memory falls below
+fp32, but it also holds float32 gradients and one layer's recomputed output at a time: measured
+against this counter in docs/BENCHMARKS.md ("Memory of a training step").
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from common.quant import (
 FORMAT_NAME = "fedqssl-state"
 FORMAT_VERSION = 1
 NUM_ARRAYS = 4
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 1 << 20  # a ResNet-18 header is about 8 KB
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 _INT_DTYPES = {
     "int64": torch.int64,
@@ -350,8 +350,10 @@ def _parse_header(array: np.ndarray) -> dict:
         raise PayloadError(f"payload header is {array.size} bytes, more than {MAX_HEADER_BYTES}")
     try:
         header = json.loads(array.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PayloadError(f"payload header is not UTF-8 JSON: {error}") from error
+    except RecursionError as error:
+        raise PayloadError("payload header nests too deep to be a header") from error
+    except ValueError as error:  # not UTF-8, not JSON, or an int of thousands of digits
+        raise PayloadError(f"payload header is not UTF-8 JSON: {str(error)[:200]}") from error
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise PayloadError(f"payload header is not a {FORMAT_NAME!r} header")
     if header.get("version") != FORMAT_VERSION:

@@ -33,6 +33,7 @@ from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_ac
 from common.experiment import ServerData
 from common.models import extract_features
 from common.quant import FULL_PRECISION
+from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import AllRefusedError, RoundOutcome, make_server
 
@@ -159,14 +160,13 @@ class LowBitStrategy(Strategy):
 
     def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> Accepted | str:
         """The decoded model, or why it was left out."""
-        bits = result.metrics.get("bitwidth")
+        bits = int(result.metrics["bitwidth"])  # an int: checked by reply_problem
         try:
-            if not isinstance(bits, int) or isinstance(bits, bool):
-                raise PayloadError(f"fit metrics carry no integer 'bitwidth' (got {bits!r})")
             arrays = parameters_to_ndarrays(result.parameters)
             decode_state(arrays, expect_bits=bits, template=self.global_state)  # check only
-        except PayloadError as error:
-            reason = f"client {client.cid} sent a bad model: {error}"
+        except Exception as error:  # any bytes a client sends: numpy's own errors as well
+            detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
+            reason = f"client {client.cid} sent a bad model: {detail}"
             log(WARNING, "round %s: %s, left out", server_round, reason)
             return reason
         self.client_bits[client.cid] = bits
@@ -190,6 +190,12 @@ class LowBitStrategy(Strategy):
             for f in failures
         ]
         for client, result in results:
+            problem = reply_problem(result.metrics, result.num_examples, FIT_METRICS)
+            if problem is not None:
+                reason = f"client {client.cid} sent a bad reply: {problem}"
+                log(WARNING, "round %s: %s, left out", server_round, reason)
+                left_out.append((client.cid, reason))
+                continue
             key = client_key(client, result)
             if key in accepted:
                 reason = f"client {client.cid} repeats partition-id {key}"
@@ -388,6 +394,16 @@ class LowBitStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        usable = []
+        for client, reply in results:
+            problem = reply_problem(reply.metrics, reply.num_examples, EVALUATE_METRICS)
+            if problem is None:
+                usable.append(reply)
+                continue
+            log(
+                WARNING, "evaluation: client %s sent a bad reply: %s, left out", client.cid, problem
+            )
+            failures = [*failures, RuntimeError(f"client {client.cid}: {problem}")]
         local = sorted(
             (
                 {
@@ -397,7 +413,7 @@ class LowBitStrategy(Strategy):
                     "local-model": r.metrics.get("local-model", "probe"),
                     "test-examples": r.num_examples,
                 }
-                for _, r in results
+                for r in usable
             ),
             key=lambda c: c["partition-id"],
         )

@@ -2,8 +2,10 @@
 streams (one received state at a time) with the result of de-quantizing all, then averaging."""
 
 import gc
+import io
 import json
 import math
+import pickle
 import weakref
 from pathlib import Path
 
@@ -11,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 from flower_fakes import FakeManager, FakeProxy
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -441,3 +451,99 @@ def test_a_model_that_diverges_on_the_buffer_is_refused_and_the_round_goes_on(co
     for name, tensor in without.global_state.items():
         assert torch.isfinite(with_bad.global_state[name].float()).all()
         torch.testing.assert_close(with_bad.global_state[name], tensor)
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def hostile_payloads(config) -> dict[str, list[bytes]]:
+    """Byte payloads a hostile or broken client can send (issue 12, part 1)."""
+    honest = fit_result(config, 4, 5, 2).parameters.tensors
+    huge = npy_bytes(np.zeros(4, np.uint8)).replace(b"(4,)", b"(1099511627776,)")
+    deep = np.frombuffer(b"[" * 100_000, np.uint8)
+    digits = b'{"format":"fedqssl","version":1,"bits":' + b"9" * 5000 + b',"tensors":[]}'
+    return {
+        "garbage": [b"\x00garbage", *honest[1:]],
+        "pickle": [pickle.dumps({"a": 1}), *honest[1:]],
+        "object dtype": [npy_bytes(np.array([{"a": 1}], dtype=object), True), *honest[1:]],
+        "empty": [b"", *honest[1:]],
+        "2**40 elements": [huge, *honest[1:]],
+        "deep header": [npy_bytes(deep), *honest[1:]],
+        "5000-digit bits": [npy_bytes(np.frombuffer(digits, np.uint8)), *honest[1:]],
+    }
+
+
+def averaging(config):
+    """The same strategy with plain averaging: the reply checks without D_g's fine-tunes."""
+    return ExperimentConfig.from_mapping({**config.to_run_config(), "algorithm": "fedsimclr"})
+
+
+def test_no_bytes_a_client_sends_end_the_round(config):
+    config = averaging(config)
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    good = (FakeProxy("good"), fit_result(config, 4, 0, 0))
+    for case, tensors in hostile_payloads(config).items():
+        bad = fit_result(config, 4, 5, 2)
+        bad.parameters = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
+        strategy.aggregate_fit(1, [good, (FakeProxy(case), bad)], [])
+        assert strategy.current["failed"] == [case], case
+        assert "sent a bad model" in strategy.current["failure-reasons"][0], case
+        assert [c["partition-id"] for c in strategy.current["clients"]] == [0], case
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("loss", b"\x00bytes"),
+        ("partition-id", b"1"),
+        ("partition-id", "1"),
+        ("bitwidth", "4"),
+        ("bitwidth", True),
+        ("loss", float("nan")),
+        ("train-seconds", -1.0),
+        ("num_examples", -5),
+    ],
+)
+def test_a_fit_reply_with_a_wrong_metric_type_is_a_logged_failure(config, key, value):
+    config = averaging(config)
+    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    bad = fit_result(config, 4, 1, 1)
+    if key == "num_examples":
+        bad.num_examples = value
+    else:
+        bad.metrics[key] = value
+    strategy.aggregate_fit(
+        1, [(FakeProxy("good"), fit_result(config, 4, 0, 0)), (FakeProxy("bad"), bad)], []
+    )
+    assert strategy.current["failed"] == ["bad"]
+    assert key in strategy.current["failure-reasons"][0]
+    json.dumps(strategy.current)  # what rounds.jsonl will hold stays JSON
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("partition-id", "0"),
+        ("partition-id", None),
+        ("local-accuracy", "0.9"),
+        ("local-accuracy", 7.0),
+    ],
+)
+def test_an_evaluate_reply_with_a_wrong_metric_type_is_left_out_of_the_means(config, key, value):
+    strategy = LowBitStrategy(averaging(config), server_data(config), None)
+
+    def reply(partition, accuracy):
+        metrics = {"partition-id": partition, "bitwidth": 4, "local-accuracy": accuracy}
+        return EvaluateRes(Status(Code.OK, ""), 1 - accuracy, 10, metrics)
+
+    bad = reply(1, 0.2)
+    if value is None:
+        del bad.metrics[key]
+    else:
+        bad.metrics[key] = value
+    results = [(FakeProxy("a"), reply(0, 0.8)), (FakeProxy("b"), bad)]
+    _, metrics = strategy.aggregate_evaluate(1, results, [])
+    assert metrics["local-accuracy"] == pytest.approx(0.8)

@@ -1,0 +1,86 @@
+"""What a client's reply may carry: metric types and example counts, checked before use.
+
+Flower lets a client put any scalar (int, float, str, bytes, bool) under any metric key. The
+strategy stores these in ``rounds.jsonl`` and sorts and averages them, so a value of the wrong
+type from one client would end the run far from its cause (a ``json.dumps`` of bytes, a sort of
+str against int). Every reply is checked here first; a reply with a problem becomes that client's
+logged failure, and the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+Check = Callable[[object], bool]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _non_negative_int(value: object) -> bool:
+    return _is_int(value) and value >= 0  # type: ignore[operator]
+
+
+def _non_negative_number(value: object) -> bool:
+    return _is_number(value) and value >= 0  # type: ignore[operator]
+
+
+def _fraction(value: object) -> bool:
+    return _is_number(value) and 0.0 <= value <= 1.0  # type: ignore[operator]
+
+
+_RULES: dict[Check, str] = {
+    _is_int: "an int",
+    _is_number: "a finite number",
+    _non_negative_int: "an int >= 0",
+    _non_negative_number: "a finite number >= 0",
+    _fraction: "a number in [0, 1]",
+}
+
+# key -> (check, required)
+FIT_METRICS: dict[str, tuple[Check, bool]] = {
+    "bitwidth": (_is_int, True),
+    "partition-id": (_non_negative_int, False),
+    "loss": (_is_number, False),
+    "payload-bytes": (_non_negative_int, False),
+    "train-seconds": (_non_negative_number, False),
+    "torch-threads": (_non_negative_int, False),
+    "gpu-peak-mb": (_non_negative_number, False),
+}
+EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
+    "partition-id": (_non_negative_int, True),
+    "bitwidth": (_is_int, False),
+    "local-accuracy": (_fraction, False),
+    "local-probe-accuracy": (_fraction, False),
+    "untrained-local-accuracy": (_fraction, False),
+    "untrained-local-probe-accuracy": (_fraction, False),
+    "local-model": (lambda value: isinstance(value, str) and len(value) <= 64, False),
+}
+
+
+def reply_problem(
+    metrics: Mapping[str, object], num_examples: object, rules: Mapping[str, tuple[Check, bool]]
+) -> str | None:
+    """Why a reply cannot be used (the first problem found), or None when it can."""
+    if not _non_negative_int(num_examples):
+        return f"num_examples must be an int >= 0, got {num_examples!r}"
+    for key, (check, required) in rules.items():
+        if key not in metrics:
+            if required:
+                return f"metric {key!r} is missing"
+            continue
+        if not check(metrics[key]):
+            what = _RULES.get(check, "a short str")
+            return f"metric {key!r} must be {what}, got {_short(metrics[key])}"
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
