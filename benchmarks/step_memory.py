@@ -35,7 +35,7 @@ MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRE
 VARIANTS = [(32, False), (4, False), (4, True), (8, True), (12, True), (8, False), (12, False)]
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -57,9 +57,9 @@ def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed:
     generator = torch.Generator().manual_seed(0)
     train_step(model, *views, optimizer, settings, generator=generator)  # warm-up
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     train_step(model, *views, optimizer, settings, generator=generator)
-    growth_mb = (_status_kb("VmHWM") - before) / 1024
+    growth_mb = (status_kb("VmHWM") - before) / 1024
     seconds = []
     for _ in range(timed):
         start = time.perf_counter()

@@ -25,6 +25,7 @@ from common.training import LowBitSettings
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
+AUGMENTATIONS = ("batched", "per-image")
 DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -60,6 +61,7 @@ class ExperimentConfig:
     weight_update: str = "grid"
     grad_rounding: str = "stochastic"
     save_codes: bool = True
+    augmentation: str = "batched"
     dq_epochs: int = 1
     rq_epochs: int = 1
     dq_temperature: float = 1.0
@@ -200,6 +202,7 @@ def _validate(config: ExperimentConfig) -> None:
     _one_of(config, "model", MODEL_NAMES)
     _one_of(config, "weight_update", WEIGHT_UPDATES)
     _one_of(config, "grad_rounding", GRAD_ROUNDINGS)
+    _one_of(config, "augmentation", AUGMENTATIONS)
     _one_of(config, "dq_weighting", DQ_WEIGHTINGS)
     _one_of(config, "device", DEVICES)
     for key in (

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from common.algorithms import get_algorithm
+from common.batch_augment import BatchSSLAugmentation
 from common.config import ExperimentConfig
 from common.data import (
     DATASET_SHAPES,
@@ -33,6 +34,7 @@ from common.ssl import (
     ssl_augmentation,
     supervised_augmentation,
 )
+from common.training import Augmentation
 
 PROJECTION_DIM = 128
 
@@ -60,7 +62,11 @@ class DatasetSpec:
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return NORMALIZATION[self.name]
 
-    def augmentation(self) -> torch.nn.Module:
+    def augmentation(self, mode: str) -> Augmentation:
+        """SimCLR's views: ``batched`` (whole batches as tensor ops) or ``per-image``
+        (torchvision, one image per call)."""
+        if mode == "batched":
+            return BatchSSLAugmentation(self.image_size, self.channels, *self.normalization)
         return ssl_augmentation(self.image_size, self.channels, *self.normalization)
 
     def supervised_augmentation(self) -> torch.nn.Module:

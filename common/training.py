@@ -21,10 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.batch_augment import BatchedTwoViews, BatchSSLAugmentation
 from common.models import Classifier, SSLModel
 from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
 from common.saved_codes import saving_codes
 from common.ssl import Labelled, TwoViews, nt_xent_loss, simsiam_loss
+
+# Per-image torchvision transforms, or SimCLR's augmentations a batch at a time.
+Augmentation = nn.Module | BatchSSLAugmentation
 
 
 @dataclass(frozen=True)
@@ -139,15 +143,21 @@ def train_epoch(
 
 def _loader(
     images: torch.Tensor,
-    transform: nn.Module,
+    transform: Augmentation,
     batch_size: int,
     seed: int,
     labels: torch.Tensor | None,
-) -> torch.utils.data.DataLoader:
+    device: torch.device | None = None,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Two augmented views per image (one view and its label with ``labels``), seeded order.
 
-    Seeds torch's global generator too: torchvision's augmentations draw from it.
+    A ``BatchSSLAugmentation`` augments whole batches on ``device``; a torchvision transform
+    augments image by image in a DataLoader, drawing from torch's global generator (seeded here).
     """
+    if isinstance(transform, BatchSSLAugmentation):
+        if labels is not None:
+            raise ValueError("batched augmentation makes SSL views; labelled data is per-image")
+        return BatchedTwoViews(images, transform, batch_size, seed, device)
     torch.manual_seed(seed)
     dataset = TwoViews(images, transform) if labels is None else Labelled(images, labels, transform)
     return torch.utils.data.DataLoader(
@@ -160,14 +170,20 @@ def _loader(
 
 
 def augmented_epochs(
-    images: torch.Tensor, transform: nn.Module, epochs: int, batch_size: int, seed: int
+    images: torch.Tensor,
+    transform: Augmentation,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | None = None,
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The batches ``fit_local`` would draw with this seed, drawn once for many models to share.
 
-    Training draws nothing else from the global generator, so ``fit_batches`` on these equals
-    ``fit_local`` with the same seed (the server's de-quantization augments D_g once a round).
+    Training draws nothing else from the augmentations' generators, so ``fit_batches`` on these
+    equals ``fit_local`` with the same seed (the server's de-quantization augments D_g once a
+    round).
     """
-    loader = _loader(images, transform, batch_size, seed, None)
+    loader = _loader(images, transform, batch_size, seed, None, device)
     return [list(loader) for _ in range(epochs)]
 
 
@@ -201,7 +217,7 @@ def fit_batches(
 def fit_local(
     model: SSLModel | Classifier,
     images: torch.Tensor,
-    transform: nn.Module,
+    transform: Augmentation,
     settings: LowBitSettings,
     epochs: int,
     learning_rate: float,
@@ -220,7 +236,8 @@ def fit_local(
     """
     if isinstance(model, Classifier) != (labels is not None):
         raise ValueError("a Classifier trains on labels, an SSL model without: pass labels iff")
-    loader = _loader(images, transform, batch_size, seed, labels)
+    device = next(model.parameters()).device
+    loader = _loader(images, transform, batch_size, seed, labels, device)
     return fit_batches(
         model, [loader] * epochs, settings, learning_rate, temperature, seed, proximal_mu
     )

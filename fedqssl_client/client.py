@@ -96,7 +96,7 @@ class LowBitClient(NumPyClient):
             self.data.train.images,
             self.data.spec.supervised_augmentation()
             if supervised
-            else self.data.spec.augmentation(),
+            else self.data.spec.augmentation(self.config.augmentation),
             self.config.low_bit_settings(self.bits),
             self.config.local_epochs,
             self.config.learning_rate,

@@ -38,7 +38,7 @@ import torch
 from common.algorithms import get_algorithm
 from common.codec import encode_state
 from common.config import ExperimentConfig
-from common.experiment import ServerData, new_model
+from common.experiment import ServerData, new_model, torch_device
 from common.quant import FULL_PRECISION
 from common.training import augmented_epochs, fit_batches
 
@@ -255,15 +255,23 @@ class FedQSSLServer(AveragingServer):
     def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         super().__init__(config, data)
         self.buffer = data.buffer
-        self.augmentation = data.spec.augmentation()
+        self.augmentation = data.spec.augmentation(config.augmentation)
 
     def finetune(self, state: Mapping[str, torch.Tensor], bits: int, epochs: int, seed: int):
         """Fine-tune ``state`` on D_g at ``bits`` (32: full precision); (state, last loss).
         The seed fixes D_g's augmented views and batch order."""
-        views = augmented_epochs(
-            self.buffer, self.augmentation, epochs, self.config.batch_size, seed
+        return self.train_on(state, bits, self.views_of_buffer(epochs, seed), seed)
+
+    def views_of_buffer(self, epochs: int, seed: int):
+        """``epochs`` of seeded augmented batches of D_g, on the models' device."""
+        return augmented_epochs(
+            self.buffer,
+            self.augmentation,
+            epochs,
+            self.config.batch_size,
+            seed,
+            torch_device(self.config),
         )
-        return self.train_on(state, bits, views, seed)
 
     def train_on(self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int):
         """``state`` trained at ``bits`` on given epochs of batches; (state, last loss)."""
@@ -325,9 +333,7 @@ class FedQSSLServer(AveragingServer):
         whose L_DQ is not finite (it diverged on D_g) is refused; the round goes on without it."""
         start = time.perf_counter()
         seed = self.round_seed(server_round)
-        views = augmented_epochs(
-            self.buffer, self.augmentation, self.config.dq_epochs, self.config.batch_size, seed
-        )
+        views = self.views_of_buffer(self.config.dq_epochs, seed)
         total = RunningAverage()
         losses: dict[int, float] = {}
         refused: dict[int, str] = {}

@@ -71,6 +71,7 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
         ({"dataset": "mnist"}, r"dataset: 'mnist' is not one of fashion-mnist, cifar10"),
         ({"model": "vgg"}, r"model: 'vgg' is not one of resnet18, small_cnn"),
         ({"weight-update": "exact"}, r"weight-update: 'exact' is not one of latent, grid"),
+        ({"augmentation": "gpu"}, r"augmentation: 'gpu' is not one of batched, per-image"),
         ({"num-clients": "many"}, r"num-clients must be an integer"),
         ({"num-clients": 2.5}, r"num-clients must be an integer"),
         ({"download": "maybe"}, r"download must be true or false"),

@@ -388,7 +388,7 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
         epoch_losses = fit_local(
             model,
             data.buffer,
-            data.spec.augmentation(),
+            data.spec.augmentation(config.augmentation),
             config.low_bit_settings(FULL_PRECISION),
             config.dq_epochs,
             config.learning_rate,

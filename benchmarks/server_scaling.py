@@ -1,0 +1,155 @@
+"""Server seconds and peak memory of one Fed-QSSL round as the number of clients grows.
+
+Each client count runs in a fresh process, with the quickstart's model, buffer D_g and bitwidth
+mix: N fabricated clients (the initial model, perturbed per client, encoded at its bitwidth, as
+Flower would hand the strategy their packed payloads) go through one server round
+(``run_round``: decode, de-quantize, fold, re-quantize), each payload decoded only when the server
+reaches it. Peak memory growth of the round is read as in ``step_memory.py`` (peak-RSS mark reset
+before it, glibc's fixed mmap threshold). The clients' side is one client's local training on
+500 images (the quickstart's cap, E = 1), timed at 4, 8 and 12 bits in the same process: N times
+its mean is the clients' summed training seconds.
+
+    python benchmarks/server_scaling.py        # writes benchmarks/results/server_scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from step_memory import MALLOC_ENV, ROOT, status_kb  # the sibling script (run as a script)
+
+RESULTS = Path(__file__).parent / "results"
+PRESET = ROOT / "configs" / "quickstart.yaml"
+
+
+def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[tuple[int, list]]:
+    from common.codec import encode_state
+
+    initial = server.initial_state()
+    payloads = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        state = {
+            name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
+            if tensor.is_floating_point()
+            else tensor
+            for name, tensor in initial.items()
+        }
+        bits = bitwidths[index % len(bitwidths)]
+        payloads.append((bits, encode_state(state, bits)))
+    return payloads
+
+
+def client_train_seconds(config, data) -> float:
+    """Mean seconds of one quickstart client's local training (500 images, E = 1)."""
+    from common.experiment import new_model
+    from common.training import fit_local
+
+    images = data.buffer[:500]  # a stand-in for a client's own 500 images
+    seconds = []
+    for bits in (4, 8, 12):
+        model = new_model(config, bits, data.spec.channels, data.spec.num_classes)
+        start = time.perf_counter()
+        fit_local(
+            model,
+            images,
+            data.spec.augmentation(config.augmentation),
+            config.low_bit_settings(bits),
+            config.local_epochs,
+            config.learning_rate,
+            config.batch_size,
+            config.temperature,
+            seed=bits,
+        )
+        seconds.append(time.perf_counter() - start)
+    return statistics.mean(seconds)
+
+
+def measure_in_this_process(count: int) -> dict:
+    from common.codec import decode_state
+    from common.config import ExperimentConfig
+    from common.experiment import server_data
+    from fedqssl_server.server_steps import make_server
+
+    config = ExperimentConfig.from_yaml(PRESET)
+    data = server_data(config)
+    server = make_server(config, data)
+    current = server.initial_state()
+    payloads = fabricated_payloads(server, config.bitwidths, count)
+    received = {
+        key: (
+            lambda arrays=arrays, bits=bits: decode_state(
+                arrays, expect_bits=bits, template=current
+            )
+        )
+        for key, (bits, arrays) in enumerate(payloads)
+    }
+    examples = dict.fromkeys(received, 500)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status_kb("VmRSS")
+    start = time.perf_counter()
+    outcome = server.run_round(1, current, received, examples, set(config.bitwidths))
+    seconds = time.perf_counter() - start
+    growth_mb = (status_kb("VmHWM") - before) / 1024
+    return {
+        "clients": count,
+        "server_seconds": seconds,
+        "server_phase_seconds": outcome.seconds,
+        "server_growth_mb": growth_mb,
+        "client_train_seconds": client_train_seconds(config, data),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="10,50,100,200")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_in_this_process(args.one)))
+        return
+    rows = []
+    for count in (int(c) for c in args.clients.split(",")):
+        command = [sys.executable, __file__, "--one", str(count)]
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV
+        )
+        row = json.loads(output.stdout.strip().splitlines()[-1])
+        row["server_vs_clients_training"] = row["server_seconds"] / (
+            count * row["client_train_seconds"]
+        )
+        rows.append(row)
+        print(
+            f"{count} clients: server {row['server_seconds']:.1f} s "
+            f"({row['server_vs_clients_training']:.2f} of the clients' summed training), "
+            f"peak growth {row['server_growth_mb']:.0f} MB",
+            flush=True,
+        )
+    for row in rows:
+        row["growth_vs_fewest"] = row["server_growth_mb"] / rows[0]["server_growth_mb"]
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "server_scaling.json"
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "preset": PRESET.name}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(
+        "\n| clients | server s / round | / clients' summed training | peak growth MB | / fewest |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['clients']} | {row['server_seconds']:.1f} | "
+            f"{row['server_vs_clients_training']:.2f} | {row['server_growth_mb']:.0f} | "
+            f"{row['growth_vs_fewest']:.2f} |"
+        )
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
