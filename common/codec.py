@@ -53,6 +53,10 @@ _INT_DTYPES = {
 _KINDS = ("codes", "qsgd", "float", "int")
 _CODED_KINDS = ("codes", "qsgd")
 _PACK_CHUNK = 1 << 20  # codes per chunk: a multiple of 8, so every chunk ends on a byte boundary
+# The largest magnitude a float tensor of a received model may hold. Trained weights, BatchNorm
+# statistics and biases of these models are orders of magnitude below it; a value beyond it can only
+# be an attack or a diverged client, and one such model would dominate any average.
+MAX_MAGNITUDE = 1e6
 
 
 class PayloadError(ValueError):
@@ -253,7 +257,7 @@ def decode_state(
     if expect_bits is not None and bits != expect_bits:
         raise PayloadError(f"payload is at {bits} bits, the receiver expects {expect_bits}")
     if template is not None:
-        _check_against_template(entries, template)
+        _check_against_template(entries, template, bits)
 
     bucket = header.get("qsgd-bucket", 0)
     coded = [kind in _CODED_KINDS for *_, kind in entries]
@@ -409,7 +413,11 @@ def _check_size(role: str, actual: int, expected: int) -> None:
         )
 
 
-def _check_against_template(entries: list, template: Mapping[str, torch.Tensor]) -> None:
+def _check_against_template(entries: list, template: Mapping[str, torch.Tensor], bits: int) -> None:
+    """Names and shapes as the receiver's model, and each tensor sent the way an honest sender at
+    ``bits`` sends it: a conv/linear weight as codes below 32 bits, every other floating tensor
+    as floats, integer buffers as ints (so no fp32 weights under a 4-bit header, no weight
+    smuggled in as int64)."""
     received = {name: tuple(shape) for name, shape, _, _ in entries}
     expected = {name: tuple(tensor.shape) for name, tensor in template.items()}
     missing, unexpected = expected.keys() - received.keys(), received.keys() - expected.keys()
@@ -418,9 +426,40 @@ def _check_against_template(entries: list, template: Mapping[str, torch.Tensor])
             f"payload tensors do not match the receiver's model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    for name, shape in received.items():
-        if shape != expected[name]:
+    for name, shape, _, kind in entries:
+        if tuple(shape) != expected[name]:
             raise PayloadError(
                 f"tensor {name!r} has shape {list(shape)}, the receiver's model has "
                 f"{list(expected[name])}"
             )
+        allowed = _kinds_for(name, template[name], bits)
+        if kind not in allowed:
+            raise PayloadError(
+                f"tensor {name!r} sent as {kind!r}; at {bits} bits it travels as "
+                f"{' or '.join(repr(k) for k in allowed)}"
+            )
+
+
+def _kinds_for(name: str, tensor: torch.Tensor, bits: int) -> tuple[str, ...]:
+    if not tensor.is_floating_point():
+        return ("int",)
+    if bits != FULL_PRECISION and is_quantized(name, tensor):
+        return _CODED_KINDS
+    return ("float",)
+
+
+def check_plausible(state: Mapping[str, torch.Tensor], update: bool = False) -> None:
+    """``PayloadError`` unless every float is within ``MAX_MAGNITUDE`` and, for a model (not an
+    ``update``), every BatchNorm running variance is finite and >= 0: what the codec's format
+    checks cannot know, a sane model's range."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = float(tensor.abs().max())
+        if not largest <= MAX_MAGNITUDE:
+            raise PayloadError(
+                f"tensor {name!r} holds {largest:.3g}, beyond the {MAX_MAGNITUDE:g} a sane model "
+                "holds (common.codec.MAX_MAGNITUDE)"
+            )
+        if not update and name.endswith("running_var") and float(tensor.min()) < 0:
+            raise PayloadError(f"tensor {name!r}: a BatchNorm variance below 0")

@@ -27,7 +27,13 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from common.algorithms import get_algorithm
-from common.codec import PayloadError, decode_state, encode_state, payload_nbytes
+from common.codec import (
+    PayloadError,
+    check_plausible,
+    decode_state,
+    encode_state,
+    payload_nbytes,
+)
 from common.config import ExperimentConfig
 from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_accuracy
 from common.experiment import ServerData
@@ -163,7 +169,9 @@ class LowBitStrategy(Strategy):
         bits = int(result.metrics["bitwidth"])  # an int: checked by reply_problem
         try:
             arrays = parameters_to_ndarrays(result.parameters)
-            decode_state(arrays, expect_bits=bits, template=self.global_state)  # check only
+            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
+            check_plausible(state, update=self.algorithm.sends_updates)
+            del state  # decoded again when the server reaches it: one state held at a time
         except Exception as error:  # any bytes a client sends: numpy's own errors as well
             detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
             reason = f"client {client.cid} sent a bad model: {detail}"

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.codec import (
+    MAX_MAGNITUDE,
     PayloadError,
+    check_plausible,
     decode_state,
     encode_state,
     is_quantized,
@@ -208,3 +210,31 @@ def test_random_corruption_only_ever_raises_payload_error(payload, index, data):
     corrupt = replace(payload, index, np.frombuffer(bytes(raw[:usable]), dtype=dtype).copy())
     with contextlib.suppress(PayloadError):
         decode_state(corrupt)
+
+
+def test_plausibility_bounds_magnitudes_and_model_variances_not_update_variances():
+    state = build_model("small_cnn", 4, 1).state_dict()
+    check_plausible(state)  # an honest model passes
+    variance = next(name for name in state if name.endswith("running_var"))
+    negative = {**state, variance: -state[variance]}
+    with pytest.raises(PayloadError, match="variance below 0"):
+        check_plausible(negative)
+    check_plausible(negative, update=True)  # an update may lower a variance
+    conv = next(name for name, t in state.items() if is_quantized(name, t))
+    at_limit = {**state, conv: torch.full_like(state[conv], MAX_MAGNITUDE)}
+    check_plausible(at_limit)
+    beyond = {**state, conv: torch.full_like(state[conv], MAX_MAGNITUDE * 2)}
+    for candidate in (beyond, {**state, conv: torch.full_like(state[conv], float("nan"))}):
+        with pytest.raises(PayloadError, match="beyond"):
+            check_plausible(candidate, update=True)
+
+
+def test_a_weight_sent_as_floats_under_a_low_bit_header_is_refused_against_the_template():
+    model = build_model("small_cnn", 4, 1)
+    template = model.state_dict()
+    arrays = encode_state(template, FULL_PRECISION)
+    header = {**json.loads(bytes(arrays[0]).decode()), "bits": 4}
+    forged = [np.frombuffer(json.dumps(header).encode(), np.uint8), *arrays[1:]]
+    decode_state(forged)  # the format alone cannot tell
+    with pytest.raises(PayloadError, match="sent as 'float'; at 4 bits"):
+        decode_state(forged, template=template)

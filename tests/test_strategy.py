@@ -25,7 +25,13 @@ from flwr.common import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec import decode_state, encode_state, is_quantized, packed_size, payload_bits
+from common.codec import (
+    decode_state,
+    encode_state,
+    is_quantized,
+    packed_size,
+    payload_bits,
+)
 from common.config import ExperimentConfig
 from common.experiment import new_model, server_data
 from common.quant import FULL_PRECISION
@@ -427,27 +433,21 @@ def test_the_server_holds_one_received_state_at_a_time(config):
 
 
 def test_a_model_that_diverges_on_the_buffer_is_refused_and_the_round_goes_on(config):
-    """A finite model whose de-quantization loss is not finite (BatchNorm weights of 3e38) no
-    longer ends the round: it is a logged failure, and the round equals the round without it."""
-
-    def strategy():
-        return LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
-
-    honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
-    poisoned = fit_result(config, 4, 2, 2)
-    arrays = parameters_to_ndarrays(poisoned.parameters)
-    state = decode_state(arrays)
-    for name in state:
-        if name.endswith("weight") and state[name].dim() == 1:  # every BatchNorm scale
-            state[name] = torch.full_like(state[name], 3e38)
-    poisoned.parameters = ndarrays_to_parameters(encode_state(state, 4))
-    with_bad = strategy()
-    with_bad.aggregate_fit(1, [*honest, (FakeProxy("bad"), poisoned)], [])
-    without = strategy()
-    without.aggregate_fit(1, honest, [])
-    assert with_bad.current["failed"] == ["bad"]
-    assert "de-quantization loss" in with_bad.current["failure-reasons"][0]
-    assert [c["partition-id"] for c in with_bad.current["clients"]] == [0, 1]
+    """A model whose de-quantization loss is not finite (BatchNorm weights of 3e38: the strategy
+    refuses those values before, the server step refuses their L_DQ too) does not end the round:
+    it is refused, and the round equals the round without it."""
+    server = server_steps.make_server(config, server_data(config))
+    states = received_states(config)
+    poisoned = dict(states[2])
+    for name in poisoned:
+        if name.endswith("weight") and poisoned[name].dim() == 1:  # every BatchNorm scale
+            poisoned[name] = torch.full_like(poisoned[name], 3e38)
+    initial = server.initial_state()
+    with_bad = server.run_round(1, initial, {**states, 2: poisoned}, dict.fromkeys(states, 10), {4})
+    del states[2]
+    without = server.run_round(1, initial, states, dict.fromkeys(states, 10), {4})
+    assert with_bad.keys == without.keys == [0, 1]
+    assert "de-quantization loss" in with_bad.refused[2]
     for name, tensor in without.global_state.items():
         assert torch.isfinite(with_bad.global_state[name].float()).all()
         torch.testing.assert_close(with_bad.global_state[name], tensor)
@@ -492,6 +492,65 @@ def test_no_bytes_a_client_sends_end_the_round(config):
         assert strategy.current["failed"] == [case], case
         assert "sent a bad model" in strategy.current["failure-reasons"][0], case
         assert [c["partition-id"] for c in strategy.current["clients"]] == [0], case
+
+
+def with_header(arrays: list[np.ndarray], **changes) -> list[np.ndarray]:
+    header = {**json.loads(bytes(arrays[0]).decode()), **changes}
+    return [np.frombuffer(json.dumps(header).encode(), np.uint8), *arrays[1:]]
+
+
+def poisoned_payloads(config) -> dict[str, list[np.ndarray]]:
+    """Payloads whose format is valid but whose model no honest client sends (issue 12, part 2)."""
+    state = decode_state(parameters_to_ndarrays(fit_result(config, 4, 7, 2).parameters))
+    conv = next(name for name, tensor in state.items() if is_quantized(name, tensor))
+    variance = next(name for name in state if name.endswith("running_var"))
+
+    def changed(name, value):
+        return {**state, name: value}
+
+    return {
+        "conv weight as int64 2**62": encode_state(
+            changed(conv, torch.full(state[conv].shape, 2**62, dtype=torch.int64)), 4
+        ),
+        "running_var 1e30": encode_state(
+            changed(variance, torch.full_like(state[variance], 1e30)), 4
+        ),
+        "negative running_var": encode_state(changed(variance, -state[variance]), 4),
+        "fp32 weights under a 4-bit header": with_header(encode_state(state, 32), bits=4),
+    }
+
+
+# What each refusal names.
+POISON_REFUSED = {
+    "conv weight as int64 2**62": "sent as 'int'; at 4 bits it travels as 'codes' or 'qsgd'",
+    "running_var 1e30": "holds 1e+30, beyond the 1e+06",
+    "negative running_var": "a BatchNorm variance below 0",
+    "fp32 weights under a 4-bit header": "sent as 'float'; at 4 bits",
+}
+
+
+@pytest.mark.parametrize("case", list(POISON_REFUSED))
+def test_a_poisoned_model_is_refused_and_the_round_equals_the_round_without_it(tmp_path, case):
+    config = averaging(
+        ExperimentConfig.from_mapping(
+            {"dataset": "synthetic", "num-clients": 3, "bitwidths": "4", "min-fit-clients": 1}
+        )
+    )
+
+    def strategy():
+        return LowBitStrategy(config, server_data(config), RunRecorder(config, tmp_path / case))
+
+    honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
+    bad = fit_result(config, 4, 7, 2)
+    bad.parameters = ndarrays_to_parameters(poisoned_payloads(config)[case])
+    with_bad, without = strategy(), strategy()
+    with_bad.aggregate_fit(1, [*honest, (FakeProxy("bad"), bad)], [])
+    without.aggregate_fit(1, honest, [])
+    assert with_bad.current["failed"] == ["bad"]
+    assert "sent a bad model" in with_bad.current["failure-reasons"][0]
+    assert POISON_REFUSED[case] in with_bad.current["failure-reasons"][0]
+    for name, tensor in without.global_state.items():
+        torch.testing.assert_close(with_bad.global_state[name], tensor, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
