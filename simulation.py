@@ -37,7 +37,7 @@ import yaml
 
 from common import report
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
-from common.config import ConfigError, ExperimentConfig
+from common.config import ConfigError, ExperimentConfig, read_yaml_mapping
 from common.quant import FULL_PRECISION
 
 ROOT = Path(__file__).resolve().parent
@@ -77,10 +77,7 @@ class Plan:
 
 def read_preset(preset: Path) -> tuple[dict, dict]:
     """(config values, plan values) of a YAML preset; the plan keys are compare/sweep/seeds."""
-    with open(preset, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{preset}: expected a mapping of config keys")
+    values = read_yaml_mapping(preset)
     plan = {key: values.pop(key) for key in PLAN_KEYS if key in values}
     return values, plan
 
@@ -110,6 +107,13 @@ def parse_list(value: object, what: str) -> list:
     return [item.strip() if isinstance(item, str) else item for item in items]
 
 
+def parse_seeds(value: object) -> list[int]:
+    seeds = parse_list(value, "seeds")
+    if not all(isinstance(s, int) or (isinstance(s, str) and s.isdigit()) for s in seeds):
+        raise ConfigError(f"seeds must be integers >= 0 like 0,1,2, got {value!r}")
+    return [int(s) for s in seeds]
+
+
 def make_plan(preset: Path, args: argparse.Namespace) -> Plan:
     """The runs asked for by the preset and the command line (the command line wins)."""
     values, plan = read_preset(preset)
@@ -119,7 +123,7 @@ def make_plan(preset: Path, args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         values[key.strip()] = value.strip()
     base = ExperimentConfig.from_mapping(values).to_dict()  # validates the base config
-    seeds = [int(s) for s in parse_list(args.seeds or plan.get("seeds", [base["seed"]]), "seeds")]
+    seeds = parse_seeds(args.seeds or plan.get("seeds", [base["seed"]]))
     if args.compare or "compare" in plan:
         names = parse_list(args.compare or plan["compare"], "compare")
         return Plan(preset.stem, base, {n: algorithm_row(n) for n in names}, seeds, "compare")
@@ -455,10 +459,26 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
     print("\n".join(lines))
 
 
+def preset_path(name: str) -> Path:
+    """A preset's file: ``name`` as given if it exists, else ``configs/<name>[.yaml]``."""
+    given = Path(name)
+    if given.exists():
+        return given
+    for candidate in (ROOT / "configs" / name, ROOT / "configs" / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+    raise argparse.ArgumentTypeError(f"no preset {name!r}: give a YAML file or one of {known}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "preset", nargs="?", type=Path, default=ROOT / "configs" / "quickstart.yaml"
+        "preset",
+        nargs="?",
+        type=preset_path,
+        default=ROOT / "configs" / "quickstart.yaml",
+        help="a YAML preset: a path, or a name in configs/ (quickstart, fmnist-learning, ...)",
     )
     parser.add_argument(
         "--set",
@@ -491,6 +511,8 @@ def main() -> int:
             or plan.base.get("output-dir")
             or ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         ).resolve()
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ConfigError(f"--output-dir {output_dir} is a file: name a folder")
         runs = plan_runs(plan, output_dir)
     except (ConfigError, OSError, ValueError, yaml.YAMLError) as error:
         print(f"invalid configuration: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from common.training import LowBitSettings
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
 AUGMENTATIONS = ("batched", "per-image")
+MAX_SEED = 2**31
 DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -87,6 +89,11 @@ class ExperimentConfig:
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
+            if key in kwargs:
+                raise ConfigError(
+                    f"config key {key.replace('_', '-')!r} is given twice (as {raw_key!r} and "
+                    "before): give it once"
+                )
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
@@ -97,13 +104,7 @@ class ExperimentConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> ExperimentConfig:
         """Build from a YAML file of the same keys."""
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping of config keys, got {type(values).__name__}"
-            )
-        return cls.from_mapping(values)
+        return cls.from_mapping(read_yaml_mapping(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case keys, ``bitwidths`` as a list: for results files."""
@@ -125,11 +126,45 @@ class ExperimentConfig:
         return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"config key {key!r} is given twice (line {key_node.start_mark.line + 1}): "
+                    "give it once"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; duplicate keys and a non-mapping are ConfigErrors."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            values = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
 def parse_bitwidths(value: Any) -> tuple[int, ...]:
     """``"4,4,6"``, ``[4, 4, 6]`` or ``8`` -> a tuple of ints (not yet range-checked)."""
     items = value.split(",") if isinstance(value, str) else value
     if isinstance(items, int) and not isinstance(items, bool):
         items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(
+            f"bitwidths must be a comma-separated list of integers like '4,4,6,6,6,8,8,8,12,12', "
+            f"got {value!r}"
+        )
     try:
         return tuple(_to_int(str(item).strip()) for item in items)
     except (TypeError, ValueError) as error:
@@ -178,9 +213,12 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
@@ -210,13 +248,24 @@ def _validate(config: ExperimentConfig) -> None:
         "num_clients",
         "num_rounds",
         "local_epochs",
-        "batch_size",
         "min_fit_clients",
         "dq_epochs",
         "probe_samples",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
-    for key in ("rq_epochs", "max_samples_per_client", "seed", "proximal_mu", "qsgd_bucket"):
+    _require(
+        config.batch_size >= 2,
+        "batch_size",
+        f"must be >= 2 (BatchNorm and the contrastive loss need two samples), "
+        f"got {config.batch_size}",
+    )
+    _require(
+        0 <= config.seed < MAX_SEED,
+        "seed",
+        f"must be in [0, 2**31) (seeds of rounds and clients are derived from it), "
+        f"got {config.seed}",
+    )
+    for key in ("rq_epochs", "max_samples_per_client", "proximal_mu", "qsgd_bucket"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
     _require(
         config.round_timeout >= 0,

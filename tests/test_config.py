@@ -72,6 +72,12 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
         ({"model": "vgg"}, r"model: 'vgg' is not one of resnet18, small_cnn"),
         ({"weight-update": "exact"}, r"weight-update: 'exact' is not one of latent, grid"),
         ({"augmentation": "gpu"}, r"augmentation: 'gpu' is not one of batched, per-image"),
+        ({"learning-rate": float("inf")}, r"learning-rate must be a finite number, got inf"),
+        ({"learning-rate": float("nan")}, r"learning-rate must be a finite number"),
+        ({"seed": "1e30"}, r"seed: must be in \[0, 2\*\*31\)"),
+        ({"batch-size": 1}, r"batch-size: must be >= 2"),
+        ({"bitwidths": {"a": 4}}, r"bitwidths must be a comma-separated list"),
+        ({"num-rounds": 2, "num_rounds": 3}, r"config key 'num-rounds' is given twice"),
         ({"num-clients": "many"}, r"num-clients must be an integer"),
         ({"num-clients": 2.5}, r"num-clients must be an integer"),
         ({"download": "maybe"}, r"download must be true or false"),
@@ -84,3 +90,17 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
 def test_invalid_values_name_the_key_and_what_is_allowed(values, message):
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig.from_mapping(values)
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
+    preset = tmp_path / "twice.yaml"
+    preset.write_text("num-rounds: 2\nseed: 0\nnum-rounds: 5\n")
+    with pytest.raises(ConfigError, match=r"'num-rounds' is given twice \(line 3\)"):
+        ExperimentConfig.from_yaml(preset)
+
+
+def test_yaml_infinity_is_refused_as_not_finite(tmp_path):
+    preset = tmp_path / "inf.yaml"
+    preset.write_text("learning-rate: .inf\n")
+    with pytest.raises(ConfigError, match="learning-rate must be a finite number"):
+        ExperimentConfig.from_yaml(preset)

@@ -105,15 +105,21 @@ def test_a_failed_server_makes_simulation_exit_non_zero(tmp_path):
 def test_invalid_preset_is_rejected_before_anything_starts(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text(TINY.replace("bitwidths: [4, 8, 12]", "bitwidths: [4, 8, 33]"))
+    completed = refused_before_start(str(preset))
+    assert "bitwidths: bitwidth 33 is not allowed" in completed.stderr
+
+
+def refused_before_start(*argv: str) -> subprocess.CompletedProcess:
+    """simulation.py run with ``argv``, asserted to stop with exit status 2 (a bad input)."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "simulation.py"), str(preset)],
+        [sys.executable, str(ROOT / "simulation.py"), *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,  # only a hang guard: it stops before any Flower process starts
     )
-    assert completed.returncode == 2
-    assert "bitwidths: bitwidth 33 is not allowed" in completed.stderr
+    assert completed.returncode == 2, completed.stderr
+    return completed
 
 
 def test_gpus_per_client_without_a_gpu_is_refused_not_run_on_the_cpu(tmp_path, monkeypatch):
@@ -225,6 +231,9 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         ("", ("--sweep", "dirichlet-beta"), "--sweep expects key=v1,v2"),
         ("", ("--sweep", "dirichlet-beta=0.1,-1"), "dirichlet-beta: must be > 0"),
         ("sweep: {local-epochs: [1], seed: [1]}\n", (), "sweep must name one config key"),
+        ("", ("--seeds", "a,b"), "seeds must be integers >= 0 like 0,1,2, got 'a,b'"),
+        ("seeds: [0, -1]\n", (), "seed: must be in [0, 2**31)"),
+        ("num-rounds: 3\n", (), "config key 'num-rounds' is given twice (line 11)"),
     ],
 )
 def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
@@ -238,3 +247,14 @@ def test_every_shipped_preset_is_a_valid_plan(tmp_path, preset):
     plan = simulation.make_plan(preset, simulation.parse_args([str(preset)]))
     runs = simulation.plan_runs(plan, tmp_path)
     assert runs and all(config.num_clients == len(config.bitwidths) for _, _, config in runs)
+
+
+def test_a_preset_by_bare_name_and_an_output_dir_that_is_a_file(tmp_path):
+    assert simulation.parse_args(["quickstart"]).preset == ROOT / "configs" / "quickstart.yaml"
+    assert simulation.parse_args(["fmnist-learning.yaml"]).preset.name == "fmnist-learning.yaml"
+    with pytest.raises(SystemExit):
+        simulation.parse_args(["no-such-preset"])
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    completed = refused_before_start("quickstart", "--output-dir", str(a_file))
+    assert "is a file: name a folder" in completed.stderr
