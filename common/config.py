@@ -74,6 +74,7 @@ class ExperimentConfig:
     min_fit_clients: int = 2
     round_timeout: float = 0.0
     max_samples_per_client: int = 500
+    max_client_examples: int = 100_000
     probe_samples: int = 2000
     seed: int = 0
     device: str = "auto"
@@ -249,6 +250,7 @@ def _validate(config: ExperimentConfig) -> None:
         "num_rounds",
         "local_epochs",
         "min_fit_clients",
+        "max_client_examples",
         "dq_epochs",
         "probe_samples",
     ):

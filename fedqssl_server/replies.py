@@ -65,11 +65,23 @@ EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
 
 
 def reply_problem(
-    metrics: Mapping[str, object], num_examples: object, rules: Mapping[str, tuple[Check, bool]]
+    metrics: Mapping[str, object],
+    num_examples: object,
+    rules: Mapping[str, tuple[Check, bool]],
+    max_examples: int,
 ) -> str | None:
-    """Why a reply cannot be used (the first problem found), or None when it can."""
+    """Why a reply cannot be used (the first problem found), or None when it can.
+
+    ``num_examples`` weighs a client in sample-weighted averaging, so a client claiming more than
+    ``max_examples`` (the ``max-client-examples`` key) would take the round: it is refused.
+    """
     if not _non_negative_int(num_examples):
         return f"num_examples must be an int >= 0, got {num_examples!r}"
+    if num_examples > max_examples:  # type: ignore[operator]
+        return (
+            f"num_examples {num_examples} exceeds max-client-examples {max_examples} "
+            "(raise that key if devices really hold more)"
+        )
     for key, (check, required) in rules.items():
         if key not in metrics:
             if required:

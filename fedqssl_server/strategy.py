@@ -198,7 +198,9 @@ class LowBitStrategy(Strategy):
             for f in failures
         ]
         for client, result in results:
-            problem = reply_problem(result.metrics, result.num_examples, FIT_METRICS)
+            problem = reply_problem(
+                result.metrics, result.num_examples, FIT_METRICS, self.config.max_client_examples
+            )
             if problem is not None:
                 reason = f"client {client.cid} sent a bad reply: {problem}"
                 log(WARNING, "round %s: %s, left out", server_round, reason)
@@ -404,7 +406,9 @@ class LowBitStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         usable = []
         for client, reply in results:
-            problem = reply_problem(reply.metrics, reply.num_examples, EVALUATE_METRICS)
+            problem = reply_problem(
+                reply.metrics, reply.num_examples, EVALUATE_METRICS, self.config.max_client_examples
+            )
             if problem is None:
                 usable.append(reply)
                 continue

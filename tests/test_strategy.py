@@ -582,6 +582,30 @@ def test_a_fit_reply_with_a_wrong_metric_type_is_a_logged_failure(config, key, v
     json.dumps(strategy.current)  # what rounds.jsonl will hold stays JSON
 
 
+def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(config):
+    """Sample-weighted averaging trusts num_examples: 10**15 would give one client all the
+    weight. It is refused, and the round equals the round without it."""
+    config = averaging(config)
+
+    def strategy():
+        return LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+
+    honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
+    greedy = fit_result(config, 4, 2, 2)
+    greedy.num_examples = 10**15
+    with_bad, without = strategy(), strategy()
+    with_bad.aggregate_fit(1, [*honest, (FakeProxy("greedy"), greedy)], [])
+    without.aggregate_fit(1, honest, [])
+    assert with_bad.current["failed"] == ["greedy"]
+    assert "exceeds max-client-examples 100000" in with_bad.current["failure-reasons"][0]
+    for name, tensor in without.global_state.items():
+        torch.testing.assert_close(with_bad.global_state[name], tensor, rtol=0, atol=0)
+    greedy.num_examples = config.max_client_examples  # at the bound: counted
+    at_bound = strategy()
+    at_bound.aggregate_fit(1, [*honest, (FakeProxy("greedy"), greedy)], [])
+    assert at_bound.current["failed"] == []
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
