@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -39,6 +40,7 @@ from common import report
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
 from common.config import ConfigError, ExperimentConfig, read_yaml_mapping
 from common.quant import FULL_PRECISION
+from fedqssl_server.checkpoint import CheckpointError, resume_point
 
 ROOT = Path(__file__).resolve().parent
 OFFLINE_ENV = {
@@ -225,8 +227,9 @@ def local_superlinks() -> dict[int, str]:
     return found
 
 
-def stop_processes(pids: set[int]) -> None:
-    """SIGTERM ``pids`` and the SuperExec children that name one of them as parent."""
+def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
+    """Signal ``pids`` and the SuperExec children that name one of them as parent (SIGTERM:
+    stop; SIGKILL: what a crash does, for tests)."""
     children = {
         int(proc.name)
         for proc in Path("/proc").glob("[0-9]*")
@@ -235,7 +238,7 @@ def stop_processes(pids: set[int]) -> None:
     }
     for pid in pids | children:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal_number)
 
 
 def require_gpu(values: dict, gpus_per_client: float) -> None:
@@ -496,9 +499,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flwr-home", help="Flower's state folder (default: $FLWR_HOME or .flwr/)")
     parser.add_argument("--keep-superlink", action="store_true")
     parser.add_argument(
-        "--resume", action="store_true", help="keep runs that already wrote a summary (same folder)"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="continue the runs in DIR (default: --output-dir): a finished run is kept, an "
+        "interrupted one continues after its last completed round (its checkpoint); refused, "
+        "naming the keys, when DIR holds runs of another config",
     )
     return parser.parse_args(argv)
+
+
+def chosen_output_dir(plan: Plan, args: argparse.Namespace) -> Path:
+    """``--resume DIR``, ``--output-dir``, the preset's ``output-dir``, or a new timestamped
+    folder under ``results/``."""
+    resume_dir = args.resume if isinstance(args.resume, str) else None
+    if (
+        resume_dir
+        and args.output_dir
+        and Path(resume_dir).resolve() != Path(args.output_dir).resolve()
+    ):
+        raise ConfigError(
+            f"--resume {resume_dir} and --output-dir {args.output_dir} name different folders: "
+            "give one"
+        )
+    output_dir = Path(
+        resume_dir
+        or args.output_dir
+        or plan.base.get("output-dir")
+        or ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ).resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file: name a folder")
+    return output_dir
 
 
 def main() -> int:
@@ -506,14 +540,14 @@ def main() -> int:
     try:
         plan = make_plan(args.preset, args)
         require_gpu(plan.base, args.gpus_per_client)
-        output_dir = Path(
-            args.output_dir
-            or plan.base.get("output-dir")
-            or ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        ).resolve()
-        if output_dir.exists() and not output_dir.is_dir():
-            raise ConfigError(f"--output-dir {output_dir} is a file: name a folder")
+        output_dir = chosen_output_dir(plan, args)
         runs = plan_runs(plan, output_dir)
+        if args.resume:
+            runs = [(row, seed, dataclasses.replace(c, resume=True)) for row, seed, c in runs]
+            points = {c.output_dir: resume_point(c.output_dir, c.to_dict()) for _, _, c in runs}
+    except CheckpointError as error:
+        print(f"cannot resume: {error}", file=sys.stderr)
+        return 2
     except (ConfigError, OSError, ValueError, yaml.YAMLError) as error:
         print(f"invalid configuration: {error}", file=sys.stderr)
         return 2
@@ -530,9 +564,10 @@ def main() -> int:
         for index, (row, seed, config) in enumerate(runs, 1):
             if len(runs) > 1:
                 print(f"\n==> run {index}/{len(runs)}: {row}, seed {seed}", flush=True)
-            if args.resume and read_summary(Path(config.output_dir)) is not None:
-                print(f"==> {config.output_dir} already has a summary: kept (--resume)")
-                continue
+            if args.resume:
+                print(f"==> resume: {points[config.output_dir].note}")
+                if points[config.output_dir].finished:
+                    continue
             if run(config, args, env) != 0:
                 failed.append((row, seed))
     if len(runs) == 1:

@@ -79,6 +79,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     output_dir: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)

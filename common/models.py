@@ -72,7 +72,7 @@ class ResNet18(nn.Module):
 
 
 class CodesMaxPool2d(nn.MaxPool2d):
-    """Max-pool of a quantized activation that saves codes for backward (``saved_codes.max_pool``).
+    """Max-pool that saves a uint8 argmax per window for backward (``saved_codes.max_pool``).
 
     Its output stays marked as codes: the max of values on a grid is on the grid.
     """

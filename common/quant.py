@@ -155,41 +155,80 @@ def _centres_of_sorted(ordered: torch.Tensor, count: int) -> torch.Tensor:
     return ordered[low] + (ordered[high] - ordered[low]) * frac
 
 
+# A layer's gradient with more elements than this has its quantile centres estimated from a
+# random sample instead of a full sort (``quantize_gradient``); the sample has
+# ``max(QUANTILE_SAMPLE, 4 * centres)`` elements.
+SAMPLED_QUANTILES_ABOVE = 1 << 18
+QUANTILE_SAMPLE = 1 << 16
+
+
 def quantize_gradient(
     grad: torch.Tensor,
     bits: int,
     rounding: Rounding = "stochastic",
     generator: torch.Generator | None = None,
+    sample_above: int = SAMPLED_QUANTILES_ABOVE,
 ) -> torch.Tensor:
     """Quantile-quantize one layer's gradient onto its 2^bits empirical quantiles.
 
     Each value is rounded to one of its two neighbouring centres: to the nearer one
     (deterministic), or to the upper one with probability (g - lower) / (upper - lower)
-    (stochastic, unbiased as the paper's Assumption 1 asks). One sort finds both the centres and
-    each value's bracket (its rank), so the cost does not depend on the number of bins.
+    (stochastic, unbiased as the paper's Assumption 1 asks). Up to ``sample_above`` elements one
+    sort finds both the exact centres and each value's bracket (its rank). Larger gradients take
+    the centres from a random sample (``_sampled_centres``: the exact minimum and maximum, sample
+    quantiles between) and find brackets by binary search: still unbiased, since every value
+    lies between its two centres, at a fraction of a sort's cost (docs/BENCHMARKS.md).
     """
     if bits >= FULL_PRECISION or grad.numel() < 2:
         return grad
     flat = grad.detach().reshape(-1).float()
-    n = flat.numel()
     count = 1 << bits
+    sample_size = max(QUANTILE_SAMPLE, 4 * count)
+    if flat.numel() > max(sample_above, sample_size):
+        centres = _sampled_centres(flat, count, sample_size, generator)
+        bracket = torch.searchsorted(centres, flat, right=True) - 1
+        quantized = _round_between(flat, centres, bracket.clamp(0, count - 2), rounding, generator)
+        return quantized.reshape(grad.shape).to(grad.dtype)
     ordered, order = torch.sort(flat)
     centres = _centres_of_sorted(ordered, count)
+    n = flat.numel()
     rank = torch.arange(n, device=flat.device, dtype=torch.int64)
     bracket = torch.div(rank * (count - 1), n - 1, rounding_mode="floor").clamp(max=count - 2)
+    quantized_sorted = _round_between(ordered, centres, bracket, rounding, generator)
+    quantized = torch.empty_like(flat)
+    quantized[order] = quantized_sorted
+    return quantized.reshape(grad.shape).to(grad.dtype)
+
+
+def _sampled_centres(
+    flat: torch.Tensor, count: int, sample_size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``count`` centres: the sample's quantiles, with the tensor's own minimum and maximum at
+    the ends so that every value lies between two centres."""
+    picks = torch.randint(flat.numel(), (sample_size,), generator=generator, device=flat.device)
+    centres = _centres_of_sorted(torch.sort(flat[picks]).values, count)
+    centres[0], centres[-1] = flat.min(), flat.max()
+    return centres
+
+
+def _round_between(
+    values: torch.Tensor,
+    centres: torch.Tensor,
+    bracket: torch.Tensor,
+    rounding: Rounding,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Each value rounded to ``centres[bracket]`` or ``centres[bracket + 1]``, which hold it."""
     lower, upper = centres[bracket], centres[bracket + 1]
     gap = upper - lower
     safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
-    frac = ((ordered - lower) / safe_gap).clamp(0.0, 1.0)
+    frac = ((values - lower) / safe_gap).clamp(0.0, 1.0)
     frac = torch.where(gap > 0, frac, torch.zeros_like(frac))
     if rounding == "deterministic":
         pick_upper = frac > 0.5
     else:
-        pick_upper = torch.rand(n, generator=generator, device=flat.device) < frac
-    quantized_sorted = torch.where(pick_upper, upper, lower)
-    quantized = torch.empty_like(flat)
-    quantized[order] = quantized_sorted
-    return quantized.reshape(grad.shape).to(grad.dtype)
+        pick_upper = torch.rand(values.numel(), generator=generator, device=values.device) < frac
+    return torch.where(pick_upper, upper, lower)
 
 
 # ---------------------------------------------------------------- layers

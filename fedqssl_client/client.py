@@ -79,6 +79,11 @@ class LowBitClient(NumPyClient):
     def _metrics(self, **values: Scalar) -> dict[str, Scalar]:
         return {"partition-id": self.partition_id, "bitwidth": self.bits, **values}
 
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Who this device is: the server asks a node it does not know yet (a resumed run, a
+        restarted SuperNode) before sending it its bitwidth's model."""
+        return self._metrics()
+
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
@@ -222,14 +227,22 @@ def node_experiment_config(
 
 
 def client_bitwidth(config: ExperimentConfig, node_config: Mapping[str, Scalar]) -> int:
-    """A device's bitwidth: its own ``bitwidth`` node config in deployment, else the run
-    config's list indexed by partition id (simulation)."""
+    """A device's bitwidth: the run config's ``bitwidths`` indexed by its partition id, the
+    assignment the server checks every claim against. A ``bitwidth`` node config (what the
+    device can compute) must agree with it, or the node refuses to train."""
+    partition = int(node_config["partition-id"])
+    assigned = config.bitwidths[partition]
     if "bitwidth" in node_config:
         parsed = parse_bitwidths(str(node_config["bitwidth"]))
         if len(parsed) != 1:
             raise ConfigError(f"node config bitwidth must be one value, got {parsed}")
-        return check_bitwidth(parsed[0])
-    return config.bitwidths[int(node_config["partition-id"])]
+        if check_bitwidth(parsed[0]) != assigned:
+            raise ConfigError(
+                f"this node computes at {parsed[0]} bits (node config bitwidth), but the run "
+                f"assigns partition {partition} {assigned} bits: give the run config "
+                f"bitwidths with {parsed[0]} at position {partition} (one value per partition)"
+            )
+    return assigned
 
 
 def torch_threads(cpus: float | int | None) -> int:

@@ -9,15 +9,21 @@ from flwr.common import Context
 from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig
 from common.experiment import server_data
+from fedqssl_server.checkpoint import load, resume_point
 from fedqssl_server.results import RunRecorder, default_output_dir
 from fedqssl_server.strategy import LowBitStrategy
 
 
 def server_fn(context: Context) -> ServerAppComponents:
+    """The run's strategy; with ``resume`` it continues the run in ``output-dir`` from its last
+    checkpoint (a finished run there: nothing to do; another config there: refused)."""
     config = ExperimentConfig.from_mapping(context.run_config)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+    if config.resume and not config.output_dir:
+        raise ConfigError("resume needs output-dir: the folder of the run to continue")
+    point = resume_point(output_dir, config.to_dict()) if config.resume else None
     log(
         INFO,
         "%s: %d clients, bits %s, %s on %s; results -> %s",
@@ -28,11 +34,19 @@ def server_fn(context: Context) -> ServerAppComponents:
         config.dataset,
         output_dir,
     )
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, output_dir))
+    if point is not None:
+        log(INFO, "resume: %s", point.note)
+    finished = point is not None and point.finished
+    recorder = None if finished else RunRecorder(config, output_dir)
+    strategy = LowBitStrategy(config, server_data(config), recorder)
+    if finished:
+        strategy.round_offset = config.num_rounds
+    elif point is not None and point.checkpoint is not None:
+        strategy.restore(load(point.checkpoint))
     timeout = config.round_timeout or None  # deployment: a dead SuperNode must not stall a round
     return ServerAppComponents(
         strategy=strategy,
-        config=ServerConfig(num_rounds=config.num_rounds, round_timeout=timeout),
+        config=ServerConfig(num_rounds=strategy.remaining_rounds(), round_timeout=timeout),
     )
 
 

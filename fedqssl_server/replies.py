@@ -46,7 +46,7 @@ _RULES: dict[Check, str] = {
 # key -> (check, required)
 FIT_METRICS: dict[str, tuple[Check, bool]] = {
     "bitwidth": (_is_int, True),
-    "partition-id": (_non_negative_int, False),
+    "partition-id": (_non_negative_int, True),
     "loss": (_is_number, False),
     "payload-bytes": (_non_negative_int, False),
     "train-seconds": (_non_negative_number, False),

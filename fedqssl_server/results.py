@@ -28,13 +28,26 @@ class RunRecorder:
             (self.output_dir / stale).unlink(missing_ok=True)
         (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
+    def resume(self, records: list[dict[str, Any]], wall_seconds: float) -> None:
+        """Continue a run from its checkpoint: its rounds so far (``rounds.jsonl`` rewritten to
+        exactly them, dropping any round recorded after the checkpoint) and its wall time."""
+        self.rounds = list(records)
+        self.started = time.perf_counter() - wall_seconds
+        (self.output_dir / "rounds.jsonl").write_text(
+            "".join(json.dumps(record) + "\n" for record in records), encoding="utf-8"
+        )
+
+    def elapsed(self) -> float:
+        """Seconds of wall time this run has taken, earlier sessions of it included."""
+        return time.perf_counter() - self.started
+
     def add_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
         with open(self.output_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        summary = {**summary, "wall-seconds": time.perf_counter() - self.started}
+        summary = {**summary, "wall-seconds": self.elapsed()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot()
         return summary

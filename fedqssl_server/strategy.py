@@ -5,17 +5,19 @@ from __future__ import annotations
 import functools
 import re
 import time
-import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
@@ -39,6 +41,8 @@ from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_ac
 from common.experiment import ServerData
 from common.models import extract_features
 from common.quant import FULL_PRECISION
+from fedqssl_server import checkpoint
+from fedqssl_server.nodes import NodeRegistry
 from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.server_steps import AllRefusedError, RoundOutcome, make_server
@@ -82,12 +86,8 @@ class Accepted(NamedTuple):
     uplink_bytes: int
 
 
-def client_key(client: ClientProxy, result: FitRes) -> int:
-    """A stable per-client number: its partition id, else a hash of its node id."""
-    partition = result.metrics.get("partition-id")
-    if isinstance(partition, int) and not isinstance(partition, bool) and partition >= 0:
-        return partition
-    return 1_000_000 + zlib.crc32(str(client.cid).encode())
+# the stream of the config's seed that decides which clients a round samples
+SAMPLING_STREAM = 3
 
 
 class RoundFailedError(RuntimeError):
@@ -109,7 +109,12 @@ def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
 
 class LowBitStrategy(Strategy):
     """Packed low-bit models both ways, one downlink per bitwidth; the algorithm's server steps
-    (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send."""
+    (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send.
+
+    Rounds are numbered as the run counts them: a run resumed from round R's checkpoint
+    (``restore``) calls Flower's round 1 round R + 1. Each partition is bound to the node that
+    first spoke for it and must claim the bitwidth the run assigns it (``NodeRegistry``).
+    """
 
     def __init__(
         self, config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
@@ -120,43 +125,127 @@ class LowBitStrategy(Strategy):
         self.server = make_server(config, data)
         self.recorder = recorder
         self.global_state = self.server.initial_state()
+        self.global_payload: list[np.ndarray] | None = None  # its fp32 encoding, made once
         # the model's shape never changes, so neither does its full-precision payload size
-        self.fp32_bytes = payload_nbytes(encode_state(self.global_state, FULL_PRECISION))
-        self.client_bits: dict[str, int] = {}
+        self.fp32_bytes = payload_nbytes(self._global_payload())
+        self.nodes = NodeRegistry(config.bitwidths)
+        self.connected: set[str] = set()
+        self.round_offset = 0  # rounds completed before this process started (resume)
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.sent_bytes: dict[str, int] = {}
         self.current: dict = {}
         self.final_scores: dict[str, float] = {}
         self.untrained_scores: dict[str, float] = {}
 
+    def restore(self, saved: checkpoint.Checkpoint) -> None:
+        """Continue after ``saved.round`` completed rounds: its global model, downlinks,
+        partitions and records."""
+        self._set_global({k: torch.from_numpy(v) for k, v in saved.global_state.items()})
+        self.downlink = saved.downlink
+        self.nodes.partition_bits = dict(saved.partition_bits)
+        self.round_offset = saved.round
+        if self.recorder is not None:
+            self.recorder.resume(saved.records, saved.wall_seconds)
+
+    def remaining_rounds(self) -> int:
+        return self.config.num_rounds - self.round_offset
+
     # ------------------------------------------------------------ fit
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
-        return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION))
+        """The initial (or restored) global model, full precision."""
+        return ndarrays_to_parameters(self._global_payload())
 
-    def _payload_for(self, cid: str) -> list[np.ndarray]:
-        """The client's own re-quantized model; the full-precision global one until its
-        bitwidth is known."""
-        bits = self.client_bits.get(cid)
-        if bits is not None and bits in self.downlink:
+    def _set_global(self, state: dict) -> None:
+        self.global_state = state
+        self.global_payload = None
+
+    def _global_payload(self) -> list[np.ndarray]:
+        """The global model as fp32 payload, encoded once per model, not once per client."""
+        if self.global_payload is None:
+            self.global_payload = encode_state(self.global_state, FULL_PRECISION)
+        return self.global_payload
+
+    def _payload_for(self, partition: int | None) -> list[np.ndarray]:
+        """The partition's own re-quantized model; the full-precision global one before there
+        is one for its bitwidth or before the node is known (encoded once per round)."""
+        bits = None if partition is None else self.config.bitwidths[partition]
+        if bits in self.downlink:
             return self.downlink[bits]
-        return encode_state(self.global_state, FULL_PRECISION)
+        return self._global_payload()
 
-    def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
-        available = client_manager.num_available()
-        wanted = max(int(available * fraction), self.config.min_fit_clients)
-        return client_manager.sample(
-            num_clients=wanted, min_num_clients=self.config.min_fit_clients
+    def _identify(self, clients: list[ClientProxy], server_round: int) -> None:
+        """Ask nodes not yet bound which partition and bitwidth they are (``get_properties``),
+        and bind those whose answer holds; the others are left out of the round, with why."""
+        unknown = [c for c in clients if c.cid not in self.nodes.partition_of]
+        if not unknown:
+            return
+        timeout = self.config.round_timeout or None
+
+        def ask(client: ClientProxy):
+            try:
+                return client.get_properties(GetPropertiesIns({}), timeout, server_round)
+            except Exception as error:  # a node that cannot answer sits this round out
+                return error
+
+        with ThreadPoolExecutor(max_workers=min(len(unknown), 32)) as pool:
+            replies = list(pool.map(ask, unknown))
+        for client, reply in zip(unknown, replies, strict=True):
+            if isinstance(reply, BaseException):
+                problem = f"did not say which partition it is: {failure_reason(reply)}"
+            else:
+                properties = reply.properties
+                problem = self.nodes.claim_problem(
+                    client.cid,
+                    properties.get("partition-id"),
+                    properties.get("bitwidth"),
+                    self.connected,
+                )
+            if problem is None:
+                self.nodes.bind(client.cid, int(reply.properties["partition-id"]))
+            else:
+                self._leave_out(server_round, client.cid, f"client {client.cid} {problem}")
+
+    def _leave_out(self, server_round: int, who: str, reason: str) -> None:
+        log(WARNING, "round %s: %s, left out", server_round, reason)
+        self.current.setdefault("left-out", []).append((who, reason))
+
+    def _sample(self, client_manager: ClientManager, server_round: int) -> list[ClientProxy]:
+        """Every available client, or a ``fraction-fit`` share of them (at least
+        ``min-fit-clients``) drawn by partition with the config's seed and the round number: the
+        same partitions whatever ids Flower gave the nodes, so a resumed run samples as the
+        uninterrupted one."""
+        client_manager.wait_for(self.config.min_fit_clients)
+        available = sorted(client_manager.all().values(), key=lambda c: c.cid)
+        self.connected = {client.cid for client in available}
+        if self.config.fraction_fit >= 1:
+            return available
+        self._identify(available, server_round)
+        bound = sorted(
+            (self.nodes.partition_of[c.cid], c)
+            for c in available
+            if c.cid in self.nodes.partition_of
         )
+        wanted = max(int(len(available) * self.config.fraction_fit), self.config.min_fit_clients)
+        rng = np.random.default_rng([self.config.seed, server_round, SAMPLING_STREAM])
+        chosen = rng.choice(len(bound), size=min(wanted, len(bound)), replace=False)
+        return [bound[index][1] for index in sorted(chosen)]
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         self.current = {"started": time.perf_counter()}
-        instructions = []
         self.sent_bytes = {}
-        for client in self._sample(client_manager, self.config.fraction_fit):
-            payload = self._payload_for(client.cid)
+        sampled = self._sample(client_manager, server_round)
+        if self.downlink:  # each node needs its own bitwidth's model: know who is who first
+            self._identify(sampled, server_round)
+        instructions = []
+        for client in sampled:
+            partition = self.nodes.partition_of.get(client.cid)
+            if partition is None and self.downlink:
+                continue  # left out by _identify, with its reason
+            payload = self._payload_for(partition)
             self.sent_bytes[client.cid] = payload_nbytes(payload)
             # a fresh FitIns per client: each carries its own model
             instructions.append(
@@ -174,16 +263,30 @@ class LowBitStrategy(Strategy):
             del state  # decoded again when the server reaches it: one state held at a time
         except Exception as error:  # any bytes a client sends: numpy's own errors as well
             detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
-            reason = f"client {client.cid} sent a bad model: {detail}"
-            log(WARNING, "round %s: %s, left out", server_round, reason)
-            return reason
-        self.client_bits[client.cid] = bits
+            return f"client {client.cid} sent a bad model: {detail}"
         decode = functools.partial(self._decoded, result.parameters, bits)
-        return Accepted(client_key(client, result), client, result, decode, payload_nbytes(arrays))
+        partition = int(result.metrics["partition-id"])
+        return Accepted(partition, client, result, decode, payload_nbytes(arrays))
 
     def _decoded(self, parameters: Parameters, bits: int) -> dict:
         arrays = parameters_to_ndarrays(parameters)
         return decode_state(arrays, expect_bits=bits, template=self.global_state)
+
+    def _reply_problem(self, client: ClientProxy, result: FitRes, taken: set[int]) -> str | None:
+        """Why a fit reply cannot be used: its metrics, its claim to a partition, a partition
+        already answered for this round (None: it can)."""
+        problem = reply_problem(
+            result.metrics, result.num_examples, FIT_METRICS, self.config.max_client_examples
+        )
+        if problem is not None:
+            return f"client {client.cid} sent a bad reply: {problem}"
+        partition, bits = result.metrics["partition-id"], result.metrics["bitwidth"]
+        problem = self.nodes.claim_problem(client.cid, partition, bits, self.connected)
+        if problem is not None:
+            return f"client {client.cid} {problem}"
+        if partition in taken:
+            return f"client {client.cid} repeats partition-id {partition}"
+        return None
 
     def aggregate_fit(
         self,
@@ -191,34 +294,25 @@ class LowBitStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         accepted: dict[int, Accepted] = {}
         # (who, why) of every client left out this round
-        left_out = [
+        left_out = list(self.current.get("left-out", [])) + [
             (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f))
             for f in failures
         ]
         for client, result in results:
-            problem = reply_problem(
-                result.metrics, result.num_examples, FIT_METRICS, self.config.max_client_examples
-            )
-            if problem is not None:
-                reason = f"client {client.cid} sent a bad reply: {problem}"
-                log(WARNING, "round %s: %s, left out", server_round, reason)
-                left_out.append((client.cid, reason))
-                continue
-            key = client_key(client, result)
-            if key in accepted:
-                reason = f"client {client.cid} repeats partition-id {key}"
-                log(WARNING, "round %s: %s, left out", server_round, reason)
-                left_out.append((client.cid, reason))
-                continue
-            decoded = self._decode(server_round, client, result)
+            problem = self._reply_problem(client, result, set(accepted))
+            decoded = self._decode(server_round, client, result) if problem is None else problem
             if isinstance(decoded, str):
+                log(WARNING, "round %s: %s, left out", server_round, decoded)
                 left_out.append((client.cid, decoded))
             else:
-                accepted[key] = decoded
+                self.nodes.bind(client.cid, decoded.key)
+                accepted[decoded.key] = decoded
         ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
-        self._require_enough(server_round, ordered, len(results) + len(failures), left_out)
+        sent = len(results) + len(failures) + len(self.current.get("left-out", []))
+        self._require_enough(server_round, ordered, sent, left_out)
         outcome: RoundOutcome | None = None
         try:
             outcome = self.server.run_round(
@@ -226,7 +320,7 @@ class LowBitStrategy(Strategy):
                 self.global_state,
                 {item.key: item.decode for item in ordered},
                 {item.key: item.result.num_examples for item in ordered},
-                set(self.client_bits.values()),
+                self.nodes.bitwidths_seen(),
             )
             refused = outcome.refused
         except AllRefusedError as error:
@@ -235,12 +329,12 @@ class LowBitStrategy(Strategy):
             log(WARNING, "round %s: %s", server_round, reason)
             left_out.append((accepted[key].client.cid, reason))
         ordered = [item for item in ordered if item.key not in refused]
-        self._require_enough(server_round, ordered, len(results) + len(failures), left_out)
+        self._require_enough(server_round, ordered, sent, left_out)
         assert outcome is not None  # every model refused leaves none: the round failed above
-        self.global_state = outcome.global_state
+        self._set_global(outcome.global_state)
         self.downlink = outcome.downlink
         self._record_round(ordered, outcome, left_out)
-        return ndarrays_to_parameters(encode_state(self.global_state, FULL_PRECISION)), {}
+        return ndarrays_to_parameters(self._global_payload()), {}
 
     def _require_enough(
         self, server_round: int, usable: list[Accepted], sent: int, left_out: list[tuple[str, str]]
@@ -281,6 +375,7 @@ class LowBitStrategy(Strategy):
             for index, item in enumerate(ordered)
         ]
         present = {item.key for item in ordered}
+        self.current.pop("left-out", None)  # now part of failed / failure-reasons
         self.current.update(
             {
                 "clients": clients,
@@ -340,9 +435,11 @@ class LowBitStrategy(Strategy):
         """kNN monitor of the global encoder each round. After the last, global accuracy on the
         uniform test set (a linear probe on the frozen global encoder for SSL, the global
         classifier for supervised algorithms), beside the untrained floor: the same scores of
-        the initial model (the seed's weights every client starts from)."""
+        the initial model (the seed's weights every client starts from). Every round but the
+        last ends with a checkpoint."""
+        flower_round, server_round = server_round, server_round + self.round_offset
         model = self._model_of(self.global_state)
-        if server_round == self.config.num_rounds:
+        if flower_round > 0 and server_round == self.config.num_rounds:
             self.final_scores = self._scores(model)
             self.untrained_scores = self._scores(self._model_of(self.server.initial_state()))
             knn = self.final_scores["knn-accuracy"]
@@ -350,9 +447,28 @@ class LowBitStrategy(Strategy):
         else:
             knn = knn_accuracy(*self._global_features(model))
             metrics = {"knn-accuracy": knn}
-        if server_round > 0:
+        if flower_round > 0:
             self._end_round(server_round, knn)
+            if server_round < self.config.num_rounds:
+                self._save_checkpoint(server_round)
         return 1.0 - knn, metrics
+
+    def _save_checkpoint(self, server_round: int) -> None:
+        """What the rounds after ``server_round`` depend on, to resume from (``restore``)."""
+        if self.recorder is None:
+            return
+        checkpoint.save(
+            checkpoint.Checkpoint(
+                round=server_round,
+                config=self.config.to_dict(),
+                global_state={k: v.numpy() for k, v in self.global_state.items()},
+                downlink=self.downlink,
+                partition_bits=self.nodes.partition_bits,
+                records=self.recorder.rounds,
+                wall_seconds=self.recorder.elapsed(),
+            ),
+            checkpoint.checkpoint_path(self.recorder.output_dir),
+        )
 
     def _round_record(self, server_round: int, **values) -> dict:
         """The round's record for ``rounds.jsonl``: what fit gathered, its seconds, ``values``."""
@@ -387,15 +503,26 @@ class LowBitStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """After the last round, every known client scores its own re-quantized model."""
+        """After the last round, every connected client scores its own re-quantized model."""
+        server_round += self.round_offset
         if server_round != self.config.num_rounds:
             return []
-        clients = client_manager.sample(
-            num_clients=client_manager.num_available(), min_num_clients=1
-        )
+        client_manager.wait_for(1)
+        clients = sorted(client_manager.all().values(), key=lambda c: c.cid)
+        if self.downlink:
+            self._identify(clients, server_round)
+        known = [c for c in clients if c.cid in self.nodes.partition_of or not self.downlink]
         return [
-            (client, EvaluateIns(ndarrays_to_parameters(self._payload_for(client.cid)), {}))
-            for client in clients
+            (
+                client,
+                EvaluateIns(
+                    ndarrays_to_parameters(
+                        self._payload_for(self.nodes.partition_of.get(client.cid))
+                    ),
+                    {},
+                ),
+            )
+            for client in known
         ]
 
     def aggregate_evaluate(
@@ -404,6 +531,7 @@ class LowBitStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        """The clients' local scores and their means, then the run's summary."""
         usable = []
         for client, reply in results:
             problem = reply_problem(
@@ -448,6 +576,7 @@ class LowBitStrategy(Strategy):
                 self.recorder.output_dir,
             )
             self.recorder.finish(summary)
+            checkpoint.checkpoint_path(self.recorder.output_dir).unlink(missing_ok=True)
         return (None if mean_local is None else 1 - mean_local), {
             "local-accuracy": mean_local or 0.0
         }

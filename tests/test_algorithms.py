@@ -7,15 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_fakes import FakeManager, FakeProxy
+from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import (
-    Code,
-    EvaluateRes,
-    FitRes,
     RecordDict,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
@@ -73,25 +67,7 @@ def federate(config, client_data=None):
         )
         for p in proxies
     }
-    manager = FakeManager(proxies)
-    for server_round in range(1, config.num_rounds + 1):
-        results = []
-        for proxy, ins in strategy.configure_fit(server_round, None, manager):
-            arrays, count, metrics = clients[proxy.cid].fit(
-                parameters_to_ndarrays(ins.parameters), ins.config
-            )
-            results.append(
-                (proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), count, metrics))
-            )
-        strategy.aggregate_fit(server_round, results, [])
-        strategy.evaluate(server_round, None)
-    evaluations = []
-    for proxy, ins in strategy.configure_evaluate(config.num_rounds, None, manager):
-        loss, count, metrics = clients[proxy.cid].evaluate(
-            parameters_to_ndarrays(ins.parameters), ins.config
-        )
-        evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), loss, count, metrics)))
-    strategy.aggregate_evaluate(config.num_rounds, evaluations, [])
+    drive(strategy, clients, FakeManager(proxies), config.num_rounds)
     return strategy, clients
 
 

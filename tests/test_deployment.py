@@ -32,7 +32,7 @@ CONNECTION = "fedqssl"
 RUN_CONFIG = """dataset = "synthetic"
 model-width = 8
 num-clients = 3
-bitwidths = "4,4,4"
+bitwidths = "4,8,12"
 buffer-dir = "{data}/server/buffer"
 probe-dir = "{data}/server/probe"
 num-rounds = 2

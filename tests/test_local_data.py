@@ -219,7 +219,7 @@ def test_a_node_with_local_data_never_loads_the_global_dataset(device_folders, m
     config = tiny_config(
         device_folders,
         "fedqssl",
-        "4,4,4",
+        "4,8,4",
         **{
             "num-clients": 3,
             "buffer-dir": str(device_folders / "server" / "buffer"),

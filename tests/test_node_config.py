@@ -8,12 +8,16 @@ from fedqssl_client.client import client_bitwidth, node_experiment_config
 RUN = {"dataset": "synthetic", "num-clients": 3, "bitwidths": "4,8,12", "data-dir": ""}
 
 
-def test_node_config_supplies_bitwidth_and_data_dir(tmp_path):
-    node = {"partition-id": 1, "num-partitions": 3, "bitwidth": 6, "data-dir": str(tmp_path)}
+def test_node_config_supplies_data_dir_and_a_bitwidth_that_must_match_the_run(tmp_path):
+    node = {"partition-id": 1, "num-partitions": 3, "bitwidth": 8, "data-dir": str(tmp_path)}
     config = node_experiment_config(RUN, node)
     assert config.data_dir == str(tmp_path)
-    assert client_bitwidth(config, node) == 6  # its own bitwidth wins over the run's list
+    assert client_bitwidth(config, node) == 8
     assert client_bitwidth(config, {"partition-id": 1}) == 8
+    # the run's bitwidths are the assignment the server checks every claim against: a node that
+    # computes at another bitwidth refuses to train, naming the fix
+    with pytest.raises(ConfigError, match=r"6 bits .* assigns partition 1 8 bits: .*position 1"):
+        client_bitwidth(config, {**node, "bitwidth": 6})
 
 
 @pytest.mark.parametrize(
@@ -34,4 +38,6 @@ def test_inconsistent_node_config_is_refused_with_the_fix(node, message):
 
 def test_a_bad_node_bitwidth_is_a_config_error():
     with pytest.raises(ConfigError, match="bitwidth 40 is not allowed"):
-        client_bitwidth(node_experiment_config(RUN, {"partition-id": 0}), {"bitwidth": 40})
+        client_bitwidth(
+            node_experiment_config(RUN, {"partition-id": 0}), {"partition-id": 0, "bitwidth": 40}
+        )

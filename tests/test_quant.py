@@ -205,3 +205,37 @@ def test_stochastic_projection_puts_weights_on_grid_unbiasedly_in_tanh_space():
     grid_step = 2 * float(torch.tanh(original).abs().max()) / 15
     tolerance = 5 * grid_step / (2 * math.sqrt(trials))
     assert ((tanh_means - torch.tanh(original)).abs() <= tolerance).all()
+
+
+def test_sampled_quantiles_keep_every_value_between_two_centres_and_stay_unbiased():
+    """Above ``sample_above`` elements the centres come from a sample (exact min and max at the
+    ends): every value still rounds to one of the two centres around it, so the stochastic
+    quantizer stays unbiased (the centres differ from draw to draw)."""
+    grad = torch.rand(150_000, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    generator = torch.Generator().manual_seed(12)
+    draws = 100
+    samples = torch.stack(
+        [
+            quantize_gradient(grad, 3, "stochastic", generator, sample_above=100_000)
+            for _ in range(draws)
+        ]
+    )
+    assert samples.min() == grad.min() and samples.max() == grad.max()
+    assert all(draw.unique().numel() <= 8 for draw in samples[:10])
+    # 8 centres over [-1, 1]: gaps near 2/7, so the mean of 100 draws is within 5 standard
+    # errors of gap / (2 sqrt(draws)); nearest rounding misses by up to a gap / 2 = 0.14
+    assert ((samples.mean(dim=0) - grad).abs() <= 5 * 0.3 / (2 * math.sqrt(draws))).all()
+    assert abs(float((samples - grad).mean())) < 1e-3
+    nearest = quantize_gradient(grad, 3, "deterministic", sample_above=100_000)
+    assert (nearest - grad).abs().max() > 0.1  # the tolerance above would catch its bias
+
+
+def test_sampled_quantiles_cost_little_accuracy_on_a_large_layer():
+    grad = torch.randn(600_000, generator=torch.Generator().manual_seed(13))
+    errors = {}
+    for name, above in (("exact", 10**9), ("sampled", 1 << 18)):
+        quantized = quantize_gradient(
+            grad, 6, "stochastic", torch.Generator().manual_seed(14), above
+        )
+        errors[name] = float(((quantized - grad) ** 2).mean())
+    assert errors["sampled"] < 1.15 * errors["exact"], errors

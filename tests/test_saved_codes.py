@@ -138,3 +138,43 @@ def test_masks_pack_to_one_bit_each_and_back(shape):
     packed = saved_codes.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(saved_codes.unpack_bits(packed, mask.shape), mask)
+    # the tensor-op packer (GPU tensors) writes the same bytes as NumPy's (CPU tensors)
+    assert torch.equal(saved_codes._pack_bits_tensor(mask.reshape(-1)), packed)
+    assert torch.equal(saved_codes._unpack_bits_tensor(packed, mask.shape), mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(2, 9),
+    width=st.integers(2, 9),
+    kernel=st.integers(1, 3),
+    levels=st.sampled_from([1, 3, 15, 0]),  # 0: continuous values, no ties
+    seed=st.integers(0, 2**16),
+)
+def test_window_max_pool_equals_torch_max_pool_bit_for_bit(height, width, kernel, levels, seed):
+    """The uint8-argmax pool picks the element F.max_pool2d picks, ties included (on a 2-bit
+    grid most windows tie), so forward and gradient agree exactly; odd sizes drop the same
+    rows and columns."""
+    if kernel > min(height, width):
+        return
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 3, height, width, generator=generator)
+    if levels:
+        x = torch.round(x * levels) / levels
+    grad_out = torch.randn(2, 3, height // kernel, width // kernel, generator=generator)
+    mine = x.clone().requires_grad_()
+    theirs = x.clone().requires_grad_()
+    out_mine = saved_codes._WindowMaxPool.apply(mine, kernel)
+    out_theirs = torch.nn.functional.max_pool2d(theirs, kernel)
+    assert torch.equal(out_mine, out_theirs)
+    out_mine.backward(grad_out)
+    out_theirs.backward(grad_out)
+    assert torch.equal(mine.grad, theirs.grad)
+
+
+def test_the_max_pool_saves_one_byte_per_window():
+    x = torch.rand(4, 8, 28, 28, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved_codes._WindowMaxPool.apply(x, 2)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 4 * 8 * 14 * 14)]

@@ -127,14 +127,17 @@ def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
     bad = fit_result(config, 8, 1, 1)
     arrays = parameters_to_ndarrays(bad.parameters)
     bad.parameters = ndarrays_to_parameters([arrays[0], arrays[1][:-5], *arrays[2:]])
-    liar = fit_result(config, 4, 2, 2)
-    liar.metrics["bitwidth"] = 6  # claims 6 bits, sends 4
+    liar = fit_result(config, 8, 2, 2)
+    liar.metrics["bitwidth"] = 4  # claims its partition's 4 bits, sends 8
     results = [(FakeProxy("a"), good), (FakeProxy("b"), bad), (FakeProxy("c"), liar)]
     parameters, _ = strategy.aggregate_fit(1, results, [RuntimeError("node lost")])
     assert parameters is not None
     assert [c["partition-id"] for c in strategy.current["clients"]] == [0]
     assert set(strategy.current["failed"]) == {"b", "c", "node lost"}
-    assert strategy.client_bits == {"a": 4}
+    assert "payload is at 8 bits, the receiver expects 4" in " ".join(
+        strategy.current["failure-reasons"]
+    )
+    assert strategy.nodes.partition_of == {"a": 0}
 
 
 def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(config):
@@ -150,7 +153,7 @@ def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(con
     bad = fit_result(config, 8, 1, 1)
     bad.metrics["bitwidth"] = 4
     results = [(FakeProxy("a"), fit_result(config, 4, 0)), (FakeProxy("b"), bad)]
-    with pytest.raises(RoundFailedError, match=r"1 of 2 clients .* client b sent a bad model"):
+    with pytest.raises(RoundFailedError, match=r"1 of 2 clients .* client b claims 4 bits"):
         strategy.aggregate_fit(2, results, [])
     lines = (config_dir(config) / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
@@ -234,10 +237,15 @@ def test_round_outcome_does_not_depend_on_arrival_order(config):
     )
 
 
+def nodes(ids, bits=4):
+    """Fake nodes with these ids, node k speaking for partition k."""
+    return [FakeProxy(cid, {"partition-id": k, "bitwidth": bits}) for k, cid in enumerate(ids)]
+
+
 @pytest.mark.parametrize(
     ("fraction", "minimum", "expected"), [(0.5, 2, 5), (0.1, 3, 3), (1.0, 2, 10)]
 )
-def test_client_sampling_follows_fraction_fit_and_min_fit_clients(
+def test_client_sampling_follows_fraction_fit_and_min_fit_clients_by_partition(
     tmp_path, fraction, minimum, expected
 ):
     config = ExperimentConfig.from_mapping(
@@ -251,9 +259,19 @@ def test_client_sampling_follows_fraction_fit_and_min_fit_clients(
             "output-dir": str(tmp_path),
         }
     )
-    strategy = LowBitStrategy(config, server_data(config))
-    proxies = [FakeProxy(str(i)) for i in range(10)]
-    assert len(strategy.configure_fit(1, None, FakeManager(proxies))) == expected
+
+    def sampled_partitions(ids, server_round):
+        strategy = LowBitStrategy(config, server_data(config))
+        chosen = strategy.configure_fit(server_round, None, FakeManager(nodes(ids)))
+        return sorted(proxy.properties["partition-id"] for proxy, _ in chosen)
+
+    first = sampled_partitions([str(i) for i in range(10)], 1)
+    assert len(first) == expected
+    # drawn by partition with the seed and round: the same partitions under other node ids (a
+    # resumed run, whose nodes Flower numbers anew), and another draw in another round
+    assert sampled_partitions([f"node-{9 - i}" for i in range(10)], 1) == first
+    if expected < 10:
+        assert any(sampled_partitions([str(i) for i in range(10)], r) != first for r in (2, 3))
 
 
 def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
@@ -590,7 +608,7 @@ def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(co
     def strategy():
         return LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
 
-    honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
+    honest = [(FakeProxy(str(i)), fit_result(config, config.bitwidths[i], i, i)) for i in range(2)]
     greedy = fit_result(config, 4, 2, 2)
     greedy.num_examples = 10**15
     with_bad, without = strategy(), strategy()

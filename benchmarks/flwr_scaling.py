@@ -1,0 +1,117 @@
+"""A 100-client ``flwr run`` simulation: the server's share of a round at fraction-fit 0.1 and 1.0.
+
+Each setting is one ``simulation.py`` run (Flower's Ray backend, 2 actors of 1 CPU each) of
+Fed-QSSL on synthetic data with 100 clients (a width-8 small CNN, about 10 images a client,
+partition sizes kept within 0.5-1.5x the mean), 2 rounds. From ``rounds.jsonl``: the server's
+seconds a round (de-quantization, aggregation, re-quantization), the sampled clients' summed
+training seconds, and the round's wall time, whose remainder is Flower's and Ray's own work
+(scheduling 100 ClientApp calls onto 2 actors, moving payloads). Round 1 of the fraction-fit 0.1
+run also asks every node which partition it is (``get_properties``), so that sampling is seeded by
+partition, not by Flower's random node ids.
+
+    python benchmarks/flwr_scaling.py     # writes benchmarks/results/flwr_scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+PRESET = """dataset: synthetic
+model: small_cnn
+model-width: 8
+num-clients: 100
+bitwidths: [4, 8]
+dirichlet-beta: 1.0
+partition-balance: 0.5
+buffer-ratio: 0.1
+num-rounds: 2
+batch-size: 8
+min-fit-clients: 5
+probe-samples: 500
+"""
+
+
+def bitwidths(clients: int) -> str:
+    return ",".join(str((4, 8)[k % 2]) for k in range(clients))
+
+
+def one_run(workdir: Path, fraction: float, clients: int) -> dict:
+    preset = workdir / "scaling.yaml"
+    preset.write_text(PRESET.replace("bitwidths: [4, 8]", f"bitwidths: [{bitwidths(clients)}]"))
+    output = workdir / f"fraction-{fraction}"
+    command = [
+        sys.executable,
+        str(ROOT / "simulation.py"),
+        str(preset),
+        "--set",
+        f"num-clients={clients}",
+        "--set",
+        f"fraction-fit={fraction}",
+        "--output-dir",
+        str(output),
+        "--flwr-home",
+        str(workdir / "flwr"),
+    ]
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise RuntimeError(f"fraction {fraction}: {completed.stdout[-2000:]}{completed.stderr}")
+    rounds = [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
+    per_round = []
+    for record in rounds:
+        server = sum(record["server-seconds"].values())
+        training = sum(c["train-seconds"] for c in record["clients"])
+        per_round.append(
+            {
+                "round": record["round"],
+                "clients": len(record["clients"]),
+                "server_seconds": server,
+                "clients_training_seconds": training,
+                "server_over_training": server / training,
+                "round_seconds": record["round-seconds"],
+                "other_seconds": record["round-seconds"] - server - training / 2,
+            }
+        )
+    return {"fraction_fit": fraction, "wall_seconds": wall, "rounds": per_round}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--output", type=Path, default=RESULTS / "flwr_scaling.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        runs = [one_run(Path(workdir), fraction, args.clients) for fraction in (0.1, 1.0)]
+    report = {
+        "command": "python benchmarks/flwr_scaling.py",
+        "clients": args.clients,
+        "note": "other_seconds = round wall time - server seconds - clients' training / 2 actors",
+        "runs": runs,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        "| fraction-fit | round | clients | server s | clients' training s | server / training "
+        "| round s |\n|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for run in runs:
+        for r in run["rounds"]:
+            print(
+                f"| {run['fraction_fit']} | {r['round']} | {r['clients']} | "
+                f"{r['server_seconds']:.1f} | {r['clients_training_seconds']:.1f} | "
+                f"{r['server_over_training']:.2f} | {r['round_seconds']:.1f} |"
+            )
+    print(f"\nwritten to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

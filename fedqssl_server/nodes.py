@@ -1,0 +1,65 @@
+"""Which node speaks for which partition in a run, and what a partition may claim.
+
+A client's reply names its partition and its bitwidth; the server believes neither blindly. The
+run config's ``bitwidths`` is the assignment of record (a node's own ``bitwidth`` node config
+must agree with it), so a partition configured at 4 bits cannot claim 32 and be sent a 32-bit
+model. The first node to claim a partition is bound to it for the run: another node claiming it
+is refused while the bound one is still connected, so a hostile node cannot push out an honest
+one; a node that reconnects under a new id (a restarted SuperNode, a resumed run) takes its
+partition back once the old id has gone. Free of Flower: nodes are their id strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+
+class NodeRegistry:
+    """Node id -> partition bindings of one run, checked against the run's bitwidths."""
+
+    def __init__(self, bitwidths: tuple[int, ...]) -> None:
+        self.bitwidths = bitwidths
+        self.partition_of: dict[str, int] = {}
+        # partitions that took part in the run so far -> their bitwidth (what to re-quantize for)
+        self.partition_bits: dict[int, int] = {}
+
+    def node_of(self, partition: int) -> str | None:
+        return next((n for n, p in self.partition_of.items() if p == partition), None)
+
+    def claim_problem(
+        self, node: str, partition: object, bits: object, connected: Collection[str]
+    ) -> str | None:
+        """Why ``node`` may not speak for ``partition`` at ``bits`` (None: it may)."""
+        if isinstance(partition, bool) or not isinstance(partition, int):
+            return f"partition-id must be an int, got {partition!r}"
+        if not 0 <= partition < len(self.bitwidths):
+            return (
+                f"partition-id {partition} is outside the run's partitions "
+                f"0..{len(self.bitwidths) - 1} (num-clients {len(self.bitwidths)})"
+            )
+        assigned = self.bitwidths[partition]
+        if bits != assigned:
+            return (
+                f"claims {bits!r} bits for partition {partition}, which the run assigns "
+                f"{assigned} bits (run config bitwidths)"
+            )
+        bound = self.node_of(partition)
+        if bound is not None and bound != node and bound in connected:
+            return f"partition {partition} is bound to node {bound} for this run"
+        known = self.partition_of.get(node)
+        if known is not None and known != partition:
+            return f"node {node} spoke for partition {known} earlier in this run, not {partition}"
+        return None
+
+    def bind(self, node: str, partition: int) -> None:
+        """Bind ``node`` to ``partition`` (after ``claim_problem`` said yes), releasing the
+        partition's earlier node, which has gone."""
+        earlier = self.node_of(partition)
+        if earlier is not None and earlier != node:
+            del self.partition_of[earlier]
+        self.partition_of[node] = partition
+        self.partition_bits[partition] = self.bitwidths[partition]
+
+    def bitwidths_seen(self) -> set[int]:
+        """The bitwidths of every partition that took part so far (the downlinks to make)."""
+        return set(self.partition_bits.values())

@@ -1,0 +1,176 @@
+"""Checkpoints and resumption, in process: a run interrupted after round R and resumed equals the
+uninterrupted run; a changed config, a damaged checkpoint and a finished run are handled."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flower_fakes import FakeManager, FakeProxy, drive
+from flwr.common import RecordDict
+
+from common.config import ExperimentConfig
+from common.experiment import server_data
+from fedqssl_client.client import LowBitClient
+from fedqssl_server import checkpoint
+from fedqssl_server.checkpoint import CheckpointError, resume_point
+from fedqssl_server.results import RunRecorder
+from fedqssl_server.strategy import LowBitStrategy
+
+
+def tiny(tmp_path, name, **extra):
+    return ExperimentConfig.from_mapping(
+        {
+            "dataset": "synthetic",
+            "model-width": 4,
+            "num-clients": 3,
+            "bitwidths": "2,4,8",
+            "num-rounds": 4,
+            "dirichlet-beta": 1.0,
+            "buffer-ratio": 0.05,
+            "batch-size": 16,
+            "max-samples-per-client": 32,
+            "probe-samples": 100,
+            "output-dir": str(tmp_path / name),
+            **extra,
+        }
+    )
+
+
+def federation(config, ids):
+    """Nodes with the given ids (node k holds partition k) and their in-process clients."""
+    clients = {
+        cid: LowBitClient(config, k, config.bitwidths[k], RecordDict()) for k, cid in enumerate(ids)
+    }
+    proxies = [FakeProxy(cid, clients[cid].get_properties({})) for cid in ids]
+    return clients, proxies
+
+
+def start(config):
+    return LowBitStrategy(config, server_data(config), RunRecorder(config, Path(config.output_dir)))
+
+
+def without_timings(value):
+    """A record with every wall-clock figure dropped (they differ run to run; nothing else may)."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v)
+            for k, v in value.items()
+            if not k.endswith("seconds") and k != "server-seconds"
+        }
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def outputs(config):
+    folder = Path(config.output_dir)
+    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((folder / "summary.json").read_text())
+    return without_timings(rounds), without_timings(summary)
+
+
+@pytest.mark.parametrize("algorithm", ["fedqssl", "fedavg"])
+def test_a_run_resumed_after_round_two_equals_the_uninterrupted_run(tmp_path, algorithm):
+    straight = tiny(tmp_path, "straight", algorithm=algorithm)
+    clients, proxies = federation(straight, ["a", "b", "c"])
+    drive(start(straight), clients, FakeManager(proxies), 4)
+
+    interrupted = tiny(tmp_path, "interrupted", algorithm=algorithm)
+    clients, proxies = federation(interrupted, ["a", "b", "c"])
+    first = start(interrupted)
+    drive(first, clients, FakeManager(proxies), 2, evaluate_at_end=False)  # killed in round 3
+    path = checkpoint.checkpoint_path(interrupted.output_dir)
+    saved = checkpoint.load(path)
+    assert saved.round == 2 and sorted(saved.downlink) == [2, 4, 8]
+    with open(Path(interrupted.output_dir) / "rounds.jsonl", "a") as rounds:
+        rounds.write('{"round": 3, "half": "written when the process died"}\n')
+
+    # the resumed process: a new strategy, and nodes Flower numbered anew
+    resumed_config = ExperimentConfig.from_mapping({**interrupted.to_run_config(), "resume": True})
+    point = resume_point(resumed_config.output_dir, resumed_config.to_dict())
+    assert not point.finished and point.round == 2
+    resumed = start(resumed_config)
+    resumed.restore(checkpoint.load(point.checkpoint))
+    assert resumed.remaining_rounds() == 2
+    clients, proxies = federation(resumed_config, ["x", "y", "z"])
+    drive(resumed, clients, FakeManager(proxies), 2)
+    # every node was asked who it is once, and got its own bitwidth's model
+    assert [p.asked for p in proxies] == [1, 1, 1]
+    assert outputs(resumed_config) == outputs(straight)  # bit for bit, timings aside
+    assert not path.exists()  # a finished run keeps no checkpoint
+    again = resume_point(resumed_config.output_dir, resumed_config.to_dict())
+    assert again.finished and "nothing to do" in again.note
+
+
+def test_no_checkpoint_after_the_last_round_and_none_without_a_recorder(tmp_path):
+    config = tiny(tmp_path, "run", **{"num-rounds": 2})
+    clients, proxies = federation(config, ["a", "b", "c"])
+    strategy = start(config)
+    drive(strategy, clients, FakeManager(proxies), 2, evaluate_at_end=False)
+    # round 1 wrote one; round 2 is the last, whose completion is the summary, not a checkpoint
+    assert checkpoint.load(checkpoint.checkpoint_path(config.output_dir)).round == 1
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
+    config = tiny(tmp_path, "run")
+    clients, proxies = federation(config, ["a", "b", "c"])
+    drive(start(config), clients, FakeManager(proxies), 1, evaluate_at_end=False)
+    changed = ExperimentConfig.from_mapping(
+        {**config.to_run_config(), "learning-rate": 0.01, "num-rounds": 5, "resume": True}
+    )
+    with pytest.raises(CheckpointError, match=r"learning-rate: 0.001 -> 0.01; num-rounds: 4 -> 5"):
+        resume_point(changed.output_dir, changed.to_dict())
+    # where it writes and the resume switch itself may change
+    moved = {**config.to_dict(), "output-dir": "/elsewhere", "resume": True}
+    assert resume_point(config.output_dir, moved).round == 1
+
+
+def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_not_finished(
+    tmp_path,
+):
+    config = tiny(tmp_path, "run", **{"num-rounds": 2})
+    clients, proxies = federation(config, ["a", "b", "c"])
+    drive(start(config), clients, FakeManager(proxies), 2)
+    folder = Path(config.output_dir)
+    assert resume_point(folder, config.to_dict()).finished
+    with pytest.raises(CheckpointError, match=r"num-rounds: 2 -> 5"):
+        resume_point(folder, {**config.to_dict(), "num-rounds": 5})
+    (folder / "summary.json").write_text('{"global-accura')  # truncated as a crash leaves it
+    point = resume_point(folder, config.to_dict())
+    assert not point.finished and point.checkpoint is None
+    assert "summary.json is unreadable" in point.note
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"", b"not a zip", b"PK\x03\x04 truncated"],
+)
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    path = tmp_path / checkpoint.CHECKPOINT_FILE
+    path.write_bytes(damage)
+    with pytest.raises(CheckpointError, match=r"not a readable checkpoint.*delete it"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_holds_no_pickle_and_is_replaced_atomically(tmp_path):
+    path = tmp_path / checkpoint.CHECKPOINT_FILE
+    state = {"w": np.arange(6, dtype=np.float32)}
+    saved = checkpoint.Checkpoint(
+        round=3,
+        config={"seed": 1},
+        global_state=state,
+        downlink={4: [np.arange(3, dtype=np.uint8), np.zeros(2, dtype=np.float32)]},
+        partition_bits={0: 4},
+        records=[{"round": 1}],
+        wall_seconds=2.5,
+    )
+    checkpoint.save(saved, path)
+    checkpoint.save(saved, path)  # over an existing one
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.CHECKPOINT_FILE]  # no temp left
+    with np.load(path, allow_pickle=False) as archive:
+        assert all(archive[name].dtype != object for name in archive.files)
+    loaded = checkpoint.load(path)
+    assert (loaded.round, loaded.partition_bits, loaded.records) == (3, {0: 4}, [{"round": 1}])
+    assert np.array_equal(loaded.downlink[4][0], np.arange(3, dtype=np.uint8))
+    assert np.array_equal(loaded.global_state["w"], state["w"])
