@@ -3,11 +3,12 @@
 Each client count runs in a fresh process, with the quickstart's model, buffer D_g and bitwidth
 mix: N fabricated clients (the initial model, perturbed per client, encoded at its bitwidth, as
 Flower would hand the strategy their packed payloads) go through one server round
-(``run_round``: decode, de-quantize, fold, re-quantize), each payload decoded only when the server
-reaches it. Peak memory growth of the round is read as in ``step_memory.py`` (peak-RSS mark reset
-before it, glibc's fixed mmap threshold). The clients' side is one client's local training on
-500 images (the quickstart's cap, E = 1), timed at 4, 8 and 12 bits in the same process: N times
-its mean is the clients' summed training seconds.
+(``ServerRound.run``: decode, de-quantize, fold, re-quantize, then the strategy's encoding of each
+bitwidth's model), each payload decoded only when the server reaches it. Peak memory growth of
+the round is read as in ``step_memory.py`` (peak-RSS mark reset before it, glibc's fixed mmap
+threshold). The clients' side is one client's local training on 500 images (the quickstart's
+cap, E = 1), timed at 4, 8 and 12 bits in the same process: N times its mean is the clients'
+summed training seconds.
 
     python benchmarks/server_scaling.py        # writes benchmarks/results/server_scaling.json
 """
@@ -73,14 +74,14 @@ def client_train_seconds(config, data) -> float:
 
 
 def measure_in_this_process(count: int) -> dict:
-    from common.codec import decode_state
+    from common.codec import decode_state, encode_state
     from common.config import ExperimentConfig
     from common.experiment import server_data
-    from fedqssl_server.server_steps import make_server
+    from fedqssl_server.rounds import server_round_for
 
     config = ExperimentConfig.from_yaml(PRESET)
     data = server_data(config)
-    server = make_server(config, data)
+    server = server_round_for(config, data)
     current = server.initial_state()
     payloads = fabricated_payloads(server, config.bitwidths, count)
     received = {
@@ -95,8 +96,10 @@ def measure_in_this_process(count: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")
     before = status_kb("VmRSS")
     start = time.perf_counter()
-    outcome = server.run_round(1, current, received, examples, set(config.bitwidths))
+    outcome = server.run(1, current, received, examples, set(config.bitwidths))
+    downlink = {bits: encode_state(state, bits) for bits, state in outcome.requantized.items()}
     seconds = time.perf_counter() - start
+    del downlink
     growth_mb = (status_kb("VmHWM") - before) / 1024
     return {
         "clients": count,

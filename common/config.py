@@ -21,7 +21,7 @@ import yaml
 from common.algorithms import ALGORITHM_NAMES
 from common.data import DATASET_NAMES
 from common.models import MODEL_NAMES
-from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS
+from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
 from common.training import LowBitSettings
 
 WEIGHT_UPDATES = ("latent", "grid")
@@ -177,14 +177,15 @@ def parse_bitwidths(value: Any) -> tuple[int, ...]:
 
 
 def check_bitwidth(bits: int) -> int:
-    """``bits`` if it is an allowed bitwidth, else a ConfigError naming the allowed ones."""
-    allowed = f"{MIN_BITS}..{MAX_BITS} or {FULL_PRECISION}"
-    _require(
-        bits == FULL_PRECISION or MIN_BITS <= bits <= MAX_BITS,
-        "bitwidths",
-        f"bitwidth {bits} is not allowed: each must be {allowed}",
-    )
-    return bits
+    """``bits`` if it is an allowed bitwidth (``quant.check_bits``: the one rule), else a
+    ConfigError naming the allowed ones."""
+    try:
+        return check_bits(bits)
+    except ValueError:
+        allowed = f"{MIN_BITS}..{MAX_BITS} or {FULL_PRECISION}"
+        raise ConfigError(
+            f"bitwidths: bitwidth {bits} is not allowed: each must be {allowed}"
+        ) from None
 
 
 def _to_int(text: str) -> int:

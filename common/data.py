@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import seeds
+
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
 # (channels, image size, classes) of each dataset: what a device's own images must match
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -354,7 +356,7 @@ def make_partition(
         raise ValueError(f"buffer_ratio must be in (0, 1), got {buffer_ratio}")
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    rng = np.random.default_rng(seed)
+    rng = seeds.partition_rng(seed)
     buffer = stratified_sample(train_labels, buffer_ratio, rng)
     pool = np.setdiff1d(np.arange(len(train_labels)), buffer)
     clients = [

@@ -13,6 +13,11 @@ from torch.nn import functional as F
 from common.models import linear_probe
 from common.quant import FULL_PRECISION, quantize_weight_grads_
 
+# Final-epoch probe lengths: the server's global probe on its labelled probe set, and a client's
+# local probe on its own labelled share (a few hundred images, at its bitwidth, on the device).
+GLOBAL_PROBE_EPOCHS = 100
+LOCAL_PROBE_EPOCHS = 30
+
 
 def knn_accuracy(
     train_features: torch.Tensor,
@@ -42,7 +47,7 @@ def linear_probe_accuracy(
     test_labels: torch.Tensor,
     num_classes: int,
     bits: int = FULL_PRECISION,
-    epochs: int = 100,
+    epochs: int = GLOBAL_PROBE_EPOCHS,
     learning_rate: float = 1e-2,
     batch_size: int = 256,
     seed: int = 0,

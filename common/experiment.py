@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common import seeds
 from common.algorithms import get_algorithm
 from common.batch_augment import BatchSSLAugmentation
 from common.config import ExperimentConfig
@@ -115,7 +116,7 @@ class ExperimentData:
         """Client ``client``'s share, capped at ``max_samples`` (0: all) by a seeded draw."""
         indices = self.partition.clients[client]
         if 0 < max_samples < len(indices):
-            rng = np.random.default_rng([self.seed, client])
+            rng = seeds.client_cap_rng(self.seed, client)
             indices = np.sort(rng.choice(indices, size=max_samples, replace=False))
         return self.train.subset(indices)
 
@@ -144,7 +145,7 @@ class ExperimentData:
 def capped(data: ImageData, size: int, seed: int) -> ImageData:
     """A class-stratified subset of about ``size`` of labelled ``data`` (seeded)."""
     fraction = min(0.999, size / len(data))
-    rng = np.random.default_rng([seed, 1])
+    rng = seeds.probe_sample_rng(seed)
     return data.subset(stratified_sample(data.labels.numpy(), fraction, rng))
 
 

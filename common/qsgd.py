@@ -18,13 +18,15 @@ import math
 
 import torch
 
+from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
+
 DEFAULT_BUCKET_SIZE = 512
 
 
 def qsgd_levels(bits: int) -> int:
     """Levels per sign at ``bits`` bits (2 bits: 1 level, i.e. ternary {-||v||, 0, ||v||})."""
-    if not 2 <= bits <= 16:
-        raise ValueError(f"QSGD codes need 2..16 bits, got {bits}")
+    if check_bits(bits) == FULL_PRECISION:
+        raise ValueError(f"QSGD codes need a low bitwidth ({MIN_BITS}..{MAX_BITS}), got {bits}")
     return (1 << (bits - 1)) - 1
 
 

@@ -11,21 +11,16 @@ from flwr.client import ClientApp
 from flwr.common import Context
 
 from common.experiment import client_data
-from fedqssl_client.client import (
-    LowBitClient,
-    client_bitwidth,
-    node_experiment_config,
-    torch_threads,
-)
+from fedqssl_client.client import LowBitClient, torch_threads
+from fedqssl_client.node import node_settings
 
 
 def client_fn(context: Context):
-    config = node_experiment_config(context.run_config, context.node_config)
-    partition_id = int(context.node_config["partition-id"])
+    """This node's client for this message (Flower builds one per call)."""
+    node = node_settings(context.run_config, context.node_config)
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
-    bits = client_bitwidth(config, context.node_config)
-    data = client_data(config, partition_id, str(context.node_config.get("local-data", "")))
-    return LowBitClient(config, partition_id, bits, context.state, data).to_client()
+    data = client_data(node.config, node.partition_id, node.local_data)
+    return LowBitClient(node.config, node.partition_id, node.bits, context.state, data).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

@@ -4,13 +4,13 @@ packed codes both ways (models, or FedPAQ's QSGD-coded updates)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import ArrayRecord, RecordDict
 
+from common import seeds
 from common.algorithms import get_algorithm
 from common.codec import (
     PayloadError,
@@ -20,16 +20,15 @@ from common.codec import (
     payload_bits,
     payload_nbytes,
 )
-from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
+from common.config import ConfigError, ExperimentConfig
 from common.data import ImageData
-from common.evaluation import classifier_accuracy, linear_probe_accuracy
+from common.evaluation import LOCAL_PROBE_EPOCHS, classifier_accuracy, linear_probe_accuracy
 from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from common.training import fit_local
 
 Scalar = bool | bytes | float | int | str
-PROBE_EPOCHS = 30
 LOCAL_MODEL = "local-model"
 
 
@@ -90,7 +89,7 @@ class LowBitClient(NumPyClient):
         self._load(parameters)
         received = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         server_round = int(config.get("server-round", 0))
-        seed = self.config.seed * 7919 + server_round * 101 + self.partition_id
+        seed = seeds.client_round_seed(self.config.seed, server_round, self.partition_id)
         supervised = not self.algorithm.self_supervised
         on_gpu = next(self.model.parameters()).is_cuda
         if on_gpu:
@@ -192,57 +191,9 @@ class LowBitClient(NumPyClient):
             test.labels,
             self.data.spec.num_classes,
             self.bits,
-            epochs=PROBE_EPOCHS,
+            epochs=LOCAL_PROBE_EPOCHS,
             seed=self.config.seed,
         )
-
-
-def node_experiment_config(
-    run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]
-) -> ExperimentConfig:
-    """The run config as this node sees it: a deployed SuperNode's ``data-dir`` node config
-    names where it finds the run's dataset (to cut its partition from); its partition id must fit
-    the run's ``num-clients``. (A node's ``local-data``, its own data, is read by ``client_fn``.)"""
-    values = dict(run_config)
-    if "data-dir" in node_config:
-        values["data-dir"] = str(node_config["data-dir"])
-    config = ExperimentConfig.from_mapping(values)
-    if "partition-id" not in node_config:
-        raise ValueError(
-            "node config has no partition-id: start the SuperNode with "
-            '--node-config "partition-id=K num-partitions=N bitwidth=B"'
-        )
-    partition_id = int(node_config["partition-id"])
-    partitions = int(node_config.get("num-partitions", config.num_clients))
-    if partitions != config.num_clients or not 0 <= partition_id < config.num_clients:
-        n = config.num_clients
-        raise ValueError(
-            f"node has partition-id {partition_id} of num-partitions {partitions}, but the run "
-            f"has num-clients {n}. Simulation: one SuperNode per client, "
-            f'flwr run . --federation-config "num-supernodes={n}" (or set num-clients={partitions}'
-            f"); deployment: start {n} SuperNodes with partition-id 0..{n - 1} and "
-            f"num-partitions={n}"
-        )
-    return config
-
-
-def client_bitwidth(config: ExperimentConfig, node_config: Mapping[str, Scalar]) -> int:
-    """A device's bitwidth: the run config's ``bitwidths`` indexed by its partition id, the
-    assignment the server checks every claim against. A ``bitwidth`` node config (what the
-    device can compute) must agree with it, or the node refuses to train."""
-    partition = int(node_config["partition-id"])
-    assigned = config.bitwidths[partition]
-    if "bitwidth" in node_config:
-        parsed = parse_bitwidths(str(node_config["bitwidth"]))
-        if len(parsed) != 1:
-            raise ConfigError(f"node config bitwidth must be one value, got {parsed}")
-        if check_bitwidth(parsed[0]) != assigned:
-            raise ConfigError(
-                f"this node computes at {parsed[0]} bits (node config bitwidth), but the run "
-                f"assigns partition {partition} {assigned} bits: give the run config "
-                f"bitwidths with {parsed[0]} at position {partition} (one value per partition)"
-            )
-    return assigned
 
 
 def torch_threads(cpus: float | int | None) -> int:

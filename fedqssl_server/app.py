@@ -13,7 +13,7 @@ from common.config import ConfigError, ExperimentConfig
 from common.experiment import server_data
 from fedqssl_server.checkpoint import load, resume_point
 from fedqssl_server.results import RunRecorder, default_output_dir
-from fedqssl_server.strategy import LowBitStrategy
+from fedqssl_server.strategy import strategy_for
 
 
 def server_fn(context: Context) -> ServerAppComponents:
@@ -38,7 +38,7 @@ def server_fn(context: Context) -> ServerAppComponents:
         log(INFO, "resume: %s", point.note)
     finished = point is not None and point.finished
     recorder = None if finished else RunRecorder(config, output_dir)
-    strategy = LowBitStrategy(config, server_data(config), recorder)
+    strategy = strategy_for(config, server_data(config), recorder)
     if finished:
         strategy.round_offset = config.num_rounds
     elif point is not None and point.checkpoint is not None:

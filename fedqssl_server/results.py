@@ -1,13 +1,117 @@
-"""A run's output folder: resolved config, ``rounds.jsonl``, ``summary.json`` and PNG plots."""
+"""A run's records: one per round (``rounds.jsonl``), the summary (``summary.json``), the
+resolved config and PNG plots in its output folder; and how each record is built."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from common.algorithms import Algorithm
 from common.config import ExperimentConfig
+from common.quant import FULL_PRECISION
+
+# what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
+LOCAL_SCORES = (
+    "local-accuracy",
+    "local-probe-accuracy",
+    "untrained-local-accuracy",
+    "untrained-local-probe-accuracy",
+)
+# what a fit reply's metrics put in its client's record of the round
+FIT_RECORD_KEYS = (
+    "partition-id",
+    "bitwidth",
+    "loss",
+    "train-seconds",
+    "torch-threads",
+    "gpu-peak-mb",
+)
+
+
+def mean_of(clients: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the clients that reported it (None if none did)."""
+    values = [c[key] for c in clients if c.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def row_label(algorithm: Algorithm, config: ExperimentConfig) -> str:
+    """The paper's row name: ``Fed-QSSL``; ``Fed-QSSL (Full)`` when no client is low-bit;
+    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones."""
+    notes = []
+    if all(b == FULL_PRECISION for b in config.bitwidths):
+        notes.append("Full")
+    if algorithm.server_step == "fedqssl" and config.dq_weighting == "uniform":
+        notes.append("uniform p_k")
+    return f"{algorithm.label} ({', '.join(notes)})" if notes else algorithm.label
+
+
+def client_record(metrics: Mapping[str, Any], examples: int, **measured: Any) -> dict[str, Any]:
+    """One client's line in a round's record: what its reply said, and what the server measured
+    (bytes each way, L_DQ, weight)."""
+    return {
+        **{key: metrics.get(key) for key in FIT_RECORD_KEYS},
+        "examples": examples,
+        **measured,
+    }
+
+
+def local_record(metrics: Mapping[str, Any], test_examples: int) -> dict[str, Any]:
+    """One client's local scores after the last round."""
+    return {
+        "partition-id": metrics.get("partition-id"),
+        "bitwidth": metrics.get("bitwidth"),
+        **{key: metrics.get(key) for key in LOCAL_SCORES},
+        "local-model": metrics.get("local-model", "probe"),
+        "test-examples": test_examples,
+    }
+
+
+def run_summary(
+    algorithm: Algorithm,
+    config: ExperimentConfig,
+    rounds: list[dict],
+    local: list[dict],
+    final: Mapping[str, float],
+    untrained: Mapping[str, float],
+    evaluation_failures: int,
+    buffer_size: int,
+) -> dict[str, Any]:
+    """The run's summary: global and local scores beside the untrained floor, bytes, sizes."""
+    means = {key.replace("local-", "mean-local-", 1): mean_of(local, key) for key in LOCAL_SCORES}
+    uplink = sum(c["uplink-bytes"] for r in rounds for c in r.get("clients", []))
+    fp32 = sum(r.get("fp32-equivalent-bytes", 0) for r in rounds)
+    last_clients = rounds[-1].get("clients", []) if rounds else []
+    mean_size = mean_of(last_clients, "examples")  # as reported, after the per-client cap
+    return {
+        "algorithm": algorithm.name,
+        "label": row_label(algorithm, config),
+        "global-accuracy": final.get("global-accuracy"),
+        "mean-local-accuracy": means["mean-local-accuracy"],
+        "global-probe-accuracy": final.get("global-probe-accuracy"),
+        "mean-local-probe-accuracy": means["mean-local-probe-accuracy"],
+        "untrained-global-accuracy": untrained.get("global-accuracy"),
+        "untrained-mean-local-accuracy": means["untrained-mean-local-accuracy"],
+        "untrained-global-probe-accuracy": untrained.get("global-probe-accuracy"),
+        "untrained-mean-local-probe-accuracy": means["untrained-mean-local-probe-accuracy"],
+        "local-accuracy": local,
+        "evaluation-failures": evaluation_failures,
+        "uplink-bytes": uplink,
+        "fp32-equivalent-uplink-bytes": fp32,
+        "uplink-ratio-to-fp32": uplink / fp32 if fp32 else None,
+        "downlink-bytes": sum(
+            c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
+        ),
+        "knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
+        "untrained-knn-accuracy": untrained.get("knn-accuracy"),
+        "rounds": len(rounds),
+        # |D_g| / mean |D_k|, the paper's Figure 3b axis
+        "buffer-to-client-ratio": buffer_size / mean_size if mean_size else None,
+    }
 
 
 def default_output_dir() -> Path:

@@ -1,4 +1,10 @@
-"""The Flower strategy of every algorithm: thin glue between Flower and ``server_steps``."""
+"""The Flower strategies: ``FedQSSL`` and the baselines, thin glue around ``rounds``.
+
+Every algorithm's strategy is the same Flower glue (``LowBitStrategy``); what it does with what
+clients send is its ``ServerRound`` (``fedqssl_server/rounds.py``), chosen by the algorithm's row
+in ``common/algorithms.py``. The codec is called here only, at the Flower boundary: payloads are
+decoded on the way in and each bitwidth's model is encoded on the way out.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import NamedTuple
 
@@ -28,55 +35,22 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from common import seeds
 from common.algorithms import get_algorithm
-from common.codec import (
-    PayloadError,
-    check_plausible,
-    decode_state,
-    encode_state,
-    payload_nbytes,
-)
+from common.codec import PayloadError, check_plausible, decode_state, encode_state, payload_nbytes
 from common.config import ExperimentConfig
-from common.evaluation import classifier_accuracy, knn_accuracy, linear_probe_accuracy
 from common.experiment import ServerData
-from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_server import checkpoint
+from fedqssl_server.monitor import GlobalMonitor
 from fedqssl_server.nodes import NodeRegistry
 from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
-from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import AllRefusedError, RoundOutcome, make_server
-
-# what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
-LOCAL_SCORES = (
-    "local-accuracy",
-    "local-probe-accuracy",
-    "untrained-local-accuracy",
-    "untrained-local-probe-accuracy",
-)
-
-
-def mean_of(clients: list[dict], key: str) -> float | None:
-    """The mean of ``key`` over the clients that reported it (None if none did)."""
-    values = [c[key] for c in clients if c.get(key) is not None]
-    return float(np.mean(values)) if values else None
-
-
-def row_label(label: str, config: ExperimentConfig) -> str:
-    """The paper's row name: ``Fed-QSSL``; ``Fed-QSSL (Full)`` when no client is low-bit;
-    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones."""
-    notes = []
-    if all(b == FULL_PRECISION for b in config.bitwidths):
-        notes.append("Full")
-    if get_algorithm(config.algorithm).server_step == "fedqssl" and (
-        config.dq_weighting == "uniform"
-    ):
-        notes.append("uniform p_k")
-    return f"{label} ({', '.join(notes)})" if notes else label
+from fedqssl_server.results import RunRecorder, client_record, local_record, mean_of, run_summary
+from fedqssl_server.rounds import AllRefusedError, RoundOutcome, server_round_for
 
 
 class Accepted(NamedTuple):
-    """A client result that decoded cleanly; ``decode`` decodes it again when the server step
+    """A client result that decoded cleanly; ``decode`` decodes it again when the server round
     needs it, so a round holds one decoded state at a time."""
 
     key: int
@@ -86,8 +60,14 @@ class Accepted(NamedTuple):
     uplink_bytes: int
 
 
-# the stream of the config's seed that decides which clients a round samples
-SAMPLING_STREAM = 3
+@dataclass
+class RoundInProgress:
+    """What one round's callbacks (configure_fit, aggregate_fit, evaluate) hand each other."""
+
+    started: float = field(default_factory=time.perf_counter)
+    sent_bytes: dict[str, int] = field(default_factory=dict)  # node -> downlink bytes
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (who, why), before fit
+    record: dict = field(default_factory=dict)  # what the round adds to rounds.jsonl
 
 
 class RoundFailedError(RuntimeError):
@@ -108,23 +88,46 @@ def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
 
 
 class LowBitStrategy(Strategy):
-    """Packed low-bit models both ways, one downlink per bitwidth; the algorithm's server steps
-    (``make_server``: Fed-QSSL's de-/re-quantization, or averaging) combine what clients send.
+    """Packed low-bit models both ways, one downlink per bitwidth, for the algorithm that
+    ``algorithm`` (a subclass) or the config names.
+
+    The contract with clients:
+
+    - sends each sampled client a ``FitIns`` of its own: the packed codes of the model for its
+      partition's bitwidth (the run's ``bitwidths``), or the full-precision global model before
+      the server has one for that bitwidth, and ``{"server-round": R}``;
+    - expects back the client's model (FedPAQ: its update) as packed codes at that bitwidth,
+      ``num_examples`` and the metrics ``partition-id`` and ``bitwidth`` (``replies.py`` lists
+      the optional ones and their types);
+    - a failure, logged with its reason and recorded, is any reply that is not that: bytes that
+      do not decode, a tensor an honest client at that bitwidth would not send, an implausible
+      model, a bitwidth other than the partition's, a partition outside the run or bound to
+      another connected node, metrics of the wrong type, more than ``max-client-examples``;
+      and a model the server round refuses (L_DQ not finite). The round goes on without it; a
+      round left with fewer than ``min-fit-clients`` models fails the run (``RoundFailedError``).
 
     Rounds are numbered as the run counts them: a run resumed from round R's checkpoint
-    (``restore``) calls Flower's round 1 round R + 1. Each partition is bound to the node that
-    first spoke for it and must claim the bitwidth the run assigns it (``NodeRegistry``).
+    (``restore``) calls Flower's round 1 round R + 1. After the last round every client scores
+    its own model (local accuracy) and the server writes the summary.
     """
+
+    algorithm_name: str | None = None  # set by the named strategies below
 
     def __init__(
         self, config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
     ) -> None:
+        if self.algorithm_name is not None and config.algorithm != self.algorithm_name:
+            raise ValueError(
+                f"{type(self).__name__} runs {self.algorithm_name}, but the config says "
+                f"{config.algorithm}: use strategy_for(config, ...)"
+            )
         self.config = config
         self.data = data
         self.algorithm = get_algorithm(config.algorithm)
-        self.server = make_server(config, data)
+        self.steps = server_round_for(config, data)
+        self.monitor = GlobalMonitor(self.algorithm, data, self.steps.new_model, config.seed)
         self.recorder = recorder
-        self.global_state = self.server.initial_state()
+        self.global_state = self.steps.initial_state()
         self.global_payload: list[np.ndarray] | None = None  # its fp32 encoding, made once
         # the model's shape never changes, so neither does its full-precision payload size
         self.fp32_bytes = payload_nbytes(self._global_payload())
@@ -132,8 +135,7 @@ class LowBitStrategy(Strategy):
         self.connected: set[str] = set()
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.downlink: dict[int, list[np.ndarray]] = {}
-        self.sent_bytes: dict[str, int] = {}
-        self.current: dict = {}
+        self.round = RoundInProgress()
         self.final_scores: dict[str, float] = {}
         self.untrained_scores: dict[str, float] = {}
 
@@ -148,9 +150,10 @@ class LowBitStrategy(Strategy):
             self.recorder.resume(saved.records, saved.wall_seconds)
 
     def remaining_rounds(self) -> int:
+        """The rounds Flower still has to run (all of them unless resumed)."""
         return self.config.num_rounds - self.round_offset
 
-    # ------------------------------------------------------------ fit
+    # ------------------------------------------------------------ the global model
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         """The initial (or restored) global model, full precision."""
@@ -168,11 +171,13 @@ class LowBitStrategy(Strategy):
 
     def _payload_for(self, partition: int | None) -> list[np.ndarray]:
         """The partition's own re-quantized model; the full-precision global one before there
-        is one for its bitwidth or before the node is known (encoded once per round)."""
+        is one for its bitwidth or before the node is known."""
         bits = None if partition is None else self.config.bitwidths[partition]
         if bits in self.downlink:
             return self.downlink[bits]
         return self._global_payload()
+
+    # ------------------------------------------------------------ who is who
 
     def _identify(self, clients: list[ClientProxy], server_round: int) -> None:
         """Ask nodes not yet bound which partition and bitwidth they are (``get_properties``),
@@ -204,11 +209,9 @@ class LowBitStrategy(Strategy):
             if problem is None:
                 self.nodes.bind(client.cid, int(reply.properties["partition-id"]))
             else:
-                self._leave_out(server_round, client.cid, f"client {client.cid} {problem}")
-
-    def _leave_out(self, server_round: int, who: str, reason: str) -> None:
-        log(WARNING, "round %s: %s, left out", server_round, reason)
-        self.current.setdefault("left-out", []).append((who, reason))
+                reason = f"client {client.cid} {problem}"
+                log(WARNING, "round %s: %s, left out", server_round, reason)
+                self.round.left_out.append((client.cid, reason))
 
     def _sample(self, client_manager: ClientManager, server_round: int) -> list[ClientProxy]:
         """Every available client, or a ``fraction-fit`` share of them (at least
@@ -227,16 +230,18 @@ class LowBitStrategy(Strategy):
             if c.cid in self.nodes.partition_of
         )
         wanted = max(int(len(available) * self.config.fraction_fit), self.config.min_fit_clients)
-        rng = np.random.default_rng([self.config.seed, server_round, SAMPLING_STREAM])
+        rng = seeds.client_sampling_rng(self.config.seed, server_round)
         chosen = rng.choice(len(bound), size=min(wanted, len(bound)), replace=False)
         return [bound[index][1] for index in sorted(chosen)]
+
+    # ------------------------------------------------------------ fit
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        """One ``FitIns`` per sampled client, each with its own bitwidth's model."""
         server_round += self.round_offset
-        self.current = {"started": time.perf_counter()}
-        self.sent_bytes = {}
+        self.round = RoundInProgress()
         sampled = self._sample(client_manager, server_round)
         if self.downlink:  # each node needs its own bitwidth's model: know who is who first
             self._identify(sampled, server_round)
@@ -246,31 +251,12 @@ class LowBitStrategy(Strategy):
             if partition is None and self.downlink:
                 continue  # left out by _identify, with its reason
             payload = self._payload_for(partition)
-            self.sent_bytes[client.cid] = payload_nbytes(payload)
+            self.round.sent_bytes[client.cid] = payload_nbytes(payload)
             # a fresh FitIns per client: each carries its own model
             instructions.append(
                 (client, FitIns(ndarrays_to_parameters(payload), {"server-round": server_round}))
             )
         return instructions
-
-    def _decode(self, server_round: int, client: ClientProxy, result: FitRes) -> Accepted | str:
-        """The decoded model, or why it was left out."""
-        bits = int(result.metrics["bitwidth"])  # an int: checked by reply_problem
-        try:
-            arrays = parameters_to_ndarrays(result.parameters)
-            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
-            check_plausible(state, update=self.algorithm.sends_updates)
-            del state  # decoded again when the server reaches it: one state held at a time
-        except Exception as error:  # any bytes a client sends: numpy's own errors as well
-            detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
-            return f"client {client.cid} sent a bad model: {detail}"
-        decode = functools.partial(self._decoded, result.parameters, bits)
-        partition = int(result.metrics["partition-id"])
-        return Accepted(partition, client, result, decode, payload_nbytes(arrays))
-
-    def _decoded(self, parameters: Parameters, bits: int) -> dict:
-        arrays = parameters_to_ndarrays(parameters)
-        return decode_state(arrays, expect_bits=bits, template=self.global_state)
 
     def _reply_problem(self, client: ClientProxy, result: FitRes, taken: set[int]) -> str | None:
         """Why a fit reply cannot be used: its metrics, its claim to a partition, a partition
@@ -288,22 +274,42 @@ class LowBitStrategy(Strategy):
             return f"client {client.cid} repeats partition-id {partition}"
         return None
 
+    def _decode(self, client: ClientProxy, result: FitRes) -> Accepted | str:
+        """The decoded model, checked and set aside to be decoded again when needed, or why it
+        was left out."""
+        bits = int(result.metrics["bitwidth"])  # an int: checked by reply_problem
+        try:
+            arrays = parameters_to_ndarrays(result.parameters)
+            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
+            check_plausible(state, update=self.algorithm.sends_updates)
+            del state  # decoded again when the server reaches it: one state held at a time
+        except Exception as error:  # any bytes a client sends: numpy's own errors as well
+            detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
+            return f"client {client.cid} sent a bad model: {detail}"
+        decode = functools.partial(self._decoded, result.parameters, bits)
+        partition = int(result.metrics["partition-id"])
+        return Accepted(partition, client, result, decode, payload_nbytes(arrays))
+
+    def _decoded(self, parameters: Parameters, bits: int) -> dict:
+        return decode_state(parameters_to_ndarrays(parameters), bits, self.global_state)
+
     def aggregate_fit(
         self,
         server_round: int,
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Decode and check every reply, run the algorithm's server round on the usable ones,
+        and encode its model for each bitwidth (the downlink of the next round)."""
         server_round += self.round_offset
         accepted: dict[int, Accepted] = {}
-        # (who, why) of every client left out this round
-        left_out = list(self.current.get("left-out", [])) + [
+        left_out = list(self.round.left_out) + [
             (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f))
             for f in failures
         ]
         for client, result in results:
             problem = self._reply_problem(client, result, set(accepted))
-            decoded = self._decode(server_round, client, result) if problem is None else problem
+            decoded = self._decode(client, result) if problem is None else problem
             if isinstance(decoded, str):
                 log(WARNING, "round %s: %s, left out", server_round, decoded)
                 left_out.append((client.cid, decoded))
@@ -311,11 +317,11 @@ class LowBitStrategy(Strategy):
                 self.nodes.bind(client.cid, decoded.key)
                 accepted[decoded.key] = decoded
         ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
-        sent = len(results) + len(failures) + len(self.current.get("left-out", []))
+        sent = len(results) + len(failures) + len(self.round.left_out)
         self._require_enough(server_round, ordered, sent, left_out)
         outcome: RoundOutcome | None = None
         try:
-            outcome = self.server.run_round(
+            outcome = self.steps.run(
                 server_round,
                 self.global_state,
                 {item.key: item.decode for item in ordered},
@@ -332,8 +338,10 @@ class LowBitStrategy(Strategy):
         self._require_enough(server_round, ordered, sent, left_out)
         assert outcome is not None  # every model refused leaves none: the round failed above
         self._set_global(outcome.global_state)
-        self.downlink = outcome.downlink
-        self._record_round(ordered, outcome, left_out)
+        self.downlink = {
+            bits: encode_state(state, bits) for bits, state in outcome.requantized.items()
+        }
+        self._record_fit(ordered, outcome, left_out)
         return ndarrays_to_parameters(self._global_payload()), {}
 
     def _require_enough(
@@ -347,105 +355,54 @@ class LowBitStrategy(Strategy):
             f"fewer than min-fit-clients ({self.config.min_fit_clients}); first failure: "
             f"{left_out[0][1] if left_out else 'none reported'}"
         )
-        self._record_round(usable, None, left_out)
+        self._record_fit(usable, None, left_out)
         if self.recorder is not None:
             self.recorder.add_round(self._round_record(server_round, error=message))
         raise RoundFailedError(message)
 
-    def _record_round(
-        self,
-        ordered: list[Accepted],
-        outcome: RoundOutcome | None,
-        left_out: list[tuple[str, str]],
+    def _record_fit(
+        self, ordered: list[Accepted], outcome: RoundOutcome | None, left_out: list[tuple[str, str]]
     ) -> None:
+        """What the round's record says about fit: every usable client, who was left out and
+        why, the partitions missing, the bytes and the server's seconds."""
         clients = [
-            {
-                "partition-id": item.result.metrics.get("partition-id"),
-                "bitwidth": item.result.metrics["bitwidth"],
-                "loss": item.result.metrics.get("loss"),
-                "train-seconds": item.result.metrics.get("train-seconds"),
-                "torch-threads": item.result.metrics.get("torch-threads"),
-                "gpu-peak-mb": item.result.metrics.get("gpu-peak-mb"),
-                "examples": item.result.num_examples,
-                "uplink-bytes": item.uplink_bytes,
-                "downlink-bytes": self.sent_bytes.get(item.client.cid),
-                "dq-loss": None if outcome is None else outcome.dq_losses[index],
-                "weight": None if outcome is None else outcome.weights[index],
-            }
+            client_record(
+                item.result.metrics,
+                item.result.num_examples,
+                **{
+                    "uplink-bytes": item.uplink_bytes,
+                    "downlink-bytes": self.round.sent_bytes.get(item.client.cid),
+                    "dq-loss": None if outcome is None else outcome.dq_losses[index],
+                    "weight": None if outcome is None else outcome.weights[index],
+                },
+            )
             for index, item in enumerate(ordered)
         ]
         present = {item.key for item in ordered}
-        self.current.pop("left-out", None)  # now part of failed / failure-reasons
-        self.current.update(
-            {
-                "clients": clients,
-                "failed": [who for who, _ in left_out],
-                "failure-reasons": [why for _, why in left_out],
-                "missing-partitions": [
-                    k for k in range(self.config.num_clients) if k not in present
-                ],
-                "fp32-equivalent-bytes": self.fp32_bytes * len(clients),
-                "server-seconds": {} if outcome is None else outcome.seconds,
-            }
-        )
+        self.round.record = {
+            "clients": clients,
+            "failed": [who for who, _ in left_out],
+            "failure-reasons": [why for _, why in left_out],
+            "missing-partitions": [k for k in range(self.config.num_clients) if k not in present],
+            "fp32-equivalent-bytes": self.fp32_bytes * len(clients),
+            "server-seconds": {} if outcome is None else outcome.seconds,
+        }
 
     # ------------------------------------------------------------ evaluation
 
-    def _model_of(self, state: dict):
-        model = self.server.new_model(FULL_PRECISION)
-        model.load_state_dict(state)
-        return model
-
-    def _global_features(self, model):
-        train, test, normalize = (
-            self.data.probe_train,
-            self.data.probe_test,
-            self.data.spec.normalize,
-        )
-        return (
-            extract_features(model.encoder, normalize(train.images)),
-            train.labels,
-            extract_features(model.encoder, normalize(test.images)),
-            test.labels,
-        )
-
-    def _scores(self, model) -> dict[str, float]:
-        """Global scores of one model: the kNN monitor, the SSL protocol (a linear probe on the
-        frozen encoder) and, for a supervised algorithm, its own protocol (the classifier) as
-        ``global-accuracy``; for SSL algorithms ``global-accuracy`` is the probe."""
-        features = self._global_features(model)
-        scores = {
-            "knn-accuracy": knn_accuracy(*features),
-            "global-probe-accuracy": linear_probe_accuracy(
-                *features, self.data.spec.num_classes, FULL_PRECISION, seed=self.config.seed
-            ),
-        }
-        scores["global-accuracy"] = (
-            scores["global-probe-accuracy"]
-            if self.algorithm.self_supervised
-            else classifier_accuracy(
-                model,
-                self.data.spec.normalize(self.data.probe_test.images),
-                self.data.probe_test.labels,
-            )
-        )
-        return scores
-
     def evaluate(self, server_round: int, parameters: Parameters):
-        """kNN monitor of the global encoder each round. After the last, global accuracy on the
-        uniform test set (a linear probe on the frozen global encoder for SSL, the global
-        classifier for supervised algorithms), beside the untrained floor: the same scores of
-        the initial model (the seed's weights every client starts from). Every round but the
-        last ends with a checkpoint."""
+        """kNN monitor of the global encoder each round. After the last, the final scores of
+        the global model beside the untrained floor: the same scores of the initial model (the
+        seed's weights every client starts from). Every round but the last ends with a
+        checkpoint."""
         flower_round, server_round = server_round, server_round + self.round_offset
-        model = self._model_of(self.global_state)
         if flower_round > 0 and server_round == self.config.num_rounds:
-            self.final_scores = self._scores(model)
-            self.untrained_scores = self._scores(self._model_of(self.server.initial_state()))
+            self.final_scores = self.monitor.scores(self.global_state)
+            self.untrained_scores = self.monitor.scores(self.steps.initial_state())
             knn = self.final_scores["knn-accuracy"]
             metrics: dict[str, Scalar] = {**self.final_scores}
         else:
-            knn = knn_accuracy(*self._global_features(model))
+            knn = self.monitor.knn(self.global_state)
             metrics = {"knn-accuracy": knn}
         if flower_round > 0:
             self._end_round(server_round, knn)
@@ -472,9 +429,12 @@ class LowBitStrategy(Strategy):
 
     def _round_record(self, server_round: int, **values) -> dict:
         """The round's record for ``rounds.jsonl``: what fit gathered, its seconds, ``values``."""
-        record = {**self.current, "round": server_round, **values}
-        record["round-seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
-        return record
+        return {
+            **self.round.record,
+            "round": server_round,
+            **values,
+            "round-seconds": time.perf_counter() - self.round.started,
+        }
 
     def _end_round(self, server_round: int, knn: float) -> None:
         record = self._round_record(server_round, **{"knn-accuracy": knn})
@@ -545,24 +505,21 @@ class LowBitStrategy(Strategy):
             )
             failures = [*failures, RuntimeError(f"client {client.cid}: {problem}")]
         local = sorted(
-            (
-                {
-                    "partition-id": r.metrics.get("partition-id"),
-                    "bitwidth": r.metrics.get("bitwidth"),
-                    **{key: r.metrics.get(key) for key in LOCAL_SCORES},
-                    "local-model": r.metrics.get("local-model", "probe"),
-                    "test-examples": r.num_examples,
-                }
-                for r in usable
-            ),
+            (local_record(r.metrics, r.num_examples) for r in usable),
             key=lambda c: c["partition-id"],
         )
-        means = {
-            key.replace("local-", "mean-local-", 1): mean_of(local, key) for key in LOCAL_SCORES
-        }
-        mean_local = means["mean-local-accuracy"]
+        mean_local = mean_of(local, "local-accuracy")
         if self.recorder is not None:
-            summary = self._summary(local, means, len(failures))
+            summary = run_summary(
+                self.algorithm,
+                self.config,
+                self.recorder.rounds,
+                local,
+                self.final_scores,
+                self.untrained_scores,
+                len(failures),
+                len(self.data.buffer),
+            )
             log(
                 INFO,
                 "final: global accuracy %.4f (untrained %.4f), mean local accuracy %s "
@@ -571,7 +528,7 @@ class LowBitStrategy(Strategy):
                 summary["untrained-global-accuracy"] or float("nan"),
                 *(
                     "n/a" if value is None else f"{value:.4f}"
-                    for value in (mean_local, means["untrained-mean-local-accuracy"])
+                    for value in (mean_local, summary["untrained-mean-local-accuracy"])
                 ),
                 self.recorder.output_dir,
             )
@@ -581,39 +538,69 @@ class LowBitStrategy(Strategy):
             "local-accuracy": mean_local or 0.0
         }
 
-    def _summary(self, local: list[dict], means: dict, failures: int) -> dict:
-        rounds = self.recorder.rounds
-        uplink = sum(c["uplink-bytes"] for r in rounds for c in r.get("clients", []))
-        fp32 = sum(r.get("fp32-equivalent-bytes", 0) for r in rounds)
-        final, untrained = self.final_scores, self.untrained_scores
-        return {
-            "algorithm": self.algorithm.name,
-            "label": row_label(self.algorithm.label, self.config),
-            "global-accuracy": final.get("global-accuracy"),
-            "mean-local-accuracy": means["mean-local-accuracy"],
-            "global-probe-accuracy": final.get("global-probe-accuracy"),
-            "mean-local-probe-accuracy": means["mean-local-probe-accuracy"],
-            "untrained-global-accuracy": untrained.get("global-accuracy"),
-            "untrained-mean-local-accuracy": means["untrained-mean-local-accuracy"],
-            "untrained-global-probe-accuracy": untrained.get("global-probe-accuracy"),
-            "untrained-mean-local-probe-accuracy": means["untrained-mean-local-probe-accuracy"],
-            "local-accuracy": local,
-            "evaluation-failures": failures,
-            "uplink-bytes": uplink,
-            "fp32-equivalent-uplink-bytes": fp32,
-            "uplink-ratio-to-fp32": uplink / fp32 if fp32 else None,
-            "downlink-bytes": sum(
-                c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
-            ),
-            "knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
-            "untrained-knn-accuracy": untrained.get("knn-accuracy"),
-            "rounds": len(rounds),
-            "buffer-to-client-ratio": self._buffer_to_client_ratio(),
-        }
 
-    def _buffer_to_client_ratio(self) -> float | None:
-        """|D_g| / mean |D_k| (the paper's Figure 3b axis): the clients' sizes as they reported
-        them in the last round (after the per-client sample cap)."""
-        clients = self.recorder.rounds[-1].get("clients", []) if self.recorder.rounds else []
-        mean_size = mean_of(clients, "examples")
-        return len(self.data.buffer) / mean_size if mean_size else None
+class FedQSSL(LowBitStrategy):
+    """Fed-QSSL (the paper's Algorithm 1): each received model is de-quantized by a
+    full-precision fine-tune on the server's buffer D_g, weighted by softmax(-L_DQ), averaged,
+    and re-quantized by an s-bit fine-tune on D_g for every bitwidth s (``FedQSSLRound``)."""
+
+    algorithm_name = "fedqssl"
+
+
+class FedSimCLR(LowBitStrategy):
+    """Fed-SimCLR: low-bit SimCLR clients, sample-weighted averaging, rounding to each grid."""
+
+    algorithm_name = "fedsimclr"
+
+
+class FedSimCLRFineTune(LowBitStrategy):
+    """The buffer control: Fed-SimCLR whose average is fine-tuned on D_g and re-quantized by
+    fine-tuning, as Fed-QSSL does, without per-client de-quantization or its weights."""
+
+    algorithm_name = "fedsimclr-ft"
+
+
+class FedSimSiam(LowBitStrategy):
+    """Fed-SimSiam: low-bit SimSiam clients, sample-weighted averaging."""
+
+    algorithm_name = "fedsimsiam"
+
+
+class LowBitFedAvg(LowBitStrategy):
+    """FedAvg with low-bit supervised clients (the paper's baseline)."""
+
+    algorithm_name = "fedavg"
+
+
+class LowBitFedProx(LowBitStrategy):
+    """FedProx with low-bit supervised clients (``proximal-mu``)."""
+
+    algorithm_name = "fedprox"
+
+
+class FedPAQ(LowBitStrategy):
+    """FedPAQ: low-bit supervised clients send QSGD-coded updates; the server adds their
+    sample-weighted mean to the global model."""
+
+    algorithm_name = "fedpaq"
+
+
+STRATEGIES: dict[str, type[LowBitStrategy]] = {
+    cls.algorithm_name: cls
+    for cls in (
+        FedQSSL,
+        FedSimCLR,
+        FedSimCLRFineTune,
+        FedSimSiam,
+        LowBitFedAvg,
+        LowBitFedProx,
+        FedPAQ,
+    )
+}
+
+
+def strategy_for(
+    config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
+) -> LowBitStrategy:
+    """The named strategy of ``config.algorithm``."""
+    return STRATEGIES[get_algorithm(config.algorithm).name](config, data, recorder)

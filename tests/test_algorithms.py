@@ -19,17 +19,16 @@ from common.experiment import new_model, server_data
 from common.models import extract_features
 from common.quant import FULL_PRECISION
 from fedqssl_client.client import LOCAL_MODEL, LowBitClient
-from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import (
-    AveragingServer,
-    FedQSSLServer,
-    FineTuneServer,
-    UpdateServer,
-    apply_update,
-    make_server,
-    sample_weights,
+from fedqssl_server.aggregation import apply_update, sample_weights
+from fedqssl_server.results import RunRecorder, row_label
+from fedqssl_server.rounds import (
+    FedQSSLRound,
+    FineTuneRound,
+    ServerRound,
+    UpdateRound,
+    server_round_for,
 )
-from fedqssl_server.strategy import LowBitStrategy, row_label
+from fedqssl_server.strategy import STRATEGIES, strategy_for
 
 
 def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):
@@ -55,7 +54,7 @@ def federate(config, client_data=None):
     """Run ``config.num_rounds`` rounds in process; (strategy, clients). ``client_data``: each
     client's own ClientData (default: its partition)."""
     recorder = RunRecorder(config, Path(config.output_dir))
-    strategy = LowBitStrategy(config, server_data(config), recorder)
+    strategy = strategy_for(config, server_data(config), recorder)
     proxies = [FakeProxy(str(k)) for k in range(config.num_clients)]
     clients = {
         p.cid: LowBitClient(
@@ -106,7 +105,7 @@ def assert_usable_global_model(strategy) -> None:
     for name, tensor in strategy.global_state.items():
         assert not name.endswith("running_var") or (tensor >= 0).all(), name
     images = strategy.data.spec.normalize(strategy.data.probe_test.images[:64])
-    features = extract_features(strategy._model_of(strategy.global_state).encoder, images)
+    features = extract_features(strategy.monitor.model_of(strategy.global_state).encoder, images)
     assert torch.isfinite(features).all() and features.std(dim=0).max() > 0
 
 
@@ -136,18 +135,23 @@ def test_sample_weights_and_update_application():
 @pytest.mark.parametrize(
     ("algorithm", "server"),
     [
-        ("fedqssl", FedQSSLServer),
-        ("fedsimclr", AveragingServer),
-        ("fedsimclr-ft", FineTuneServer),
-        ("fedsimsiam", AveragingServer),
-        ("fedavg", AveragingServer),
-        ("fedprox", AveragingServer),
-        ("fedpaq", UpdateServer),
+        ("fedqssl", FedQSSLRound),
+        ("fedsimclr", ServerRound),
+        ("fedsimclr-ft", FineTuneRound),
+        ("fedsimsiam", ServerRound),
+        ("fedavg", ServerRound),
+        ("fedprox", ServerRound),
+        ("fedpaq", UpdateRound),
     ],
 )
 def test_each_algorithm_gets_its_server_step(tmp_path, algorithm, server):
     config = tiny_config(tmp_path, algorithm)
-    assert type(make_server(config, server_data(config))) is server
+    assert type(server_round_for(config, server_data(config))) is server
+    # and its strategy, named for it (``from fedqssl_server import FedQSSL``)
+    strategy = strategy_for(config, server_data(config))
+    assert strategy.algorithm_name == algorithm and type(strategy) is STRATEGIES[algorithm]
+    with pytest.raises(ValueError, match=r"runs fedqssl, but the config says"):
+        STRATEGIES["fedqssl"](tiny_config(tmp_path, "fedavg"), server_data(config))
 
 
 def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(tmp_path):
@@ -163,14 +167,15 @@ def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(t
 
 def test_averaging_server_weights_by_samples_and_rounds_the_downlink(tmp_path):
     config = tiny_config(tmp_path, "fedsimclr")
-    server = make_server(config, server_data(config))
+    server = server_round_for(config, server_data(config))
     base = server.initial_state()
     states = {0: base, 1: {k: v + 1 if v.is_floating_point() else v for k, v in base.items()}}
-    outcome = server.run_round(1, base, states, {0: 30, 1: 10}, {4})
-    assert outcome.weights == [0.75, 0.25]
+    outcome = server.run(1, base, states, {0: 30, 1: 10}, {4})
+    assert outcome.weights == pytest.approx([0.75, 0.25], abs=1e-15)
     name = next(k for k, v in base.items() if v.is_floating_point())
     assert torch.allclose(outcome.global_state[name], base[name] + 0.25)
-    assert payload_bits(outcome.downlink[4]) == 4 and outcome.dq_losses == [None, None]
+    # the round's model for 4 bits is the average itself: the codec rounds it onto the grid
+    assert outcome.requantized[4] is outcome.global_state and outcome.dq_losses == [None, None]
 
 
 def test_supervised_local_accuracy_uses_the_clients_own_trained_model(tmp_path):
@@ -193,7 +198,7 @@ def test_untrained_floor_is_the_initial_model_under_the_same_protocol(tmp_path):
         untrained = new_model(config, FULL_PRECISION, 1, 10)
         assert all(
             torch.equal(untrained.state_dict()[k], v)
-            for k, v in strategy.server.initial_state().items()
+            for k, v in strategy.steps.initial_state().items()
         )
     supervised, ssl = summaries["fedavg"], summaries["fedsimclr"]
     for key in ("untrained-global-probe-accuracy", "untrained-mean-local-probe-accuracy"):
@@ -206,9 +211,10 @@ def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
     def config(**values):
         return ExperimentConfig.from_mapping({"num-clients": 2, **values})
 
-    assert row_label("Fed-QSSL", config(bitwidths="32,32")) == "Fed-QSSL (Full)"
-    assert row_label("Fed-QSSL", config(bitwidths="4,32")) == "Fed-QSSL"
+    fedqssl = get_algorithm("fedqssl")
+    assert row_label(fedqssl, config(bitwidths="32,32")) == "Fed-QSSL (Full)"
+    assert row_label(fedqssl, config(bitwidths="4,32")) == "Fed-QSSL"
     uniform = config(bitwidths="32", **{"dq-weighting": "uniform"})
-    assert row_label("Fed-QSSL", uniform) == "Fed-QSSL (Full, uniform p_k)"
+    assert row_label(fedqssl, uniform) == "Fed-QSSL (Full, uniform p_k)"
     with pytest.raises(ConfigError, match="algorithm: 'fedsgd' is not one of fedqssl"):
         ExperimentConfig.from_mapping({"algorithm": "fedsgd"})

@@ -3,21 +3,21 @@
 import pytest
 
 from common.config import ConfigError
-from fedqssl_client.client import client_bitwidth, node_experiment_config
+from fedqssl_client.node import node_settings
 
 RUN = {"dataset": "synthetic", "num-clients": 3, "bitwidths": "4,8,12", "data-dir": ""}
 
 
 def test_node_config_supplies_data_dir_and_a_bitwidth_that_must_match_the_run(tmp_path):
     node = {"partition-id": 1, "num-partitions": 3, "bitwidth": 8, "data-dir": str(tmp_path)}
-    config = node_experiment_config(RUN, node)
-    assert config.data_dir == str(tmp_path)
-    assert client_bitwidth(config, node) == 8
-    assert client_bitwidth(config, {"partition-id": 1}) == 8
+    settings = node_settings(RUN, node)
+    assert settings.config.data_dir == str(tmp_path)
+    assert (settings.partition_id, settings.bits, settings.local_data) == (1, 8, "")
+    assert node_settings(RUN, {"partition-id": 1}).bits == 8
     # the run's bitwidths are the assignment the server checks every claim against: a node that
     # computes at another bitwidth refuses to train, naming the fix
     with pytest.raises(ConfigError, match=r"6 bits .* assigns partition 1 8 bits: .*position 1"):
-        client_bitwidth(config, {**node, "bitwidth": 6})
+        node_settings(RUN, {**node, "bitwidth": 6})
 
 
 @pytest.mark.parametrize(
@@ -33,11 +33,9 @@ def test_node_config_supplies_data_dir_and_a_bitwidth_that_must_match_the_run(tm
 )
 def test_inconsistent_node_config_is_refused_with_the_fix(node, message):
     with pytest.raises(ValueError, match=message):
-        node_experiment_config(RUN, node)
+        node_settings(RUN, node)
 
 
 def test_a_bad_node_bitwidth_is_a_config_error():
     with pytest.raises(ConfigError, match="bitwidth 40 is not allowed"):
-        client_bitwidth(
-            node_experiment_config(RUN, {"partition-id": 0}), {"partition-id": 0, "bitwidth": 40}
-        )
+        node_settings(RUN, {"partition-id": 0, "bitwidth": 40})

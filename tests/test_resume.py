@@ -15,7 +15,7 @@ from fedqssl_client.client import LowBitClient
 from fedqssl_server import checkpoint
 from fedqssl_server.checkpoint import CheckpointError, resume_point
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.strategy import LowBitStrategy
+from fedqssl_server.strategy import strategy_for
 
 
 def tiny(tmp_path, name, **extra):
@@ -47,7 +47,7 @@ def federation(config, ids):
 
 
 def start(config):
-    return LowBitStrategy(config, server_data(config), RunRecorder(config, Path(config.output_dir)))
+    return strategy_for(config, server_data(config), RunRecorder(config, Path(config.output_dir)))
 
 
 def without_timings(value):

@@ -36,10 +36,10 @@ from common.config import ExperimentConfig
 from common.experiment import new_model, server_data
 from common.quant import FULL_PRECISION
 from common.training import fit_local
-from fedqssl_server import server_steps
+from fedqssl_server import aggregation, monitor, rounds
+from fedqssl_server.aggregation import RunningAverage, average_states, softmax_weights
 from fedqssl_server.results import RunRecorder
-from fedqssl_server.server_steps import RunningAverage, average_states, softmax_weights
-from fedqssl_server.strategy import LowBitStrategy, RoundFailedError
+from fedqssl_server.strategy import RoundFailedError, strategy_for
 
 
 @pytest.fixture
@@ -99,21 +99,21 @@ def test_softmax_weights_and_weighted_average():
 def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bitwidth(
     config, monkeypatch
 ):
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     calls = []
-    train_on = strategy.server.train_on
+    train_on = strategy.steps.train_on
 
     def counting(state, bits, views, seed):
         calls.append(bits)
         return train_on(state, bits, views, seed)
 
-    monkeypatch.setattr(strategy.server, "train_on", counting)
+    monkeypatch.setattr(strategy.steps, "train_on", counting)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     results = three_results(config, proxies)
     parameters, _ = strategy.aggregate_fit(1, results, [])
     # three de-quantizations at full precision, then one re-quantization per distinct bitwidth
     assert calls == [32, 32, 32, 4, 8]
-    record = strategy.current
+    record = strategy.round.record
     losses = [c["dq-loss"] for c in record["clients"]]
     assert np.allclose([c["weight"] for c in record["clients"]], softmax_weights(losses, 1.0))
     # the global model is the weighted aggregate, returned at full precision
@@ -122,7 +122,7 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
 
 
 def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     good = fit_result(config, 4, 0)
     bad = fit_result(config, 8, 1, 1)
     arrays = parameters_to_ndarrays(bad.parameters)
@@ -132,10 +132,10 @@ def test_malformed_payload_is_a_logged_failure_not_a_crash(config):
     results = [(FakeProxy("a"), good), (FakeProxy("b"), bad), (FakeProxy("c"), liar)]
     parameters, _ = strategy.aggregate_fit(1, results, [RuntimeError("node lost")])
     assert parameters is not None
-    assert [c["partition-id"] for c in strategy.current["clients"]] == [0]
-    assert set(strategy.current["failed"]) == {"b", "c", "node lost"}
+    assert [c["partition-id"] for c in strategy.round.record["clients"]] == [0]
+    assert set(strategy.round.record["failed"]) == {"b", "c", "node lost"}
     assert "payload is at 8 bits, the receiver expects 4" in " ".join(
-        strategy.current["failure-reasons"]
+        strategy.round.record["failure-reasons"]
     )
     assert strategy.nodes.partition_of == {"a": 0}
 
@@ -144,7 +144,7 @@ def test_a_round_with_fewer_usable_models_than_min_fit_clients_fails_the_run(con
     """Bare ``flwr run .`` with too few SuperNodes: every client fails; the run must fail with
     the clients' own reason, and write no summary of a model nobody trained."""
     config = ExperimentConfig.from_mapping({**config.to_run_config(), "min-fit-clients": 2})
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     reason = ValueError("node has partition-id 0 of num-partitions 2, but the run has ...")
     failed = r"0 of 2 clients .* first failure: ValueError: node"
     with pytest.raises(RoundFailedError, match=failed):
@@ -173,7 +173,7 @@ def test_a_new_run_in_a_used_folder_starts_its_own_records(config):
 
 
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     proxies = [FakeProxy(str(i)) for i in range(3)]
     first = strategy.configure_fit(1, None, FakeManager(proxies))
     assert all(payload_bits(parameters_to_ndarrays(ins.parameters)) == 32 for _, ins in first)
@@ -188,12 +188,12 @@ def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config)
         quantized = [(k, v) for k, v in state.items() if is_quantized(k, v)]
         assert all(v.unique().numel() <= 2**bits for _, v in quantized)
         assert arrays[1].size == packed_size(sum(v.numel() for _, v in quantized), bits)
-        assert strategy.sent_bytes[proxy.cid] == sum(a.nbytes for a in arrays)
+        assert strategy.round.sent_bytes[proxy.cid] == sum(a.nbytes for a in arrays)
 
 
 def test_round_records_bytes_and_times(config):
     recorder = RunRecorder(config, config_dir(config))
-    strategy = LowBitStrategy(config, server_data(config), recorder)
+    strategy = strategy_for(config, server_data(config), recorder)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     strategy.configure_fit(1, None, FakeManager(proxies))
     results = three_results(config, proxies)
@@ -211,29 +211,31 @@ def test_round_records_bytes_and_times(config):
     assert "global-accuracy" in strategy.evaluate(1, None)[1]  # num-rounds is 1: last round
 
 
-def test_server_steps_do_not_import_flower():
-    source = Path(server_steps.__file__).read_text()
-    assert "flwr" not in source
+def test_server_rounds_import_neither_flower_nor_the_codec():
+    """The round's steps take and return states: Flower and the wire stay in the strategy."""
+    for module in (rounds, aggregation, monitor):
+        source = Path(module.__file__).read_text()
+        assert "flwr" not in source, module
+    assert "common.codec" not in Path(rounds.__file__).read_text()
 
 
 def test_round_outcome_does_not_depend_on_arrival_order(config):
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     states = {
         key: decode_state(parameters_to_ndarrays(fit_result(config, bits, key, key).parameters))
         for key, bits in enumerate((4, 8, 4))
     }
     examples = dict.fromkeys(states, 10)
     current = strategy.global_state
-    forward = strategy.server.run_round(1, current, states, examples, {4, 8})
-    backward = strategy.server.run_round(
-        1, current, dict(reversed(states.items())), examples, {4, 8}
-    )
+    forward = strategy.steps.run(1, current, states, examples, {4, 8})
+    backward = strategy.steps.run(1, current, dict(reversed(states.items())), examples, {4, 8})
     assert forward.weights == backward.weights
     assert all(
         torch.equal(forward.global_state[k], backward.global_state[k]) for k in forward.global_state
     )
     assert all(
-        np.array_equal(a, b) for a, b in zip(forward.downlink[4], backward.downlink[4], strict=True)
+        torch.equal(forward.requantized[4][k], backward.requantized[4][k])
+        for k in forward.requantized[4]
     )
 
 
@@ -261,7 +263,7 @@ def test_client_sampling_follows_fraction_fit_and_min_fit_clients_by_partition(
     )
 
     def sampled_partitions(ids, server_round):
-        strategy = LowBitStrategy(config, server_data(config))
+        strategy = strategy_for(config, server_data(config))
         chosen = strategy.configure_fit(server_round, None, FakeManager(nodes(ids)))
         return sorted(proxy.properties["partition-id"] for proxy, _ in chosen)
 
@@ -275,23 +277,23 @@ def test_client_sampling_follows_fraction_fit_and_min_fit_clients_by_partition(
 
 
 def test_a_repeated_partition_id_is_a_failure_not_a_silent_overwrite(config):
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     results = [
         (FakeProxy("a"), fit_result(config, 4, 0, 0)),
         (FakeProxy("b"), fit_result(config, 8, 1, 0)),
     ]
     strategy.aggregate_fit(1, results, [])
-    assert [c["bitwidth"] for c in strategy.current["clients"]] == [4]
-    assert strategy.current["failed"] == ["b"]
+    assert [c["bitwidth"] for c in strategy.round.record["clients"]] == [4]
+    assert strategy.round.record["failed"] == ["b"]
 
 
 def test_identical_models_get_identical_dq_losses_and_weights(config):
     """Every client's de-quantization sees the same views of D_g in the same order, so L_DQ
     compares models, not augmentation luck."""
-    server = server_steps.make_server(config, server_data(config))
+    server = rounds.server_round_for(config, server_data(config))
     same = decode_state(parameters_to_ndarrays(fit_result(config, 4, 0).parameters))
     other = decode_state(parameters_to_ndarrays(fit_result(config, 4, 1).parameters))
-    outcome = server.run_round(
+    outcome = server.run(
         1, server.initial_state(), {0: same, 1: same, 2: other}, dict.fromkeys(range(3), 10), {4}
     )
     first, second, third = outcome.dq_losses
@@ -301,7 +303,7 @@ def test_identical_models_get_identical_dq_losses_and_weights(config):
 
 
 def initial(config):
-    return server_steps.make_server(config, server_data(config)).initial_state()
+    return rounds.server_round_for(config, server_data(config)).initial_state()
 
 
 def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
@@ -311,9 +313,9 @@ def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
         for key in range(3)
     }
     outcomes = [
-        server_steps.make_server(c, server_data(c)).run_round(
+        rounds.server_round_for(c, server_data(c)).run(
             1,
-            server_steps.make_server(c, server_data(c)).initial_state(),
+            rounds.server_round_for(c, server_data(c)).initial_state(),
             states,
             dict.fromkeys(states, 10),
             {4},
@@ -330,28 +332,28 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     config, monkeypatch
 ):
     control = ExperimentConfig.from_mapping({**config.to_run_config(), "algorithm": "fedsimclr-ft"})
-    server = server_steps.make_server(control, server_data(control))
-    assert type(server) is server_steps.FineTuneServer
+    server = rounds.server_round_for(control, server_data(control))
+    assert type(server) is rounds.FineTuneRound
     calls = []
-    finetune = server.finetune
+    train_on = server.train_on
 
-    def recording(state, bits, epochs, seed):
-        calls.append((bits, epochs))
-        return finetune(state, bits, epochs, seed)
+    def recording(state, bits, views, seed):
+        calls.append((bits, len(views)))
+        return train_on(state, bits, views, seed)
 
-    monkeypatch.setattr(server, "finetune", recording)
+    monkeypatch.setattr(server, "train_on", recording)
     states = {
         key: decode_state(parameters_to_ndarrays(fit_result(control, 4, key).parameters))
         for key in range(3)
     }
-    outcome = server.run_round(1, server.initial_state(), states, {0: 10, 1: 10, 2: 20}, {4, 8})
-    assert outcome.weights == [0.25, 0.25, 0.5]
+    outcome = server.run(1, server.initial_state(), states, {0: 10, 1: 10, 2: 20}, {4, 8})
+    assert outcome.weights == pytest.approx([0.25, 0.25, 0.5], abs=1e-15)
     # one full-precision fine-tune of the average (not one per client), then one per bitwidth
     assert calls == [(32, control.dq_epochs), (4, control.rq_epochs), (8, control.rq_epochs)]
     average = average_states([states[k] for k in range(3)], outcome.weights)
     name = next(k for k, v in average.items() if v.is_floating_point() and v.ndim >= 2)
     assert not torch.allclose(outcome.global_state[name], average[name])  # trained on D_g
-    assert payload_bits(outcome.downlink[8]) == 8 and outcome.dq_losses == [None] * 3
+    assert sorted(outcome.requantized) == [4, 8] and outcome.dq_losses == [None] * 3
 
 
 @settings(max_examples=60, deadline=None)
@@ -401,9 +403,9 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
     """Today's result before streaming, rebuilt from the paper's steps: each model fine-tuned in
     full precision on D_g (same seed for all), p = softmax(-L_DQ), weighted average."""
     data = server_data(config)
-    server = server_steps.make_server(config, data)
+    server = rounds.server_round_for(config, data)
     states = received_states(config)
-    outcome = server.run_round(7, server.initial_state(), states, dict.fromkeys(states, 10), {4})
+    outcome = server.run(7, server.initial_state(), states, dict.fromkeys(states, 10), {4})
     seed = server.round_seed(7)
     dequantized, losses = [], []
     for key in sorted(states):
@@ -431,7 +433,7 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
 
 
 def test_the_server_holds_one_received_state_at_a_time(config):
-    server = server_steps.make_server(config, server_data(config))
+    server = rounds.server_round_for(config, server_data(config))
     states = received_states(config, count=4)
     alive: list[weakref.ref] = []
 
@@ -446,7 +448,7 @@ def test_the_server_holds_one_received_state_at_a_time(config):
         return decode
 
     received = {key: decoder(key) for key in states}
-    outcome = server.run_round(1, server.initial_state(), received, dict.fromkeys(states, 10), {4})
+    outcome = server.run(1, server.initial_state(), received, dict.fromkeys(states, 10), {4})
     assert outcome.keys == [0, 1, 2, 3] and len(alive) == 4
 
 
@@ -454,16 +456,16 @@ def test_a_model_that_diverges_on_the_buffer_is_refused_and_the_round_goes_on(co
     """A model whose de-quantization loss is not finite (BatchNorm weights of 3e38: the strategy
     refuses those values before, the server step refuses their L_DQ too) does not end the round:
     it is refused, and the round equals the round without it."""
-    server = server_steps.make_server(config, server_data(config))
+    server = rounds.server_round_for(config, server_data(config))
     states = received_states(config)
     poisoned = dict(states[2])
     for name in poisoned:
         if name.endswith("weight") and poisoned[name].dim() == 1:  # every BatchNorm scale
             poisoned[name] = torch.full_like(poisoned[name], 3e38)
     initial = server.initial_state()
-    with_bad = server.run_round(1, initial, {**states, 2: poisoned}, dict.fromkeys(states, 10), {4})
+    with_bad = server.run(1, initial, {**states, 2: poisoned}, dict.fromkeys(states, 10), {4})
     del states[2]
-    without = server.run_round(1, initial, states, dict.fromkeys(states, 10), {4})
+    without = server.run(1, initial, states, dict.fromkeys(states, 10), {4})
     assert with_bad.keys == without.keys == [0, 1]
     assert "de-quantization loss" in with_bad.refused[2]
     for name, tensor in without.global_state.items():
@@ -501,15 +503,15 @@ def averaging(config):
 
 def test_no_bytes_a_client_sends_end_the_round(config):
     config = averaging(config)
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     good = (FakeProxy("good"), fit_result(config, 4, 0, 0))
     for case, tensors in hostile_payloads(config).items():
         bad = fit_result(config, 4, 5, 2)
         bad.parameters = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
         strategy.aggregate_fit(1, [good, (FakeProxy(case), bad)], [])
-        assert strategy.current["failed"] == [case], case
-        assert "sent a bad model" in strategy.current["failure-reasons"][0], case
-        assert [c["partition-id"] for c in strategy.current["clients"]] == [0], case
+        assert strategy.round.record["failed"] == [case], case
+        assert "sent a bad model" in strategy.round.record["failure-reasons"][0], case
+        assert [c["partition-id"] for c in strategy.round.record["clients"]] == [0], case
 
 
 def with_header(arrays: list[np.ndarray], **changes) -> list[np.ndarray]:
@@ -556,7 +558,7 @@ def test_a_poisoned_model_is_refused_and_the_round_equals_the_round_without_it(t
     )
 
     def strategy():
-        return LowBitStrategy(config, server_data(config), RunRecorder(config, tmp_path / case))
+        return strategy_for(config, server_data(config), RunRecorder(config, tmp_path / case))
 
     honest = [(FakeProxy(str(i)), fit_result(config, 4, i, i)) for i in range(2)]
     bad = fit_result(config, 4, 7, 2)
@@ -564,9 +566,9 @@ def test_a_poisoned_model_is_refused_and_the_round_equals_the_round_without_it(t
     with_bad, without = strategy(), strategy()
     with_bad.aggregate_fit(1, [*honest, (FakeProxy("bad"), bad)], [])
     without.aggregate_fit(1, honest, [])
-    assert with_bad.current["failed"] == ["bad"]
-    assert "sent a bad model" in with_bad.current["failure-reasons"][0]
-    assert POISON_REFUSED[case] in with_bad.current["failure-reasons"][0]
+    assert with_bad.round.record["failed"] == ["bad"]
+    assert "sent a bad model" in with_bad.round.record["failure-reasons"][0]
+    assert POISON_REFUSED[case] in with_bad.round.record["failure-reasons"][0]
     for name, tensor in without.global_state.items():
         torch.testing.assert_close(with_bad.global_state[name], tensor, rtol=0, atol=0)
 
@@ -586,7 +588,7 @@ def test_a_poisoned_model_is_refused_and_the_round_equals_the_round_without_it(t
 )
 def test_a_fit_reply_with_a_wrong_metric_type_is_a_logged_failure(config, key, value):
     config = averaging(config)
-    strategy = LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     bad = fit_result(config, 4, 1, 1)
     if key == "num_examples":
         bad.num_examples = value
@@ -595,9 +597,9 @@ def test_a_fit_reply_with_a_wrong_metric_type_is_a_logged_failure(config, key, v
     strategy.aggregate_fit(
         1, [(FakeProxy("good"), fit_result(config, 4, 0, 0)), (FakeProxy("bad"), bad)], []
     )
-    assert strategy.current["failed"] == ["bad"]
-    assert key in strategy.current["failure-reasons"][0]
-    json.dumps(strategy.current)  # what rounds.jsonl will hold stays JSON
+    assert strategy.round.record["failed"] == ["bad"]
+    assert key in strategy.round.record["failure-reasons"][0]
+    json.dumps(strategy.round.record)  # what rounds.jsonl will hold stays JSON
 
 
 def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(config):
@@ -606,7 +608,7 @@ def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(co
     config = averaging(config)
 
     def strategy():
-        return LowBitStrategy(config, server_data(config), RunRecorder(config, config_dir(config)))
+        return strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
 
     honest = [(FakeProxy(str(i)), fit_result(config, config.bitwidths[i], i, i)) for i in range(2)]
     greedy = fit_result(config, 4, 2, 2)
@@ -614,14 +616,14 @@ def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(co
     with_bad, without = strategy(), strategy()
     with_bad.aggregate_fit(1, [*honest, (FakeProxy("greedy"), greedy)], [])
     without.aggregate_fit(1, honest, [])
-    assert with_bad.current["failed"] == ["greedy"]
-    assert "exceeds max-client-examples 100000" in with_bad.current["failure-reasons"][0]
+    assert with_bad.round.record["failed"] == ["greedy"]
+    assert "exceeds max-client-examples 100000" in with_bad.round.record["failure-reasons"][0]
     for name, tensor in without.global_state.items():
         torch.testing.assert_close(with_bad.global_state[name], tensor, rtol=0, atol=0)
     greedy.num_examples = config.max_client_examples  # at the bound: counted
     at_bound = strategy()
     at_bound.aggregate_fit(1, [*honest, (FakeProxy("greedy"), greedy)], [])
-    assert at_bound.current["failed"] == []
+    assert at_bound.round.record["failed"] == []
 
 
 @pytest.mark.parametrize(
@@ -634,7 +636,7 @@ def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(co
     ],
 )
 def test_an_evaluate_reply_with_a_wrong_metric_type_is_left_out_of_the_means(config, key, value):
-    strategy = LowBitStrategy(averaging(config), server_data(config), None)
+    strategy = strategy_for(averaging(config), server_data(config), None)
 
     def reply(partition, accuracy):
         metrics = {"partition-id": partition, "bitwidth": 4, "local-accuracy": accuracy}

@@ -1,0 +1,73 @@
+"""What a node's config says about the device: its partition, its bitwidth, where its data is.
+
+Read once per ClientApp call (``node_settings``): the partition id is parsed here only, checked
+against the run's ``num-clients``, and a deployed node's own ``bitwidth`` must agree with the
+run's ``bitwidths`` entry for its partition (the assignment the server holds every claim to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
+
+Scalar = bool | bytes | float | int | str
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One device as its node config describes it."""
+
+    config: ExperimentConfig  # the run config as this node sees it (its data-dir)
+    partition_id: int
+    bits: int
+    local_data: str  # its own folder ("": its partition of the run's dataset)
+
+
+def node_settings(
+    run_config: Mapping[str, Scalar], node_config: Mapping[str, Scalar]
+) -> NodeSettings:
+    """The device of ``node_config`` in the run of ``run_config``. A deployed SuperNode's
+    ``data-dir`` names where it finds the run's dataset (to cut its partition from); its
+    ``local-data``, its own folder, replaces that partition."""
+    values = dict(run_config)
+    if "data-dir" in node_config:
+        values["data-dir"] = str(node_config["data-dir"])
+    config = ExperimentConfig.from_mapping(values)
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has no partition-id: start the SuperNode with "
+            '--node-config "partition-id=K num-partitions=N bitwidth=B"'
+        )
+    partition_id = int(node_config["partition-id"])
+    partitions = int(node_config.get("num-partitions", config.num_clients))
+    if partitions != config.num_clients or not 0 <= partition_id < config.num_clients:
+        n = config.num_clients
+        raise ValueError(
+            f"node has partition-id {partition_id} of num-partitions {partitions}, but the run "
+            f"has num-clients {n}. Simulation: one SuperNode per client, "
+            f'flwr run . --federation-config "num-supernodes={n}" (or set num-clients={partitions}'
+            f"); deployment: start {n} SuperNodes with partition-id 0..{n - 1} and "
+            f"num-partitions={n}"
+        )
+    bits = _bitwidth(config, partition_id, node_config.get("bitwidth"))
+    return NodeSettings(config, partition_id, bits, str(node_config.get("local-data", "")))
+
+
+def _bitwidth(config: ExperimentConfig, partition: int, declared: Scalar | None) -> int:
+    """The run's bitwidth for ``partition``; a node's declared ``bitwidth`` (what the device can
+    compute) must agree with it, or the node refuses to train."""
+    assigned = config.bitwidths[partition]
+    if declared is None:
+        return assigned
+    parsed = parse_bitwidths(str(declared))
+    if len(parsed) != 1:
+        raise ConfigError(f"node config bitwidth must be one value, got {parsed}")
+    if check_bitwidth(parsed[0]) != assigned:
+        raise ConfigError(
+            f"this node computes at {parsed[0]} bits (node config bitwidth), but the run "
+            f"assigns partition {partition} {assigned} bits: give the run config "
+            f"bitwidths with {parsed[0]} at position {partition} (one value per partition)"
+        )
+    return assigned

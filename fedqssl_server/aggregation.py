@@ -1,0 +1,123 @@
+"""Weights and weighted sums of model states: the arithmetic of every server round, free of Flower.
+
+``RunningAverage`` folds one state at a time (an online softmax over log-weights), so a server
+holds O(1) states however many clients report; ``average_states`` is the all-at-once reference
+it equals up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def softmax_weights(losses: Sequence[float], temperature: float = 1.0) -> np.ndarray:
+    """``p_k = exp(-L_k / T) / sum_j exp(-L_j / T)``, computed stably."""
+    scores = -np.asarray(losses, dtype=np.float64) / temperature
+    if not np.isfinite(scores).all():
+        raise ValueError(f"de-quantization losses must be finite, got {list(losses)}")
+    weights = np.exp(scores - scores.max())
+    return weights / weights.sum()
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Weighted average of floating tensors; integer buffers (BatchNorm counters) take the max."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state, and at least one state")
+    averaged: State = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            averaged[name] = sum(
+                float(w) * s[name].double() for s, w in zip(states, weights, strict=True)
+            ).to(first.dtype)
+        else:
+            averaged[name] = torch.stack([s[name] for s in states]).max(dim=0).values
+    return averaged
+
+
+class RunningAverage:
+    """``sum_k e^{a_k} x_k / sum_k e^{a_k}`` folded one state at a time: O(1) states held.
+
+    ``a_k`` is a log-weight (``-L_DQ / T`` for Fed-QSSL, ``log n_k`` for sample weights); the
+    running maximum of the ``a_k`` keeps every exponent <= 0 (online softmax), and the sums are
+    rescaled when it grows. Integer buffers (BatchNorm counters) take the maximum, as in
+    ``average_states``, whose result this equals up to float rounding.
+    """
+
+    def __init__(self) -> None:
+        self.max_log_weight = -math.inf
+        self.norm = 0.0
+        self.total: State = {}
+
+    def add(self, state: Mapping[str, torch.Tensor], log_weight: float) -> None:
+        if math.isnan(log_weight) or log_weight == math.inf:
+            raise ValueError(f"a log-weight must be a number below +inf, got {log_weight}")
+        if log_weight > self.max_log_weight:
+            if self.total and self.max_log_weight > -math.inf:
+                rescale = math.exp(self.max_log_weight - log_weight)
+                self.norm *= rescale
+                for tensor in self.total.values():
+                    if tensor.is_floating_point():
+                        tensor.mul_(rescale)
+            self.max_log_weight = log_weight
+        weight = 0.0 if log_weight == -math.inf else math.exp(log_weight - self.max_log_weight)
+        self.norm += weight
+        for name, tensor in state.items():
+            if name not in self.total:
+                self.total[name] = (
+                    tensor.double() * weight if tensor.is_floating_point() else tensor.clone()
+                )
+            elif tensor.is_floating_point():
+                self.total[name].add_(tensor.double(), alpha=weight)
+            else:
+                self.total[name] = torch.maximum(self.total[name], tensor)
+
+    def result(self, like: Mapping[str, torch.Tensor]) -> State:
+        """The weighted average, in the dtypes of ``like``."""
+        if self.norm <= 0:
+            raise ValueError("no state with a positive weight was added")
+        return {
+            name: (self.total[name] / self.norm).to(tensor.dtype)
+            if tensor.is_floating_point()
+            else self.total[name]
+            for name, tensor in like.items()
+        }
+
+
+def sample_weights(examples: Sequence[int]) -> np.ndarray:
+    """FedAvg's weights ``n_k / sum_j n_j``."""
+    counts = np.asarray(examples, dtype=np.float64)
+    if len(counts) == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"sample counts must be >= 0 with a positive sum, got {list(examples)}")
+    return counts / counts.sum()
+
+
+def add_update(current: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> State:
+    """``current + update`` for floating tensors; integer tensors (sent as values, not
+    differences) take the update's."""
+    return {
+        name: (tensor.double() + update[name].double()).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else update[name]
+        for name, tensor in current.items()
+    }
+
+
+def apply_update(
+    current: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> State:
+    """``current + sum_k w_k update_k``; integer tensors take the maximum, as in
+    ``average_states``."""
+    return add_update(current, average_states(updates, weights))
+
+
+def log_weight(weight: float) -> float:
+    """log of a weight >= 0 (-inf for 0: ``RunningAverage`` gives it no weight)."""
+    return math.log(weight) if weight > 0 else -math.inf

@@ -1,0 +1,91 @@
+"""How the server scores a global model: the kNN monitor each round, the final protocols after
+the last, each beside the untrained floor. Free of Flower.
+
+The global model always runs in full precision (the paper's protocol). Its encoder's features of
+the labelled probe set (``probe-samples`` class-stratified train images) and of the uniform test
+split are computed once per score, in eval mode. ``knn-accuracy`` is a cosine 20-nearest-
+neighbour majority vote on them; ``global-probe-accuracy`` a 100-epoch linear probe (final
+epoch, test data never used to pick anything). ``global-accuracy`` is that probe for
+self-supervised algorithms and the model's own classifier for supervised ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from common.algorithms import Algorithm
+from common.evaluation import (
+    GLOBAL_PROBE_EPOCHS,
+    classifier_accuracy,
+    knn_accuracy,
+    linear_probe_accuracy,
+)
+from common.experiment import ServerData
+from common.models import extract_features
+from common.quant import FULL_PRECISION
+
+
+class GlobalMonitor:
+    """Scores of global model states on the server's probe data."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        data: ServerData,
+        new_model: Callable[[int], torch.nn.Module],
+        seed: int,
+    ) -> None:
+        self.algorithm = algorithm
+        self.data = data
+        self.new_model = new_model
+        self.seed = seed
+
+    def model_of(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        model = self.new_model(FULL_PRECISION)
+        model.load_state_dict(state)
+        return model
+
+    def _features(self, model: torch.nn.Module):
+        train, test, normalize = (
+            self.data.probe_train,
+            self.data.probe_test,
+            self.data.spec.normalize,
+        )
+        return (
+            extract_features(model.encoder, normalize(train.images)),
+            train.labels,
+            extract_features(model.encoder, normalize(test.images)),
+            test.labels,
+        )
+
+    def knn(self, state: Mapping[str, torch.Tensor]) -> float:
+        """The round's monitor: the global encoder's kNN accuracy."""
+        return knn_accuracy(*self._features(self.model_of(state)))
+
+    def scores(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The final scores of one state: kNN, the SSL probe, and ``global-accuracy`` (the probe
+        for SSL algorithms, the classifier for supervised ones)."""
+        model = self.model_of(state)
+        features = self._features(model)
+        scores = {
+            "knn-accuracy": knn_accuracy(*features),
+            "global-probe-accuracy": linear_probe_accuracy(
+                *features,
+                self.data.spec.num_classes,
+                FULL_PRECISION,
+                epochs=GLOBAL_PROBE_EPOCHS,
+                seed=self.seed,
+            ),
+        }
+        scores["global-accuracy"] = (
+            scores["global-probe-accuracy"]
+            if self.algorithm.self_supervised
+            else classifier_accuracy(
+                model,
+                self.data.spec.normalize(self.data.probe_test.images),
+                self.data.probe_test.labels,
+            )
+        )
+        return scores

@@ -1,0 +1,282 @@
+"""One server round of every algorithm as the paper's named steps, free of Flower and the codec.
+
+``ServerRound.run`` takes the decoded states the clients sent (or functions that decode them, so
+one is held at a time) and returns the new global model and one model per bitwidth for the
+downlink; the strategy decodes and encodes at the Flower boundary. Per client, in key order:
+
+1. ``dequantize``: the received s_k-bit model becomes a full-precision one, w'_k (Fed-QSSL:
+   fine-tuned in full precision on the buffer D_g, L_DQ_k the loss of its last epoch; every
+   client of a round trains on the same views of D_g in the same order, so L_DQ compares models,
+   not augmentation luck; the baselines: the decoded model itself);
+2. ``weigh``: its log-weight, log p_k up to a constant (Fed-QSSL: -L_DQ_k / T, the paper's
+   ``p_k = exp(-L_DQ_k) / sum_j exp(-L_DQ_j)``; the baselines: log n_k / n, FedAvg's weights);
+   folded at once into a running weighted sum (``RunningAverage``: an online softmax), so a
+   round holds O(1) model states however many clients report.
+
+Then, once per round:
+
+3. ``aggregate``: the global model ``w_G = sum_k p_k w'_k`` (FedPAQ: the current model plus the
+   weighted mean update; the ``fedsimclr-ft`` control: the average, fine-tuned on D_g);
+4. ``requantize``: one model per bitwidth s for the clients at s (Fed-QSSL: w_G fine-tuned on D_g
+   with s-bit operations; the baselines: w_G itself, which the codec rounds onto the s-bit grid).
+
+A received model whose L_DQ is not finite (it diverged on D_g), or whose weight is 0 (a client
+reporting no training examples), is refused; the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common import seeds
+from common.algorithms import get_algorithm
+from common.config import ExperimentConfig
+from common.experiment import ServerData, new_model, torch_device
+from common.quant import FULL_PRECISION
+from common.training import augmented_epochs, fit_batches
+from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
+
+StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+
+def load(source: StateSource) -> Mapping[str, torch.Tensor]:
+    """A received state, decoding it now if it arrived as a decoder (one state in memory)."""
+    return source() if callable(source) else source
+
+
+def cpu_state(model: torch.nn.Module) -> State:
+    """A model's state on the CPU: the server keeps and combines states there, whatever device
+    trained them (decoded payloads arrive on the CPU)."""
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+class AllRefusedError(ValueError):
+    """Every received model of a round was refused by the server step (reasons in ``refused``)."""
+
+    def __init__(self, refused: Mapping[int, str]) -> None:
+        super().__init__("; ".join(refused.values()))
+        self.refused = dict(refused)
+
+
+@dataclass
+class RoundOutcome:
+    """What one server round produced. Lists follow ``keys``: the received clients that count,
+    sorted; ``refused`` says why others do not. ``requantized`` holds one model per bitwidth, as
+    states: the strategy encodes them for the downlink."""
+
+    global_state: State
+    keys: list[int]
+    weights: list[float]
+    requantized: dict[int, State]
+    dq_losses: list[float | None] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+class ServerRound:
+    """Plain averaging (Fed-SimCLR, Fed-SimSiam, FedAvg, FedProx): w'_k is the received model,
+    p_k = n_k / n, w_G the weighted average, each bitwidth's downlink w_G rounded by the codec."""
+
+    def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
+        self.config = config
+        self.data = data
+
+    def new_model(self, bits: int):
+        return new_model(self.config, bits, self.data.spec.channels, self.data.spec.num_classes)
+
+    def initial_state(self) -> State:
+        return cpu_state(self.new_model(FULL_PRECISION))
+
+    def views(self, server_round: int) -> list | None:
+        """What every de-quantization of the round shares (Fed-QSSL: the views of D_g)."""
+        return None
+
+    def dequantize(
+        self, state: Mapping[str, torch.Tensor], views: list | None, server_round: int
+    ) -> tuple[Mapping[str, torch.Tensor], float | None]:
+        """(w'_k, L_DQ_k): here the received model itself, and no loss."""
+        return state, None
+
+    def weigh(self, loss: float | None, examples: int, total_examples: int) -> float:
+        """log p_k up to a constant: FedAvg's log(n_k / n)."""
+        return log_weight(examples / total_examples if total_examples else 0.0)
+
+    def aggregate(self, current: State, total: RunningAverage, server_round: int) -> State:
+        """w_G = sum_k p_k w'_k."""
+        return total.result(current)
+
+    def requantize(
+        self, server_round: int, global_state: State, bitwidths: Iterable[int]
+    ) -> dict[int, State]:
+        """Each bitwidth's downlink model: w_G, put on the s-bit grid by the codec."""
+        return dict.fromkeys(sorted(set(bitwidths)), global_state)
+
+    def run(
+        self,
+        server_round: int,
+        current: State,
+        received: Mapping[int, StateSource],
+        examples: Mapping[int, int],
+        bitwidths: Iterable[int],
+    ) -> RoundOutcome:
+        """The round: dequantize and weigh each client in key order (not arrival order),
+        folding it into the weighted sum at once, then aggregate and requantize."""
+        start = time.perf_counter()
+        views = self.views(server_round)
+        total = RunningAverage()
+        total_examples = sum(examples[key] for key in received)
+        kept: dict[int, tuple[float | None, float]] = {}  # key -> (L_DQ, log-weight)
+        refused: dict[int, str] = {}
+        for key in sorted(received):
+            state, loss = self.dequantize(load(received[key]), views, server_round)
+            if loss is not None and not math.isfinite(loss):
+                refused[key] = f"client {key}: de-quantization loss {loss} on D_g, refused"
+                continue
+            weight = self.weigh(loss, examples[key], total_examples)
+            if weight == -math.inf:
+                refused[key] = f"client {key}: reported 0 training examples, weight 0, left out"
+                continue
+            kept[key] = (loss, weight)
+            total.add(state, weight)
+        if not kept:
+            raise AllRefusedError(refused)
+        after_dequantize = time.perf_counter()
+        global_state = self.aggregate(current, total, server_round)
+        after_aggregate = time.perf_counter()
+        requantized = self.requantize(server_round, global_state, bitwidths)
+        return RoundOutcome(
+            global_state=global_state,
+            keys=list(kept),
+            weights=normalized([weight for _, weight in kept.values()]).tolist(),
+            requantized=requantized,
+            dq_losses=[loss for loss, _ in kept.values()],
+            seconds={
+                "dequantize": after_dequantize - start,
+                "aggregate": after_aggregate - after_dequantize,
+                "requantize": time.perf_counter() - after_aggregate,
+            },
+            refused=refused,
+        )
+
+
+def normalized(log_weights: Sequence[float]) -> np.ndarray:
+    """p_k from log-weights, computed stably (the weights the running sum applied)."""
+    scores = np.asarray(log_weights, dtype=np.float64)
+    weights = np.exp(scores - scores.max())
+    return weights / weights.sum()
+
+
+class UpdateRound(ServerRound):
+    """FedPAQ: clients send model updates; w_G is the current model plus their weighted mean."""
+
+    def aggregate(self, current: State, total: RunningAverage, server_round: int) -> State:
+        """w_G = w + sum_k p_k Δw_k."""
+        return add_update(current, total.result(current))
+
+
+class FedQSSLRound(ServerRound):
+    """Fed-QSSL's server on its buffer D_g: de-quantization by full-precision fine-tuning,
+    softmax(-L_DQ) weights, re-quantization by s-bit fine-tuning."""
+
+    def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
+        super().__init__(config, data)
+        self.augmentation = data.spec.augmentation(config.augmentation)
+
+    def round_seed(self, server_round: int) -> int:
+        return seeds.server_round_seed(self.config.seed, server_round)
+
+    def views_of_buffer(self, epochs: int, seed: int) -> list:
+        """``epochs`` of seeded augmented batches of D_g, on the models' device."""
+        return augmented_epochs(
+            self.data.buffer,
+            self.augmentation,
+            epochs,
+            self.config.batch_size,
+            seed,
+            torch_device(self.config),
+        )
+
+    def train_on(self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int):
+        """``state`` trained at ``bits`` on given epochs of batches; (state, last loss)."""
+        model = self.new_model(bits)
+        model.load_state_dict(state)
+        losses = fit_batches(
+            model,
+            views,
+            self.config.low_bit_settings(bits),
+            self.config.learning_rate,
+            self.config.temperature,
+            seed,
+        )
+        return cpu_state(model), losses[-1] if losses else float("nan")
+
+    def views(self, server_round: int) -> list:
+        """D_g augmented once for the round: every client's de-quantization trains on these."""
+        return self.views_of_buffer(self.config.dq_epochs, self.round_seed(server_round))
+
+    def dequantize(self, state, views, server_round):
+        """w'_k: the received model fine-tuned in full precision on the round's views of D_g
+        for ``dq-epochs``; L_DQ_k is the loss of the last epoch."""
+        return self.train_on(state, FULL_PRECISION, views, self.round_seed(server_round))
+
+    def weigh(self, loss, examples, total_examples):
+        """log p_k up to a constant: -L_DQ_k / T (``dq-weighting: uniform``: 0, i.e. p_k = 1/K,
+        the control that measures what the softmax adds)."""
+        if self.config.dq_weighting == "uniform":
+            return 0.0
+        return -loss / self.config.dq_temperature
+
+    def requantize(self, server_round, global_state, bitwidths):
+        """For each bitwidth s, w_G fine-tuned on D_g with s-bit operations (``rq-epochs``),
+        so that the client at s receives an s-bit model shaped by the server's data."""
+        seed = functools.partial(seeds.requantize_seed, self.config.seed, server_round)
+        return {
+            bits: self.train_on(
+                global_state,
+                bits,
+                self.views_of_buffer(self.config.rq_epochs, seed(bits)),
+                seed(bits),
+            )[0]
+            for bits in sorted(set(bitwidths))
+        }
+
+
+class FineTuneRound(FedQSSLRound):
+    """The ``fedsimclr-ft`` control: the buffer's extra training without Fed-QSSL's weighting.
+    FedAvg's weights and no per-client de-quantization; the average is fine-tuned once in full
+    precision on D_g (``dq-epochs``) and re-quantized by fine-tuning as Fed-QSSL does."""
+
+    def views(self, server_round):
+        return None
+
+    def dequantize(self, state, views, server_round):
+        return state, None
+
+    def weigh(self, loss, examples, total_examples):
+        return ServerRound.weigh(self, loss, examples, total_examples)
+
+    def aggregate(self, current, total, server_round):
+        """w_G: the weighted average, fine-tuned in full precision on D_g."""
+        seed = self.round_seed(server_round)
+        views = self.views_of_buffer(self.config.dq_epochs, seed)
+        return self.train_on(total.result(current), FULL_PRECISION, views, seed)[0]
+
+
+ROUNDS: dict[str, type[ServerRound]] = {
+    "fedqssl": FedQSSLRound,
+    "finetune": FineTuneRound,
+    "average": ServerRound,
+    "update": UpdateRound,
+}
+
+
+def server_round_for(config: ExperimentConfig, data: ServerData) -> ServerRound:
+    """The server steps of ``config.algorithm``."""
+    return ROUNDS[get_algorithm(config.algorithm).server_step](config, data)
