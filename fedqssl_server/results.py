@@ -50,6 +50,14 @@ def row_label(algorithm: Algorithm, config: ExperimentConfig) -> str:
     return f"{algorithm.label} ({', '.join(notes)})" if notes else algorithm.label
 
 
+def knn_curve(rounds: list[dict], untrained_knn: float | None) -> list[tuple[int, float]]:
+    """(round, kNN %) from round 0, the initial model (the untrained floor), to the last."""
+    points = [
+        (r["round"], 100 * r["knn-accuracy"]) for r in rounds if r.get("knn-accuracy") is not None
+    ]
+    return ([(0, 100 * untrained_knn)] if untrained_knn is not None else []) + points
+
+
 def client_record(metrics: Mapping[str, Any], examples: int, **measured: Any) -> dict[str, Any]:
     """One client's line in a round's record: what its reply said, and what the server measured
     (bytes each way, L_DQ, weight)."""
@@ -153,19 +161,32 @@ class RunRecorder:
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         summary = {**summary, "wall-seconds": self.elapsed()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._plot()
+        self._plot(summary.get("untrained-knn-accuracy"))
         return summary
 
-    def _plot(self) -> None:
+    def _plot(self, untrained_knn: float | None) -> None:
+        """accuracy.png: the kNN monitor from round 0 (the initial model: the untrained floor,
+        also drawn as a line) on a fixed 0-100% axis, so that a small change looks small;
+        bytes.png: uplink bytes per bitwidth and round beside fp32."""
         import matplotlib
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        rounds = [r for r in self.rounds if r.get("knn-accuracy") is not None]
+        points = knn_curve(self.rounds, untrained_knn)
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.plot([r["round"] for r in rounds], [r["knn-accuracy"] for r in rounds], marker="o")
-        axis.set(xlabel="round", ylabel="global kNN accuracy", title="Global model (kNN monitor)")
+        axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label="global model")
+        if untrained_knn is not None:
+            axis.axhline(100 * untrained_knn, linestyle="--", color="grey", label="untrained floor")
+        axis.set(
+            xlabel="round",
+            ylabel="global kNN accuracy (%)",
+            title="Global model (kNN monitor)",
+            ylim=(0, 100),
+        )
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(self.output_dir / "accuracy.png", dpi=120)
@@ -192,6 +213,7 @@ class RunRecorder:
             label="fp32 equivalent",
         )
         axis.set(xlabel="round", ylabel="MB per round", title="Uplink bytes by bitwidth")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
         figure.tight_layout()

@@ -14,7 +14,7 @@ from common.experiment import server_data
 from fedqssl_client.client import LowBitClient
 from fedqssl_server import checkpoint
 from fedqssl_server.checkpoint import CheckpointError, resume_point
-from fedqssl_server.results import RunRecorder
+from fedqssl_server.results import RunRecorder, knn_curve
 from fedqssl_server.strategy import strategy_for
 
 
@@ -134,6 +134,12 @@ def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_no
     drive(start(config), clients, FakeManager(proxies), 2)
     folder = Path(config.output_dir)
     assert resume_point(folder, config.to_dict()).finished
+    # accuracy.png starts at round 0, the initial model, whose kNN is the untrained floor
+    summary = json.loads((folder / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    curve = knn_curve(rounds, summary["untrained-knn-accuracy"])
+    assert [x for x, _ in curve] == [0, 1, 2]
+    assert curve[0][1] == 100 * summary["untrained-knn-accuracy"]
     with pytest.raises(CheckpointError, match=r"num-rounds: 2 -> 5"):
         resume_point(folder, {**config.to_dict(), "num-rounds": 5})
     (folder / "summary.json").write_text('{"global-accura')  # truncated as a crash leaves it

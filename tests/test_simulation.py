@@ -10,6 +10,7 @@ import pytest
 
 import simulation
 from common.config import ConfigError
+from common.plan import algorithm_row, plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """dataset: synthetic
@@ -161,7 +162,7 @@ def test_comparison_runs_each_kind_of_row_end_to_end_and_tabulates(comparison_ru
     for row in ALL_ROWS:
         run_dir = output_dir / row / "seed-0"
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["algorithm"] == simulation.algorithm_row(row)["algorithm"]
+        assert summary["algorithm"] == algorithm_row(row)["algorithm"]
         assert summary["rounds"] == 2
         # the untrained floor, under each protocol, beside every trained score
         for key in ("global-accuracy", "mean-local-accuracy"):
@@ -198,12 +199,12 @@ def plan_of(tmp_path, preset_text, *argv):
     preset = tmp_path / "plan.yaml"
     preset.write_text(preset_text)
     parser_args = simulation.parse_args([str(preset), *argv])
-    return simulation.make_plan(preset, parser_args)
+    return simulation.plan_from(parser_args)
 
 
 def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
     plan = plan_of(tmp_path, TINY + "compare: [fedqssl, fedqssl-full]\nseeds: [0, 1, 2]\n")
-    runs = simulation.plan_runs(plan, tmp_path / "out")
+    runs = plan_runs(plan, tmp_path / "out")
     assert [(row, seed) for row, seed, _ in runs] == [
         (row, seed) for row in ("fedqssl", "fedqssl-full") for seed in (0, 1, 2)
     ]
@@ -212,15 +213,15 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         config.bitwidths == (32, 32, 32) and config.algorithm == "fedqssl" for config in full
     )
     assert len({config.output_dir for _, _, config in runs}) == 6
-    assert simulation.algorithm_row("fedqssl-full-uniform") == {
+    assert algorithm_row("fedqssl-full-uniform") == {
         "algorithm": "fedqssl",
         "bitwidths": "32",
         "dq-weighting": "uniform",
     }
-    assert simulation.algorithm_row("fedsimclr-ft") == {"algorithm": "fedsimclr-ft"}
+    assert algorithm_row("fedsimclr-ft") == {"algorithm": "fedsimclr-ft"}
 
     sweep = plan_of(tmp_path, TINY, "--sweep", "dirichlet-beta=0.1,1.0", "--seeds", "4")
-    configs = [config for _, _, config in simulation.plan_runs(sweep, tmp_path / "s")]
+    configs = [config for _, _, config in plan_runs(sweep, tmp_path / "s")]
     assert [(c.dirichlet_beta, c.seed) for c in configs] == [(0.1, 4), (1.0, 4)]
 
 
@@ -239,13 +240,13 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
 def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         plan = plan_of(tmp_path, TINY + extra, *argv)
-        simulation.plan_runs(plan, tmp_path / "out")
+        plan_runs(plan, tmp_path / "out")
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_preset_is_a_valid_plan(tmp_path, preset):
-    plan = simulation.make_plan(preset, simulation.parse_args([str(preset)]))
-    runs = simulation.plan_runs(plan, tmp_path)
+    plan = simulation.plan_from(simulation.parse_args([str(preset)]))
+    runs = plan_runs(plan, tmp_path)
     assert runs and all(config.num_clients == len(config.bitwidths) for _, _, config in runs)
 
 
@@ -258,3 +259,12 @@ def test_a_preset_by_bare_name_and_an_output_dir_that_is_a_file(tmp_path):
     a_file.write_text("")
     completed = refused_before_start("quickstart", "--output-dir", str(a_file))
     assert "is a file: name a folder" in completed.stderr
+
+
+def test_help_explains_every_option_and_lists_examples_and_presets():
+    parser = simulation.build_parser()
+    assert all(action.help for action in parser._actions)
+    text = parser.format_help()
+    assert "examples:" in text and "--resume" in text
+    for preset in (ROOT / "configs").glob("*.yaml"):
+        assert preset.stem in text
