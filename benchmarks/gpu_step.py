@@ -23,7 +23,7 @@ from common.config import ExperimentConfig
 from common.experiment import new_model
 from common.quant import FULL_PRECISION, quantize_weight, quantized_layers, weight_codes
 from common.ssl import ssl_augmentation
-from common.training import LowBitSettings, fit_local, prepare_model, train_step
+from common.training import LowBitSettings, Recipe, fit_local, prepare_model, train_step
 
 RESULTS = Path(__file__).parent / "results"
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -44,14 +44,15 @@ def objectives_train_on_cuda() -> list[dict]:
             model,
             images,
             ssl_augmentation(32, 3, *CIFAR),
-            LowBitSettings(4),
-            epochs=2,
-            learning_rate=1e-3,
-            batch_size=64,
-            temperature=0.5,
+            Recipe(
+                LowBitSettings(4),
+                1e-3,
+                batch_size=64,
+                epochs=2,
+                proximal_mu=0.01 if algorithm == "fedprox" else 0.0,
+            ),
             seed=0,
             labels=labels if algorithm == "fedprox" else None,
-            proximal_mu=0.01 if algorithm == "fedprox" else 0.0,
         )
         # on the grid: at most 2^4 codes per layer, and quantizing again moves nothing (on CUDA
         # up to float rounding: its tanh/atanh are not bit-exact inverses as the CPU's are)

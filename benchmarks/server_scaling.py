@@ -62,11 +62,7 @@ def client_train_seconds(config, data) -> float:
             model,
             images,
             data.spec.augmentation(config.augmentation),
-            config.low_bit_settings(bits),
-            config.local_epochs,
-            config.learning_rate,
-            config.batch_size,
-            config.temperature,
+            config.recipe(bits),
             seed=bits,
         )
         seconds.append(time.perf_counter() - start)

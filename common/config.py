@@ -22,7 +22,7 @@ from common.algorithms import ALGORITHM_NAMES
 from common.data import DATASET_NAMES
 from common.models import MODEL_NAMES
 from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
-from common.training import LowBitSettings
+from common.training import LowBitSettings, Recipe
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
@@ -120,6 +120,18 @@ class ExperimentConfig:
     def low_bit_settings(self, bits: int) -> LowBitSettings:
         """How a model trains at ``bits`` under this config (client training, server fine-tunes)."""
         return LowBitSettings(bits, self.weight_update, self.grad_rounding, self.save_codes)
+
+    def recipe(self, bits: int, proximal: bool = False) -> Recipe:
+        """How a model trains at ``bits`` under this config: a client's local training
+        (``proximal``: with FedProx's term), or a server fine-tune (its epochs are its views')."""
+        return Recipe(
+            self.low_bit_settings(bits),
+            self.learning_rate,
+            self.temperature,
+            self.batch_size,
+            self.local_epochs,
+            self.proximal_mu if proximal else 0.0,
+        )
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flat scalars for Flower's ``--run-config`` (``bitwidths`` as a string)."""

@@ -28,7 +28,8 @@ from common.data import (
     stratified_sample,
 )
 from common.local_data import load_images, local_train_test
-from common.models import Classifier, SSLModel, build_classifier, build_ssl_model
+from common.models import Classifier, SSLModel
+from common.objectives import objective
 from common.ssl import (
     NORMALIZATION,
     normalize_transform,
@@ -36,8 +37,6 @@ from common.ssl import (
     supervised_augmentation,
 )
 from common.training import Augmentation
-
-PROJECTION_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -252,17 +251,7 @@ def new_model(
 ) -> SSLModel | Classifier:
     """The algorithm's model at ``bits`` with the seed's initial weights (same everywhere), on the
     config's device: an SSL model (with SimSiam's predictor for ``fedsimsiam``) or a classifier."""
-    algorithm = get_algorithm(config.algorithm)
+    goal = objective(get_algorithm(config.algorithm).objective)
     torch.manual_seed(config.seed)  # initialised on the CPU: the same weights on every device
-    if not algorithm.self_supervised:
-        model = build_classifier(config.model, bits, channels, config.model_width, num_classes)
-    else:
-        model = build_ssl_model(
-            config.model,
-            bits,
-            channels,
-            config.model_width,
-            PROJECTION_DIM,
-            predictor=algorithm.objective == "simsiam",
-        )
+    model = goal.build(config.model, bits, channels, config.model_width, num_classes)
     return model.to(torch_device(config))

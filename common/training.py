@@ -47,6 +47,20 @@ class LowBitSettings:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a model trains, in one object (``ExperimentConfig.recipe`` builds it from a config):
+    its low-bit settings, Adam's learning rate, SimCLR's temperature, the batch size, the epochs
+    of a ``fit_local`` call and FedProx's ``mu`` (0: no proximal term)."""
+
+    settings: LowBitSettings
+    learning_rate: float
+    temperature: float = 0.5
+    batch_size: int = 128
+    epochs: int = 1
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
 class Proximal:
     """FedProx's term ``mu / 2 * ||w - anchor||^2`` over the trainable parameters."""
 
@@ -190,26 +204,25 @@ def augmented_epochs(
 def fit_batches(
     model: SSLModel | Classifier,
     epochs: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    settings: LowBitSettings,
-    learning_rate: float,
-    temperature: float,
+    recipe: Recipe,
     seed: int,
-    proximal_mu: float = 0.0,
 ) -> list[float]:
     """Train ``model`` on each epoch's batches in turn; the mean loss of each epoch.
 
     A fresh Adam optimizer is made per call, as each federated round starts from received
-    weights. ``proximal_mu > 0`` adds FedProx's term around the weights the call started from.
+    weights. ``recipe.proximal_mu > 0`` adds FedProx's term around the weights the call started
+    from.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    settings = recipe.settings
     prepare_model(model, settings)
     proximal = None
-    if proximal_mu > 0:
-        proximal = Proximal(proximal_mu, [p.detach().clone() for p in model.parameters()])
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-6)
+    if recipe.proximal_mu > 0:
+        proximal = Proximal(recipe.proximal_mu, [p.detach().clone() for p in model.parameters()])
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=1e-6)
     return [
-        train_epoch(model, batches, optimizer, settings, temperature, generator, proximal)
+        train_epoch(model, batches, optimizer, settings, recipe.temperature, generator, proximal)
         for batches in epochs
     ]
 
@@ -218,16 +231,11 @@ def fit_local(
     model: SSLModel | Classifier,
     images: torch.Tensor,
     transform: Augmentation,
-    settings: LowBitSettings,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    temperature: float,
+    recipe: Recipe,
     seed: int,
     labels: torch.Tensor | None = None,
-    proximal_mu: float = 0.0,
 ) -> list[float]:
-    """Train ``model`` on uint8 ``images`` for ``epochs``; the mean loss of each epoch.
+    """Train ``model`` on uint8 ``images`` for ``recipe.epochs``; the mean loss of each epoch.
 
     The one training loop of clients (local training) and server (de- and re-quantization), for
     every algorithm: two augmented views per image for an SSL model, one view and its label (from
@@ -237,7 +245,5 @@ def fit_local(
     if isinstance(model, Classifier) != (labels is not None):
         raise ValueError("a Classifier trains on labels, an SSL model without: pass labels iff")
     device = next(model.parameters()).device
-    loader = _loader(images, transform, batch_size, seed, labels, device)
-    return fit_batches(
-        model, [loader] * epochs, settings, learning_rate, temperature, seed, proximal_mu
-    )
+    loader = _loader(images, transform, recipe.batch_size, seed, labels, device)
+    return fit_batches(model, [loader] * recipe.epochs, recipe, seed)

@@ -22,9 +22,10 @@ from common.codec import (
 )
 from common.config import ConfigError, ExperimentConfig
 from common.data import ImageData
-from common.evaluation import LOCAL_PROBE_EPOCHS, classifier_accuracy, linear_probe_accuracy
+from common.evaluation import LOCAL_PROBE_EPOCHS, linear_probe_accuracy
 from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
+from common.objectives import objective
 from common.quant import FULL_PRECISION
 from common.training import fit_local
 
@@ -54,7 +55,8 @@ class LowBitClient(NumPyClient):
         self.bits = bits
         self.state = RecordDict() if state is None else state
         self.data = client_data(config, partition_id) if data is None else data
-        if not self.algorithm.self_supervised and not self.data.train.labelled:
+        self.objective = objective(self.algorithm.objective)
+        if self.objective.supervised and not self.data.train.labelled:
             raise ConfigError(
                 f"{config.algorithm} trains on labels, but client {partition_id}'s data has "
                 "none: give it labelled data (class folders 0, 1, ...) or run a self-supervised "
@@ -90,7 +92,6 @@ class LowBitClient(NumPyClient):
         received = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         server_round = int(config.get("server-round", 0))
         seed = seeds.client_round_seed(self.config.seed, server_round, self.partition_id)
-        supervised = not self.algorithm.self_supervised
         on_gpu = next(self.model.parameters()).is_cuda
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -98,21 +99,14 @@ class LowBitClient(NumPyClient):
         losses = fit_local(
             self.model,
             self.data.train.images,
-            self.data.spec.supervised_augmentation()
-            if supervised
-            else self.data.spec.augmentation(self.config.augmentation),
-            self.config.low_bit_settings(self.bits),
-            self.config.local_epochs,
-            self.config.learning_rate,
-            self.config.batch_size,
-            self.config.temperature,
+            self.objective.augmentation(self.data.spec, self.config.augmentation),
+            self.config.recipe(self.bits, proximal=self.algorithm.proximal),
             seed,
-            labels=self.data.train.labels if supervised else None,
-            proximal_mu=self.config.proximal_mu if self.algorithm.proximal else 0.0,
+            labels=self.objective.training_labels(self.data.train),
         )
         trained = self.model.state_dict()
         model_payload = encode_state(trained, self.bits)
-        if supervised:
+        if self.objective.supervised:  # scored later by this very model
             self.state[LOCAL_MODEL] = ArrayRecord(numpy_ndarrays=model_payload)
         payload = model_payload
         if self.algorithm.sends_updates:
@@ -155,8 +149,7 @@ class LowBitClient(NumPyClient):
         if test is None:
             return 0.0, 0, self._metrics(**{"local-model": "unlabelled"})
         self._load(parameters)
-        supervised = not self.algorithm.self_supervised
-        own = supervised and LOCAL_MODEL in self.state
+        own = self.objective.supervised and LOCAL_MODEL in self.state
         if own:
             local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
             self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
@@ -165,16 +158,14 @@ class LowBitClient(NumPyClient):
             "local-probe-accuracy": self._probe(self.model.encoder, test),
             "untrained-local-probe-accuracy": self._probe(untrained.encoder, test),
         }
-        if supervised:
-            test_images = self.data.spec.normalize(test.images)
-            metrics["local-accuracy"] = classifier_accuracy(self.model, test_images, test.labels)
-            metrics["untrained-local-accuracy"] = classifier_accuracy(
-                untrained, test_images, test.labels
+        test_images = self.data.spec.normalize(test.images)
+        for prefix, model in (("", self.model), ("untrained-", untrained)):
+            score = self.objective.own_accuracy(model, test_images, test.labels)
+            metrics[f"{prefix}local-accuracy"] = (
+                metrics[f"{prefix}local-probe-accuracy"] if score is None else score
             )
+        if self.objective.supervised:
             metrics["local-model"] = "own" if own else "received"
-        else:
-            metrics["local-accuracy"] = metrics["local-probe-accuracy"]
-            metrics["untrained-local-accuracy"] = metrics["untrained-local-probe-accuracy"]
         return 1.0 - float(metrics["local-accuracy"]), len(test), self._metrics(**metrics)
 
     def _probe(self, encoder: torch.nn.Module, test: ImageData) -> float:

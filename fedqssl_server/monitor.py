@@ -16,14 +16,10 @@ from collections.abc import Callable, Mapping
 import torch
 
 from common.algorithms import Algorithm
-from common.evaluation import (
-    GLOBAL_PROBE_EPOCHS,
-    classifier_accuracy,
-    knn_accuracy,
-    linear_probe_accuracy,
-)
+from common.evaluation import GLOBAL_PROBE_EPOCHS, knn_accuracy, linear_probe_accuracy
 from common.experiment import ServerData
 from common.models import extract_features
+from common.objectives import objective
 from common.quant import FULL_PRECISION
 
 
@@ -37,7 +33,7 @@ class GlobalMonitor:
         new_model: Callable[[int], torch.nn.Module],
         seed: int,
     ) -> None:
-        self.algorithm = algorithm
+        self.objective = objective(algorithm.objective)
         self.data = data
         self.new_model = new_model
         self.seed = seed
@@ -79,13 +75,10 @@ class GlobalMonitor:
                 seed=self.seed,
             ),
         }
-        scores["global-accuracy"] = (
-            scores["global-probe-accuracy"]
-            if self.algorithm.self_supervised
-            else classifier_accuracy(
-                model,
-                self.data.spec.normalize(self.data.probe_test.images),
-                self.data.probe_test.labels,
-            )
+        own = self.objective.own_accuracy(
+            model,
+            self.data.spec.normalize(self.data.probe_test.images),
+            self.data.probe_test.labels,
         )
+        scores["global-accuracy"] = scores["global-probe-accuracy"] if own is None else own
         return scores

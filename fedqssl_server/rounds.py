@@ -207,14 +207,7 @@ class FedQSSLRound(ServerRound):
         """``state`` trained at ``bits`` on given epochs of batches; (state, last loss)."""
         model = self.new_model(bits)
         model.load_state_dict(state)
-        losses = fit_batches(
-            model,
-            views,
-            self.config.low_bit_settings(bits),
-            self.config.learning_rate,
-            self.config.temperature,
-            seed,
-        )
+        losses = fit_batches(model, views, self.config.recipe(bits), seed)
         return cpu_state(model), losses[-1] if losses else float("nan")
 
     def views(self, server_round: int) -> list:

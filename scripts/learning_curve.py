@@ -30,7 +30,7 @@ from common.evaluation import knn_accuracy, linear_probe_accuracy
 from common.experiment import DatasetSpec
 from common.models import build_ssl_model, extract_features
 from common.quant import FULL_PRECISION, set_bitwidth
-from common.training import LowBitSettings, augmented_epochs, fit_batches
+from common.training import LowBitSettings, Recipe, augmented_epochs, fit_batches
 
 
 def stratified(data: ImageData, size: int, seed: int, stream: int) -> ImageData:
@@ -67,7 +67,7 @@ def curve(
     """Scores at step 0 and every ``args.every`` steps of one model at ``bits``."""
     torch.manual_seed(args.seed)
     model = build_ssl_model("small_cnn", bits, spec.channels, args.width, 128)
-    settings = LowBitSettings(bits)
+    recipe = Recipe(LowBitSettings(bits), args.learning_rate, batch_size=args.batch_size)
     augmentation = spec.augmentation("batched")
     points = [{"step": 0, **scores(model.encoder, spec, labelled, test, args.seed)}]
     steps_per_epoch = len(images) // args.batch_size
@@ -77,7 +77,7 @@ def curve(
         batches = augmented_epochs(
             images, augmentation, epochs, args.batch_size, args.seed * 1000 + chunk
         )
-        fit_batches(model, batches, settings, args.learning_rate, 0.5, args.seed + chunk)
+        fit_batches(model, batches, recipe, args.seed + chunk)
         step += epochs * steps_per_epoch
         chunk += 1
         point = {

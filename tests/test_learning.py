@@ -17,7 +17,7 @@ from common.evaluation import knn_accuracy, linear_probe_accuracy
 from common.models import build_ssl_model, extract_features
 from common.quant import FULL_PRECISION
 from common.ssl import NORMALIZATION, normalize_transform, ssl_augmentation
-from common.training import LowBitSettings, fit_local
+from common.training import LowBitSettings, Recipe, fit_local
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +57,7 @@ def test_simclr_training_beats_the_untrained_encoder_on_fashion_mnist():
         model,
         unlabelled.images,
         ssl_augmentation(28, 1, *NORMALIZATION["fashion-mnist"]),
-        LowBitSettings(FULL_PRECISION),
-        epochs=4,  # 25 steps of 128 per epoch
-        learning_rate=3e-3,
-        batch_size=128,
-        temperature=0.5,
+        Recipe(LowBitSettings(FULL_PRECISION), 3e-3, 0.5, 128, epochs=4),  # 25 steps an epoch
         seed=SEED,
     )
     after = scores(model.encoder, labelled, test)

@@ -1,6 +1,7 @@
 """The low-bit strategy and its server steps, driven with fabricated Flower results; the server
 streams (one received state at a time) with the result of de-quantizing all, then averaging."""
 
+import dataclasses
 import gc
 import io
 import json
@@ -415,11 +416,7 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
             model,
             data.buffer,
             data.spec.augmentation(config.augmentation),
-            config.low_bit_settings(FULL_PRECISION),
-            config.dq_epochs,
-            config.learning_rate,
-            config.batch_size,
-            config.temperature,
+            dataclasses.replace(config.recipe(FULL_PRECISION), epochs=config.dq_epochs),
             seed,
         )
         dequantized.append({k: v.detach() for k, v in model.state_dict().items()})

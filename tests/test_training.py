@@ -11,6 +11,7 @@ from common.quant import quantize_weight, quantized_layers, weight_codes
 from common.training import (
     LowBitSettings,
     Proximal,
+    Recipe,
     fit_local,
     prepare_model,
     ssl_loss,
@@ -162,11 +163,7 @@ def test_low_bit_supervised_training_fits_a_labelled_batch():
         model,
         (images.clamp(-3, 6) * 25 + 80).to(torch.uint8),
         v2.ToDtype(torch.float32, scale=True),
-        LowBitSettings(4),
-        epochs=30,
-        learning_rate=1e-2,
-        batch_size=64,
-        temperature=0.5,
+        Recipe(LowBitSettings(4), 1e-2, batch_size=64, epochs=30),
         seed=0,
         labels=labels,
     )
@@ -186,11 +183,7 @@ def test_fit_local_refuses_labels_for_an_ssl_model_and_none_for_a_classifier():
                 model,
                 images,
                 torch.nn.Identity(),
-                LowBitSettings(32),
-                1,
-                1e-3,
-                8,
-                0.5,
+                Recipe(LowBitSettings(32), 1e-3, batch_size=8),
                 0,
                 labels=labels,
             )
