@@ -56,6 +56,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def toml_value(value: bool | int | float | str) -> str:
+    """A value as TOML writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -267,6 +268,7 @@ common/config.py (ExperimentConfig); a wrong key or value is refused before anyt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments."""
     return build_parser().parse_args(argv)
 
 
@@ -308,6 +310,7 @@ def chosen_output_dir(plan: Plan, args: argparse.Namespace) -> Path:
 
 
 def main() -> int:
+    """Run the plan; 0 when every run completed, 1 when one failed, 2 on bad input."""
     args = parse_args()
     try:
         plan = plan_from(args)

@@ -39,10 +39,12 @@ class Algorithm:
 
     @property
     def self_supervised(self) -> bool:
+        """Trains without labels (SimCLR or SimSiam)."""
         return self.objective != "supervised"
 
     @property
     def sends_updates(self) -> bool:
+        """Clients send model updates, not models (FedPAQ)."""
         return self.server_step == "update"
 
 
@@ -62,6 +64,7 @@ ALGORITHM_NAMES = tuple(ALGORITHMS)
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """The row of algorithm ``name``; a ValueError naming the known ones."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHM_NAMES)}")
     return ALGORITHMS[name]

@@ -51,6 +51,7 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSh
         if isinstance(module, (QuantConv2d, QuantLinear)):
 
             def record(layer, inputs, output, name=name):
+                """Forward hook: this layer's MACs, weights and outputs for one sample."""
                 per_output = layer.weight[0].numel()  # in_channels/groups * kernel, or in_features
                 outputs = output[0].numel()
                 shapes.append(
@@ -83,6 +84,7 @@ class StepCost:
 
     @property
     def memory_bits(self) -> int:
+        """Bits of training memory: weights, saved activations and weight gradients."""
         return self.weight_bits + self.activation_bits + self.gradient_bits
 
 
@@ -115,6 +117,7 @@ def mean_cost(shapes: list[LayerShape], bitwidths: tuple[int, ...], batch_size: 
     costs = [step_cost(shapes, bits, batch_size) for bits in bitwidths]
 
     def mean(field: str) -> int:
+        """The mean of one count over the configuration's clients."""
         return round(sum(getattr(c, field) for c in costs) / len(costs))
 
     return StepCost(

@@ -154,6 +154,7 @@ def encode_state(state_dict: Mapping[str, torch.Tensor], bits: int) -> list[np.n
     """
 
     def weight_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[float]] | None:
+        """(codes, [scale]) of a conv or linear weight, or None to send the tensor as is."""
         if bits == FULL_PRECISION or not is_quantized(name, tensor):
             return None
         codes, scale = weight_codes(tensor, bits)
@@ -179,6 +180,7 @@ def encode_update(
     """
 
     def qsgd_layer(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[float]] | None:
+        """(QSGD codes, bucket norms) of a weight update, or None to send it as is."""
         if bits == FULL_PRECISION or not is_quantized(name, tensor):
             return None
         codes, norms = qsgd_encode(tensor, bits, generator, bucket_size)

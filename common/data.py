@@ -67,14 +67,17 @@ class ImageData:
 
     @property
     def labelled(self) -> bool:
+        """Whether the images have labels."""
         return self.labels is not None
 
     @property
     def channels(self) -> int:
+        """Channels of each image."""
         return int(self.images.shape[1])
 
     @property
     def image_size(self) -> int:
+        """Side length of each (square) image."""
         return int(self.images.shape[-1])
 
     def without_labels(self) -> ImageData:
@@ -82,6 +85,7 @@ class ImageData:
         return ImageData(self.images, None, self.num_classes)
 
     def subset(self, indices: np.ndarray) -> ImageData:
+        """The images (and labels) at ``indices``."""
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         labels = None if self.labels is None else self.labels[index]
         return ImageData(self.images[index], labels, self.num_classes)

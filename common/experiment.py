@@ -51,6 +51,7 @@ class DatasetSpec:
 
     @classmethod
     def of(cls, dataset: str) -> DatasetSpec:
+        """The spec of dataset ``dataset``."""
         return cls(dataset, *DATASET_SHAPES[dataset])
 
     @property
@@ -60,6 +61,7 @@ class DatasetSpec:
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of the dataset's training set."""
         return NORMALIZATION[self.name]
 
     def augmentation(self, mode: str) -> Augmentation:
@@ -70,9 +72,11 @@ class DatasetSpec:
         return ssl_augmentation(self.image_size, self.channels, *self.normalization)
 
     def supervised_augmentation(self) -> torch.nn.Module:
+        """A classifier's light augmentation: padded crop and flip."""
         return supervised_augmentation(self.image_size, self.channels, *self.normalization)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as normalized float32, no augmentation."""
         return normalize_transform(self.channels, *self.normalization)(images)
 
 
@@ -109,6 +113,7 @@ class ExperimentData:
 
     @property
     def spec(self) -> DatasetSpec:
+        """What every participant agrees on about this dataset."""
         return DatasetSpec.of(self.dataset)
 
     def client_train(self, client: int, max_samples: int = 0) -> ImageData:
@@ -120,9 +125,11 @@ class ExperimentData:
         return self.train.subset(indices)
 
     def client_test(self, client: int) -> ImageData:
+        """Client ``client``'s local test set (test split, its label distribution)."""
         return self.test.subset(self.partition.client_tests[client])
 
     def for_client(self, client: int, max_samples: int = 0) -> ClientData:
+        """Client ``client``'s training share and local test set."""
         return ClientData(
             self.spec, self.client_train(client, max_samples), self.client_test(client)
         )
@@ -136,6 +143,7 @@ class ExperimentData:
         return capped(self.train, size, self.seed)
 
     def for_server(self, probe_samples: int) -> ServerData:
+        """The server's buffer D_g and probe sets."""
         return ServerData(
             self.spec, self.buffer().images, self.uniform_train(probe_samples), self.test
         )

@@ -60,6 +60,7 @@ def algorithm_row(name: str) -> dict:
 
 
 def parse_list(value: object, what: str) -> list:
+    """A comma-separated string or a YAML list, as a non-empty list."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{what} must be a non-empty list, got {value!r}")
@@ -67,6 +68,7 @@ def parse_list(value: object, what: str) -> list:
 
 
 def parse_seeds(value: object) -> list[int]:
+    """Seeds like ``0,1,2``: integers >= 0."""
     seeds = parse_list(value, "seeds")
     if not all(isinstance(s, int) or (isinstance(s, str) and s.isdigit()) for s in seeds):
         raise ConfigError(f"seeds must be integers >= 0 like 0,1,2, got {value!r}")
@@ -137,6 +139,7 @@ def plan_runs(plan: Plan, output_dir: Path) -> list[tuple[str, int, ExperimentCo
 
 
 def safe_name(text: str) -> str:
+    """``text`` usable as a folder name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 

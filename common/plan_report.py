@@ -17,11 +17,13 @@ from common.plan import Plan
 
 
 def read_summary(output_dir: Path) -> dict | None:
+    """A run's ``summary.json``, or None when it has none."""
     path = output_dir / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def print_summary(output_dir: Path) -> int:
+    """Print a finished run's summary; 1 when it wrote none."""
     summary = read_summary(output_dir)
     if summary is None:
         print(f"\nthe run finished but wrote no {output_dir / 'summary.json'}", file=sys.stderr)

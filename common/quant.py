@@ -297,6 +297,7 @@ def set_bitwidth(model: nn.Module, bits: int) -> nn.Module:
 
 
 def quantized_layers(model: nn.Module) -> list[QuantConv2d | QuantLinear]:
+    """Every conv and linear layer of ``model`` (the layers with codes)."""
     return [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
 
 

@@ -29,6 +29,7 @@ class Row:
     seeds: list[int] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
+        """The values of ``key`` over the runs that finished."""
         return [s[key] for s in self.summaries if s is not None and s.get(key) is not None]
 
     def gains(self, key: str) -> list[float]:
@@ -41,6 +42,7 @@ class Row:
 
     @property
     def failed_seeds(self) -> list[int]:
+        """The seeds whose run wrote no summary."""
         return [seed for seed, s in zip(self.seeds, self.summaries, strict=True) if s is None]
 
 
@@ -75,6 +77,7 @@ def percent(values: Sequence[float], signed: bool = False) -> str:
 
 
 def megabytes_per_round(row: Row) -> str:
+    """A row's mean uplink in MB per round."""
     per_round = [
         s["uplink-bytes"] / 1e6 / max(s.get("rounds", 1), 1)
         for s in row.summaries
@@ -135,6 +138,7 @@ def per_seed_table(rows: Sequence[Row], keys: tuple[str, str] = (GLOBAL, LOCAL))
     ]
 
     def cell(summary: dict | None) -> str:
+        """One seed's cell: global / local, with the floor; "failed" or "n/a"."""
         if summary is None:
             return "failed"
         scores = [summary.get(k) for k in (*keys, *(UNTRAINED + k for k in keys))]

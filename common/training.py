@@ -68,6 +68,7 @@ class Proximal:
     anchor: Sequence[torch.Tensor]
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
+        """The proximal term of ``model``'s current parameters."""
         squares = [
             (param - ref).pow(2).sum()
             for param, ref in zip(model.parameters(), self.anchor, strict=True)

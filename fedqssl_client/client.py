@@ -88,6 +88,8 @@ class LowBitClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """Train at this device's bitwidth from the received model; send it back as packed
+        codes (FedPAQ: the update)."""
         self._load(parameters)
         received = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         server_round = int(config.get("server-round", 0))

@@ -55,6 +55,7 @@ class RunningAverage:
         self.total: State = {}
 
     def add(self, state: Mapping[str, torch.Tensor], log_weight: float) -> None:
+        """Fold ``state`` in with log-weight ``log_weight``."""
         if math.isnan(log_weight) or log_weight == math.inf:
             raise ValueError(f"a log-weight must be a number below +inf, got {log_weight}")
         if log_weight > self.max_log_weight:

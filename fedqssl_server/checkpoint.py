@@ -53,6 +53,7 @@ class Checkpoint:
 
 
 def checkpoint_path(output_dir: str | os.PathLike[str]) -> Path:
+    """Where a run in ``output_dir`` keeps its checkpoint."""
     return Path(output_dir) / CHECKPOINT_FILE
 
 

@@ -39,6 +39,7 @@ class GlobalMonitor:
         self.seed = seed
 
     def model_of(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """A full-precision model holding ``state``."""
         model = self.new_model(FULL_PRECISION)
         model.load_state_dict(state)
         return model

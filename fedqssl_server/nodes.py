@@ -24,6 +24,7 @@ class NodeRegistry:
         self.partition_bits: dict[int, int] = {}
 
     def node_of(self, partition: int) -> str | None:
+        """The node bound to ``partition``, if any."""
         return next((n for n, p in self.partition_of.items() if p == partition), None)
 
     def claim_problem(

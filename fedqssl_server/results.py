@@ -123,6 +123,7 @@ def run_summary(
 
 
 def default_output_dir() -> Path:
+    """A new timestamped folder under ``results/``."""
     return Path.cwd().resolve() / "results" / time.strftime("run-%Y%m%d-%H%M%S")
 
 
@@ -154,11 +155,13 @@ class RunRecorder:
         return time.perf_counter() - self.started
 
     def add_round(self, record: dict[str, Any]) -> None:
+        """Append one round's record to ``rounds.jsonl``."""
         self.rounds.append(record)
         with open(self.output_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write ``summary.json`` (with the wall time) and the plots."""
         summary = {**summary, "wall-seconds": self.elapsed()}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot(summary.get("untrained-knn-accuracy"))

@@ -89,9 +89,11 @@ class ServerRound:
         self.data = data
 
     def new_model(self, bits: int):
+        """The algorithm's model at ``bits`` with the seed's initial weights."""
         return new_model(self.config, bits, self.data.spec.channels, self.data.spec.num_classes)
 
     def initial_state(self) -> State:
+        """The seed's initial model, full precision, on the CPU."""
         return cpu_state(self.new_model(FULL_PRECISION))
 
     def views(self, server_round: int) -> list | None:
@@ -190,6 +192,7 @@ class FedQSSLRound(ServerRound):
         self.augmentation = data.spec.augmentation(config.augmentation)
 
     def round_seed(self, server_round: int) -> int:
+        """The seed of the round's de-quantization (``common.seeds``)."""
         return seeds.server_round_seed(self.config.seed, server_round)
 
     def views_of_buffer(self, epochs: int, seed: int) -> list:
