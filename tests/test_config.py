@@ -1,5 +1,6 @@
 """The experiment config: defaults, Flower run-config strings, YAML, and every rejection."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -104,3 +105,20 @@ def test_yaml_infinity_is_refused_as_not_finite(tmp_path):
     preset.write_text("learning-rate: .inf\n")
     with pytest.raises(ConfigError, match="learning-rate must be a finite number"):
         ExperimentConfig.from_yaml(preset)
+
+
+def test_the_readme_key_table_shows_the_real_defaults():
+    """The README's table of main keys cannot drift from ExperimentConfig's defaults."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("| key | default | what it sets |")[1].split("\n\n")[0]
+    defaults = ExperimentConfig().to_run_config()
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", section, re.MULTILINE)
+    assert len(rows) >= 20
+    for keys, values in rows:
+        names = re.findall(r"`([^`]+)`", keys)
+        shown = re.findall(r"`([^`]+)`", values)
+        assert len(names) == len(shown), keys
+        for name, value in zip(names, shown, strict=True):
+            expected = defaults[name]
+            text = str(expected).lower() if isinstance(expected, bool) else str(expected)
+            assert value == text, (name, value, expected)
