@@ -21,7 +21,7 @@ import yaml
 from common.algorithms import ALGORITHM_NAMES
 from common.data import DATASET_NAMES
 from common.models import MODEL_NAMES
-from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
+from common.quant import FP_ACTIVATIONS, FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
 from common.training import LowBitSettings, Recipe
 
 WEIGHT_UPDATES = ("latent", "grid")
@@ -63,6 +63,7 @@ class ExperimentConfig:
     weight_update: str = "grid"
     grad_rounding: str = "stochastic"
     save_codes: bool = True
+    fp_activation: str = "relu"
     augmentation: str = "batched"
     dq_epochs: int = 1
     rq_epochs: int = 1
@@ -256,6 +257,7 @@ def _validate(config: ExperimentConfig) -> None:
     _one_of(config, "weight_update", WEIGHT_UPDATES)
     _one_of(config, "grad_rounding", GRAD_ROUNDINGS)
     _one_of(config, "augmentation", AUGMENTATIONS)
+    _one_of(config, "fp_activation", FP_ACTIVATIONS)
     _one_of(config, "dq_weighting", DQ_WEIGHTINGS)
     _one_of(config, "device", DEVICES)
     for key in (

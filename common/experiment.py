@@ -30,6 +30,7 @@ from common.data import (
 from common.local_data import load_images, local_train_test
 from common.models import Classifier, SSLModel
 from common.objectives import objective
+from common.quant import set_fp_activation
 from common.ssl import (
     NORMALIZATION,
     normalize_transform,
@@ -262,4 +263,5 @@ def new_model(
     goal = objective(get_algorithm(config.algorithm).objective)
     torch.manual_seed(config.seed)  # initialised on the CPU: the same weights on every device
     model = goal.build(config.model, bits, channels, config.model_width, num_classes)
+    set_fp_activation(model, config.fp_activation)
     return model.to(torch_device(config))

@@ -19,6 +19,7 @@ PLAN_KEYS = ("compare", "sweep", "seeds")
 ROW_SUFFIXES = {
     "-full": {"bitwidths": str(FULL_PRECISION)},  # every client at 32 bits: the (Full) rows
     "-uniform": {"dq-weighting": "uniform"},  # Fed-QSSL without its softmax(-L_DQ) weights
+    "-clamp": {"fp-activation": "clamp"},  # full precision keeps the clients' clamp(0, 1)
 }
 
 
@@ -43,7 +44,8 @@ def read_preset(preset: Path) -> tuple[dict, dict]:
 
 def algorithm_row(name: str) -> dict:
     """Overrides of a comparison row: an algorithm (``fedsimclr``) with optional suffixes:
-    ``-full`` (all clients 32-bit), ``-uniform`` (uniform instead of softmax(-L_DQ) weights)."""
+    ``-full`` (all clients 32-bit), ``-uniform`` (uniform instead of softmax(-L_DQ) weights),
+    ``-clamp`` (full-precision models keep clamp(0, 1), not ReLU)."""
     row: dict = {}
     algorithm = name
     while algorithm not in ALGORITHM_NAMES:

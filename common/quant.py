@@ -34,6 +34,9 @@ MAX_BITS = 16
 MAX_SCALE = 0.9999
 
 Rounding = Literal["stochastic", "deterministic"]
+# The nonlinearity of a full-precision (32-bit) model: ReLU (the paper's and DoReFa's convention)
+# or the low-bit clients' clamp(0, 1) without rounding (the control that keeps one nonlinearity).
+FP_ACTIVATIONS = ("relu", "clamp")
 
 
 def check_bits(bits: int) -> int:
@@ -117,17 +120,19 @@ def _decode_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: t
 # ---------------------------------------------------------------- activations
 
 
-def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa activation: clamp to [0, 1], then ``bits``-bit uniform grid; ReLU at full precision.
+def quantize_activation(x: torch.Tensor, bits: int, full_precision: str = "relu") -> torch.Tensor:
+    """DoReFa activation: clamp to [0, 1], then ``bits``-bit uniform grid; at full precision
+    ``full_precision`` (``FP_ACTIVATIONS``): ReLU, or clamp(0, 1) without rounding.
 
     The gradient is the clamp's (1 inside (0, 1), 0 outside); rounding is straight-through.
-    At 32 bits the nonlinearity is ReLU (unbounded), as in full-precision SimCLR: the (Full) rows,
-    the server's full-precision de-quantization and every global evaluation run ReLU on weights
-    that low-bit clients trained under clamp(0, 1). This is the paper's and DoReFa's convention;
-    it means a low-bit model evaluated at 32 bits is not the function its client trained.
+    By default the nonlinearity at 32 bits is ReLU (unbounded), as in full-precision SimCLR: the
+    (Full) rows, the server's full-precision de-quantization and every global evaluation run ReLU
+    on weights that low-bit clients trained under clamp(0, 1). This is the paper's and DoReFa's
+    convention; it means a low-bit model evaluated at 32 bits is not the function its client
+    trained. ``"clamp"`` keeps the clients' nonlinearity everywhere (the ``fp-activation`` key).
     """
     if bits == FULL_PRECISION:
-        return F.relu(x)
+        return F.relu(x) if full_precision == "relu" else x.clamp(0.0, 1.0)
     return bounded_activation(x, _levels(bits))
 
 
@@ -273,15 +278,17 @@ class QuantLinear(nn.Linear):
 
 
 class QuantAct(nn.Module):
-    """Bounded, ``bits``-bit activation (``quantize_activation``); ReLU at 32 bits."""
+    """Bounded, ``bits``-bit activation (``quantize_activation``); ReLU at 32 bits unless
+    ``full_precision`` says clamp."""
 
     bits: int = FULL_PRECISION
+    full_precision: str = "relu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.bits)
+        return quantize_activation(x, self.bits, self.full_precision)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, full_precision={self.full_precision}"
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
@@ -293,6 +300,16 @@ def set_bitwidth(model: nn.Module, bits: int) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (*QUANT_LAYERS, QuantAct)):
             module.bits = bits
+    return model
+
+
+def set_fp_activation(model: nn.Module, name: str) -> nn.Module:
+    """Set the 32-bit nonlinearity (``FP_ACTIVATIONS``) of every activation of ``model``."""
+    if name not in FP_ACTIVATIONS:
+        raise ValueError(f"fp-activation {name!r} is not one of {', '.join(FP_ACTIVATIONS)}")
+    for module in model.modules():
+        if isinstance(module, QuantAct):
+            module.full_precision = name
     return model
 
 

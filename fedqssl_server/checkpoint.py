@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from common.config import ExperimentConfig
+
 CHECKPOINT_FILE = "checkpoint.npz"
 # keys that may change between an interrupted run and its resumption: where it writes, and the
 # instruction to resume itself
@@ -122,7 +124,10 @@ def _damaged(path: Path, error: Exception) -> CheckpointError:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The keys (other than ``RESUME_FREE_KEYS``) whose values differ, each as ``key: a -> b``."""
+    """The keys (other than ``RESUME_FREE_KEYS``) whose values differ, each as ``key: a -> b``.
+    A key the saved config lacks (a key newer than the run) counts as its default value."""
+    defaults = ExperimentConfig().to_dict()
+    saved = {**defaults, **saved}
     keys = sorted((set(saved) | set(current)) - set(RESUME_FREE_KEYS))
     return [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"

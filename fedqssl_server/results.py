@@ -41,12 +41,15 @@ def mean_of(clients: list[dict], key: str) -> float | None:
 
 def row_label(algorithm: Algorithm, config: ExperimentConfig) -> str:
     """The paper's row name: ``Fed-QSSL``; ``Fed-QSSL (Full)`` when no client is low-bit;
-    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones."""
+    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones; ``(clamp)``
+    when full-precision models keep the clients' clamp(0, 1) instead of ReLU."""
     notes = []
     if all(b == FULL_PRECISION for b in config.bitwidths):
         notes.append("Full")
     if algorithm.server_step == "fedqssl" and config.dq_weighting == "uniform":
         notes.append("uniform p_k")
+    if config.fp_activation != "relu":
+        notes.append(config.fp_activation)
     return f"{algorithm.label} ({', '.join(notes)})" if notes else algorithm.label
 
 

@@ -17,7 +17,7 @@ from common.codec import decode_state, payload_bits
 from common.config import ConfigError, ExperimentConfig
 from common.experiment import new_model, server_data
 from common.models import extract_features
-from common.quant import FULL_PRECISION
+from common.quant import FULL_PRECISION, QuantAct
 from fedqssl_client.client import LOCAL_MODEL, LowBitClient
 from fedqssl_server.aggregation import apply_update, sample_weights
 from fedqssl_server.results import RunRecorder, row_label
@@ -207,6 +207,23 @@ def test_untrained_floor_is_the_initial_model_under_the_same_protocol(tmp_path):
     assert [c["local-model"] for c in supervised["local-accuracy"]] == ["own", "own"]
 
 
+def test_fp_activation_reaches_every_model_the_run_builds():
+    """The fp-activation control: every full-precision model of the run (clients, server,
+    monitor) keeps clamp(0, 1), so its outputs differ from the ReLU model with the same weights."""
+    values = {"num-clients": 2, "model-width": 4, "bitwidths": "32"}
+    relu = new_model(ExperimentConfig.from_mapping(values), FULL_PRECISION, 1, 10)
+    clamp = new_model(
+        ExperimentConfig.from_mapping({**values, "fp-activation": "clamp"}), FULL_PRECISION, 1, 10
+    )
+    acts = [m for m in clamp.modules() if isinstance(m, QuantAct)]
+    assert acts and all(m.full_precision == "clamp" for m in acts)
+    assert all(torch.equal(v, clamp.state_dict()[k]) for k, v in relu.state_dict().items())
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 3
+    relu.eval(), clamp.eval()
+    with torch.no_grad():
+        assert not torch.allclose(relu.encoder(images), clamp.encoder(images))
+
+
 def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
     def config(**values):
         return ExperimentConfig.from_mapping({"num-clients": 2, **values})
@@ -216,5 +233,7 @@ def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
     assert row_label(fedqssl, config(bitwidths="4,32")) == "Fed-QSSL"
     uniform = config(bitwidths="32", **{"dq-weighting": "uniform"})
     assert row_label(fedqssl, uniform) == "Fed-QSSL (Full, uniform p_k)"
+    clamp = config(bitwidths="32", **{"fp-activation": "clamp"})
+    assert row_label(get_algorithm("fedsimclr"), clamp) == "Fed-SimCLR (Full, clamp)"
     with pytest.raises(ConfigError, match="algorithm: 'fedsgd' is not one of fedqssl"):
         ExperimentConfig.from_mapping({"algorithm": "fedsgd"})

@@ -73,6 +73,7 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
         ({"model": "vgg"}, r"model: 'vgg' is not one of resnet18, small_cnn"),
         ({"weight-update": "exact"}, r"weight-update: 'exact' is not one of latent, grid"),
         ({"augmentation": "gpu"}, r"augmentation: 'gpu' is not one of batched, per-image"),
+        ({"fp-activation": "tanh"}, r"fp-activation: 'tanh' is not one of relu, clamp"),
         ({"learning-rate": float("inf")}, r"learning-rate must be a finite number, got inf"),
         ({"learning-rate": float("nan")}, r"learning-rate must be a finite number"),
         ({"seed": "1e30"}, r"seed: must be in \[0, 2\*\*31\)"),

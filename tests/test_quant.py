@@ -22,6 +22,7 @@ from common.quant import (
     quantize_gradient,
     quantize_weight,
     set_bitwidth,
+    set_fp_activation,
     weight_codes,
 )
 
@@ -92,6 +93,22 @@ def test_activations_are_on_the_grid_in_unit_interval(bits, seed):
     assert y.unique().numel() <= 2**bits
     levels = 2**bits - 1
     assert torch.equal(y, torch.round(y * levels) / levels)
+
+
+def test_full_precision_activation_is_relu_or_the_clients_clamp_without_rounding():
+    x = torch.linspace(-2, 2, 401)
+    assert torch.equal(quantize_activation(x, FULL_PRECISION, "relu"), torch.relu(x))
+    clamped = quantize_activation(x, FULL_PRECISION, "clamp")
+    assert torch.equal(clamped, x.clamp(0, 1))
+    inside = (x > 0) & (x < 1)
+    assert torch.equal(clamped[inside], x[inside])  # not rounded to any grid
+    model = torch.nn.Sequential(QuantConv2d(1, 2, 3), QuantAct(), QuantAct())
+    set_fp_activation(model, "clamp")
+    assert [m.full_precision for m in model if isinstance(m, QuantAct)] == ["clamp", "clamp"]
+    set_bitwidth(model, 4)  # a bitwidth change keeps the choice for when it is back at 32 bits
+    assert all(m.full_precision == "clamp" for m in model if isinstance(m, QuantAct))
+    with pytest.raises(ValueError, match="fp-activation 'tanh' is not one of relu, clamp"):
+        set_fp_activation(model, "tanh")
 
 
 def test_activation_gradient_is_the_clamps():

@@ -126,6 +126,14 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
     assert resume_point(config.output_dir, moved).round == 1
 
 
+def test_a_key_newer_than_the_saved_run_counts_as_its_default():
+    saved = ExperimentConfig().to_dict()
+    del saved["fp-activation"]  # a run from before the key existed
+    assert checkpoint.config_differences(saved, ExperimentConfig().to_dict()) == []
+    clamp = ExperimentConfig.from_mapping({"fp-activation": "clamp"}).to_dict()
+    assert checkpoint.config_differences(saved, clamp) == ["fp-activation: 'relu' -> 'clamp'"]
+
+
 def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_not_finished(
     tmp_path,
 ):

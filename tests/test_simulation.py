@@ -219,6 +219,11 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         "dq-weighting": "uniform",
     }
     assert algorithm_row("fedsimclr-ft") == {"algorithm": "fedsimclr-ft"}
+    assert algorithm_row("fedsimclr-full-clamp") == {
+        "algorithm": "fedsimclr",
+        "bitwidths": "32",
+        "fp-activation": "clamp",
+    }
 
     sweep = plan_of(tmp_path, TINY, "--sweep", "dirichlet-beta=0.1,1.0", "--seeds", "4")
     configs = [config for _, _, config in plan_runs(sweep, tmp_path / "s")]
