@@ -48,6 +48,11 @@ def main() -> None:
                 "uplink_ratio_to_fp32": sum(c["uplink-bytes"] for c in clients)
                 / record["fp32-equivalent-bytes"],
                 "client_train_seconds_sum": sum(c["train-seconds"] for c in clients),
+                "round_seconds": record["round-seconds"],
+                # a client on a GPU reports its peak GPU memory in the round (None on the CPU)
+                "client_gpu_peak_mb_max": max(
+                    (c["gpu-peak-mb"] for c in clients if c.get("gpu-peak-mb")), default=None
+                ),
                 **{f"server_{k}_seconds": v for k, v in record["server-seconds"].items()},
             }
         )
@@ -65,14 +70,17 @@ def main() -> None:
         f"ratio {report['ideal_uplink_ratio']:.4f}"
     )
     print(
-        "| round | uplink / fp32 | clients' training s (sum) | de-quantize s | aggregate s | "
-        "re-quantize s |\n|---:|---:|---:|---:|---:|---:|"
+        "| round | uplink / fp32 | round s | clients' training s (sum) | de-quantize s | "
+        "aggregate s | re-quantize s | client GPU peak MB |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for row in rows:
+        gpu = row["client_gpu_peak_mb_max"]
         print(
-            f"| {row['round']} | {row['uplink_ratio_to_fp32']:.4f} | "
+            f"| {row['round']} | {row['uplink_ratio_to_fp32']:.4f} | {row['round_seconds']:.1f} | "
             f"{row['client_train_seconds_sum']:.1f} | {row['server_dequantize_seconds']:.1f} | "
-            f"{row['server_aggregate_seconds']:.3f} | {row['server_requantize_seconds']:.1f} |"
+            f"{row['server_aggregate_seconds']:.3f} | {row['server_requantize_seconds']:.1f} | "
+            f"{'-' if gpu is None else f'{gpu:.0f}'} |"
         )
     mean = statistics.mean(r["uplink_ratio_to_fp32"] for r in rows)
     print(f"\nmean uplink ratio {mean:.4f}; written to {args.output}")
