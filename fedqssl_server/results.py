@@ -71,6 +71,42 @@ def client_record(metrics: Mapping[str, Any], examples: int, **measured: Any) ->
     }
 
 
+def fit_record(
+    clients: list[dict[str, Any]],
+    left_out: list[tuple[str, str]],
+    num_clients: int,
+    fp32_bytes: int,
+    server_seconds: Mapping[str, float],
+) -> dict[str, Any]:
+    """What a round's record says about fit: every usable client (``client_record``), who was
+    left out and why, the partitions missing, the fp32 bytes the same clients would have sent
+    and the server's seconds per step."""
+    present = {client["partition-id"] for client in clients}
+    return {
+        "clients": clients,
+        "failed": [who for who, _ in left_out],
+        "failure-reasons": [why for _, why in left_out],
+        "missing-partitions": [k for k in range(num_clients) if k not in present],
+        "fp32-equivalent-bytes": fp32_bytes * len(clients),
+        "server-seconds": dict(server_seconds),
+    }
+
+
+def round_line(record: Mapping[str, Any], num_rounds: int) -> str:
+    """The one log line a completed round gets."""
+    clients = record.get("clients", [])
+    bits = ",".join(str(c["bitwidth"]) for c in clients)
+    weights = ",".join(f"{c['weight']:.2f}" for c in clients if c["weight"] is not None)
+    return (
+        f"round {record['round']}/{num_rounds}: {len(clients)} clients (bits {bits}), "
+        f"{len(record.get('failed', []))} failed, missing partitions "
+        f"{record.get('missing-partitions', [])}, p_k [{weights}], uplink "
+        f"{sum(c['uplink-bytes'] for c in clients) / 1e6:.2f} MB "
+        f"(fp32 {record.get('fp32-equivalent-bytes', 0) / 1e6:.2f} MB), "
+        f"kNN acc {record['knn-accuracy']:.4f}, {record['round-seconds']:.0f}s"
+    )
+
+
 def local_record(metrics: Mapping[str, Any], test_examples: int) -> dict[str, Any]:
     """One client's local scores after the last round."""
     return {

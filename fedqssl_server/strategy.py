@@ -8,14 +8,9 @@ decoded on the way in and each bitwidth's model is encoded on the way out.
 
 from __future__ import annotations
 
-import functools
-import re
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,40 +19,35 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
-    GetPropertiesIns,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from common import seeds
 from common.algorithms import get_algorithm
-from common.codec import PayloadError, check_plausible, decode_state, encode_state, payload_nbytes
+from common.codec import encode_state, payload_nbytes
 from common.config import ExperimentConfig
 from common.experiment import ServerData
 from common.quant import FULL_PRECISION
 from fedqssl_server import checkpoint
+from fedqssl_server.intake import Accepted, failed, take_replies
 from fedqssl_server.monitor import GlobalMonitor
-from fedqssl_server.nodes import NodeRegistry
-from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
-from fedqssl_server.results import RunRecorder, client_record, local_record, mean_of, run_summary
+from fedqssl_server.participants import Participants
+from fedqssl_server.replies import EVALUATE_METRICS, reply_problem
+from fedqssl_server.results import (
+    RunRecorder,
+    client_record,
+    fit_record,
+    local_record,
+    mean_of,
+    round_line,
+    run_summary,
+)
 from fedqssl_server.rounds import AllRefusedError, RoundOutcome, server_round_for
-
-
-class Accepted(NamedTuple):
-    """A client result that decoded cleanly; ``decode`` decodes it again when the server round
-    needs it, so a round holds one decoded state at a time."""
-
-    key: int
-    client: ClientProxy
-    result: FitRes
-    decode: Callable[[], dict]
-    uplink_bytes: int
 
 
 @dataclass
@@ -73,18 +63,6 @@ class RoundInProgress:
 class RoundFailedError(RuntimeError):
     """Too few clients returned a usable model: the run fails rather than report an untrained
     model as a result."""
-
-
-def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
-    """What Flower knows about a failed client: the exception (a ClientApp's error arrives as
-    one), or the status message of a result that is not OK."""
-    if isinstance(failure, BaseException):
-        text = str(failure)
-        # a ClientApp's exception arrives wrapped in Ray's and Flower's reprs: keep its message
-        inner = re.search(r"occurred\. Message: (.*?)'?>?\)?\. It originated", text, re.DOTALL)
-        return inner.group(1).strip() if inner else f"{type(failure).__name__}: {text}"
-    client, result = failure
-    return f"client {client.cid}: {result.status.code.name} {result.status.message}"
 
 
 class LowBitStrategy(Strategy):
@@ -131,8 +109,7 @@ class LowBitStrategy(Strategy):
         self.global_payload: list[np.ndarray] | None = None  # its fp32 encoding, made once
         # the model's shape never changes, so neither does its full-precision payload size
         self.fp32_bytes = payload_nbytes(self._global_payload())
-        self.nodes = NodeRegistry(config.bitwidths)
-        self.connected: set[str] = set()
+        self.nodes = Participants(config)
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.round = RoundInProgress()
@@ -144,7 +121,7 @@ class LowBitStrategy(Strategy):
         partitions and records."""
         self._set_global({k: torch.from_numpy(v) for k, v in saved.global_state.items()})
         self.downlink = saved.downlink
-        self.nodes.partition_bits = dict(saved.partition_bits)
+        self.nodes.registry.partition_bits = dict(saved.partition_bits)
         self.round_offset = saved.round
         if self.recorder is not None:
             self.recorder.resume(saved.records, saved.wall_seconds)
@@ -177,63 +154,6 @@ class LowBitStrategy(Strategy):
             return self.downlink[bits]
         return self._global_payload()
 
-    # ------------------------------------------------------------ who is who
-
-    def _identify(self, clients: list[ClientProxy], server_round: int) -> None:
-        """Ask nodes not yet bound which partition and bitwidth they are (``get_properties``),
-        and bind those whose answer holds; the others are left out of the round, with why."""
-        unknown = [c for c in clients if c.cid not in self.nodes.partition_of]
-        if not unknown:
-            return
-        timeout = self.config.round_timeout or None
-
-        def ask(client: ClientProxy):
-            try:
-                return client.get_properties(GetPropertiesIns({}), timeout, server_round)
-            except Exception as error:  # a node that cannot answer sits this round out
-                return error
-
-        with ThreadPoolExecutor(max_workers=min(len(unknown), 32)) as pool:
-            replies = list(pool.map(ask, unknown))
-        for client, reply in zip(unknown, replies, strict=True):
-            if isinstance(reply, BaseException):
-                problem = f"did not say which partition it is: {failure_reason(reply)}"
-            else:
-                properties = reply.properties
-                problem = self.nodes.claim_problem(
-                    client.cid,
-                    properties.get("partition-id"),
-                    properties.get("bitwidth"),
-                    self.connected,
-                )
-            if problem is None:
-                self.nodes.bind(client.cid, int(reply.properties["partition-id"]))
-            else:
-                reason = f"client {client.cid} {problem}"
-                log(WARNING, "round %s: %s, left out", server_round, reason)
-                self.round.left_out.append((client.cid, reason))
-
-    def _sample(self, client_manager: ClientManager, server_round: int) -> list[ClientProxy]:
-        """Every available client, or a ``fraction-fit`` share of them (at least
-        ``min-fit-clients``) drawn by partition with the config's seed and the round number: the
-        same partitions whatever ids Flower gave the nodes, so a resumed run samples as the
-        uninterrupted one."""
-        client_manager.wait_for(self.config.min_fit_clients)
-        available = sorted(client_manager.all().values(), key=lambda c: c.cid)
-        self.connected = {client.cid for client in available}
-        if self.config.fraction_fit >= 1:
-            return available
-        self._identify(available, server_round)
-        bound = sorted(
-            (self.nodes.partition_of[c.cid], c)
-            for c in available
-            if c.cid in self.nodes.partition_of
-        )
-        wanted = max(int(len(available) * self.config.fraction_fit), self.config.min_fit_clients)
-        rng = seeds.client_sampling_rng(self.config.seed, server_round)
-        chosen = rng.choice(len(bound), size=min(wanted, len(bound)), replace=False)
-        return [bound[index][1] for index in sorted(chosen)]
-
     # ------------------------------------------------------------ fit
 
     def configure_fit(
@@ -242,56 +162,19 @@ class LowBitStrategy(Strategy):
         """One ``FitIns`` per sampled client, each with its own bitwidth's model."""
         server_round += self.round_offset
         self.round = RoundInProgress()
-        sampled = self._sample(client_manager, server_round)
-        if self.downlink:  # each node needs its own bitwidth's model: know who is who first
-            self._identify(sampled, server_round)
+        # once there are downlinks each node needs its own bitwidth's: know who is who first
+        sampled, self.round.left_out = self.nodes.sample(
+            client_manager, server_round, know_all=bool(self.downlink)
+        )
         instructions = []
         for client in sampled:
-            partition = self.nodes.partition_of.get(client.cid)
-            if partition is None and self.downlink:
-                continue  # left out by _identify, with its reason
-            payload = self._payload_for(partition)
+            payload = self._payload_for(self.nodes.partition_of.get(client.cid))
             self.round.sent_bytes[client.cid] = payload_nbytes(payload)
             # a fresh FitIns per client: each carries its own model
             instructions.append(
                 (client, FitIns(ndarrays_to_parameters(payload), {"server-round": server_round}))
             )
         return instructions
-
-    def _reply_problem(self, client: ClientProxy, result: FitRes, taken: set[int]) -> str | None:
-        """Why a fit reply cannot be used: its metrics, its claim to a partition, a partition
-        already answered for this round (None: it can)."""
-        problem = reply_problem(
-            result.metrics, result.num_examples, FIT_METRICS, self.config.max_client_examples
-        )
-        if problem is not None:
-            return f"client {client.cid} sent a bad reply: {problem}"
-        partition, bits = result.metrics["partition-id"], result.metrics["bitwidth"]
-        problem = self.nodes.claim_problem(client.cid, partition, bits, self.connected)
-        if problem is not None:
-            return f"client {client.cid} {problem}"
-        if partition in taken:
-            return f"client {client.cid} repeats partition-id {partition}"
-        return None
-
-    def _decode(self, client: ClientProxy, result: FitRes) -> Accepted | str:
-        """The decoded model, checked and set aside to be decoded again when needed, or why it
-        was left out."""
-        bits = int(result.metrics["bitwidth"])  # an int: checked by reply_problem
-        try:
-            arrays = parameters_to_ndarrays(result.parameters)
-            state = decode_state(arrays, expect_bits=bits, template=self.global_state)
-            check_plausible(state, update=self.algorithm.sends_updates)
-            del state  # decoded again when the server reaches it: one state held at a time
-        except Exception as error:  # any bytes a client sends: numpy's own errors as well
-            detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
-            return f"client {client.cid} sent a bad model: {detail}"
-        decode = functools.partial(self._decoded, result.parameters, bits)
-        partition = int(result.metrics["partition-id"])
-        return Accepted(partition, client, result, decode, payload_nbytes(arrays))
-
-    def _decoded(self, parameters: Parameters, bits: int) -> dict:
-        return decode_state(parameters_to_ndarrays(parameters), bits, self.global_state)
 
     def aggregate_fit(
         self,
@@ -302,21 +185,17 @@ class LowBitStrategy(Strategy):
         """Decode and check every reply, run the algorithm's server round on the usable ones,
         and encode its model for each bitwidth (the downlink of the next round)."""
         server_round += self.round_offset
-        accepted: dict[int, Accepted] = {}
-        left_out = list(self.round.left_out) + [
-            (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f))
-            for f in failures
-        ]
-        for client, result in results:
-            problem = self._reply_problem(client, result, set(accepted))
-            decoded = self._decode(client, result) if problem is None else problem
-            if isinstance(decoded, str):
-                log(WARNING, "round %s: %s, left out", server_round, decoded)
-                left_out.append((client.cid, decoded))
-            else:
-                self.nodes.bind(client.cid, decoded.key)
-                accepted[decoded.key] = decoded
-        ordered = [accepted[key] for key in sorted(accepted)]  # outcome lists follow sorted keys
+        ordered, refused_replies = take_replies(
+            results,
+            self.nodes.registry,
+            self.nodes.connected,
+            self.global_state,
+            self.algorithm.sends_updates,
+            self.config.max_client_examples,
+        )
+        for _, reason in refused_replies:
+            log(WARNING, "round %s: %s, left out", server_round, reason)
+        left_out = [*self.round.left_out, *failed(failures), *refused_replies]
         sent = len(results) + len(failures) + len(self.round.left_out)
         self._require_enough(server_round, ordered, sent, left_out)
         outcome: RoundOutcome | None = None
@@ -326,14 +205,15 @@ class LowBitStrategy(Strategy):
                 self.global_state,
                 {item.key: item.decode for item in ordered},
                 {item.key: item.result.num_examples for item in ordered},
-                self.nodes.bitwidths_seen(),
+                self.nodes.registry.bitwidths_seen(),
             )
             refused = outcome.refused
         except AllRefusedError as error:
             refused = error.refused
+        client_of = {item.key: item.client.cid for item in ordered}
         for key, reason in refused.items():
             log(WARNING, "round %s: %s", server_round, reason)
-            left_out.append((accepted[key].client.cid, reason))
+            left_out.append((client_of[key], reason))
         ordered = [item for item in ordered if item.key not in refused]
         self._require_enough(server_round, ordered, sent, left_out)
         assert outcome is not None  # every model refused leaves none: the round failed above
@@ -363,8 +243,8 @@ class LowBitStrategy(Strategy):
     def _record_fit(
         self, ordered: list[Accepted], outcome: RoundOutcome | None, left_out: list[tuple[str, str]]
     ) -> None:
-        """What the round's record says about fit: every usable client, who was left out and
-        why, the partitions missing, the bytes and the server's seconds."""
+        """The round's record of fit (``results.fit_record``), with what the server measured of
+        each usable client: bytes each way, L_DQ and weight."""
         clients = [
             client_record(
                 item.result.metrics,
@@ -378,15 +258,13 @@ class LowBitStrategy(Strategy):
             )
             for index, item in enumerate(ordered)
         ]
-        present = {item.key for item in ordered}
-        self.round.record = {
-            "clients": clients,
-            "failed": [who for who, _ in left_out],
-            "failure-reasons": [why for _, why in left_out],
-            "missing-partitions": [k for k in range(self.config.num_clients) if k not in present],
-            "fp32-equivalent-bytes": self.fp32_bytes * len(clients),
-            "server-seconds": {} if outcome is None else outcome.seconds,
-        }
+        self.round.record = fit_record(
+            clients,
+            left_out,
+            self.config.num_clients,
+            self.fp32_bytes,
+            {} if outcome is None else outcome.seconds,
+        )
 
     # ------------------------------------------------------------ evaluation
 
@@ -420,7 +298,7 @@ class LowBitStrategy(Strategy):
                 config=self.config.to_dict(),
                 global_state={k: v.numpy() for k, v in self.global_state.items()},
                 downlink=self.downlink,
-                partition_bits=self.nodes.partition_bits,
+                partition_bits=self.nodes.registry.partition_bits,
                 records=self.recorder.rounds,
                 wall_seconds=self.recorder.elapsed(),
             ),
@@ -438,25 +316,7 @@ class LowBitStrategy(Strategy):
 
     def _end_round(self, server_round: int, knn: float) -> None:
         record = self._round_record(server_round, **{"knn-accuracy": knn})
-        clients = record.get("clients", [])
-        bits = ",".join(str(c["bitwidth"]) for c in clients)
-        weights = ",".join(f"{c['weight']:.2f}" for c in clients if c["weight"] is not None)
-        log(
-            INFO,
-            "round %d/%d: %d clients (bits %s), %d failed, missing partitions %s, p_k [%s], "
-            "uplink %.2f MB (fp32 %.2f MB), kNN acc %.4f, %.0fs",
-            server_round,
-            self.config.num_rounds,
-            len(clients),
-            bits,
-            len(record.get("failed", [])),
-            record.get("missing-partitions", []),
-            weights,
-            sum(c["uplink-bytes"] for c in clients) / 1e6,
-            record.get("fp32-equivalent-bytes", 0) / 1e6,
-            knn,
-            record["round-seconds"],
-        )
+        log(INFO, "%s", round_line(record, self.config.num_rounds))
         if self.recorder is not None:
             self.recorder.add_round(record)
 
@@ -469,9 +329,9 @@ class LowBitStrategy(Strategy):
             return []
         client_manager.wait_for(1)
         clients = sorted(client_manager.all().values(), key=lambda c: c.cid)
-        if self.downlink:
-            self._identify(clients, server_round)
-        known = [c for c in clients if c.cid in self.nodes.partition_of or not self.downlink]
+        if self.downlink:  # each node scores its own bitwidth's model: know who is who
+            self.nodes.identify(clients, server_round)
+        known = [c for c in clients if self.nodes.known(c, required=bool(self.downlink))]
         return [
             (
                 client,

@@ -1,0 +1,119 @@
+"""A round's fit replies at the Flower boundary: each checked (metrics, claims, payload) and
+decoded once to be sure, then set aside to be decoded again when the server round reaches it,
+so a round holds one decoded model at a time. What cannot be used becomes a reason."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Collection, Mapping
+from typing import NamedTuple
+
+import torch
+from flwr.common import FitRes, Parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+
+from common.codec import PayloadError, check_plausible, decode_state, payload_nbytes
+from fedqssl_server.nodes import NodeRegistry
+from fedqssl_server.replies import FIT_METRICS, reply_problem
+
+
+class Accepted(NamedTuple):
+    """A client result that decoded cleanly; ``decode`` decodes it again when the server round
+    needs it."""
+
+    key: int  # its partition
+    client: ClientProxy
+    result: FitRes
+    decode: Callable[[], dict]
+    uplink_bytes: int
+
+
+def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """What Flower knows about a failed client: the exception (a ClientApp's error arrives as
+    one), or the status message of a result that is not OK."""
+    if isinstance(failure, BaseException):
+        text = str(failure)
+        # a ClientApp's exception arrives wrapped in Ray's and Flower's reprs: keep its message
+        inner = re.search(r"occurred\. Message: (.*?)'?>?\)?\. It originated", text, re.DOTALL)
+        return inner.group(1).strip() if inner else f"{type(failure).__name__}: {text}"
+    client, result = failure
+    return f"client {client.cid}: {result.status.code.name} {result.status.message}"
+
+
+def failed(failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> list[tuple[str, str]]:
+    """Flower's failures of a round as (who, why)."""
+    return [
+        (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f)) for f in failures
+    ]
+
+
+def reply_claim_problem(
+    client: ClientProxy,
+    result: FitRes,
+    nodes: NodeRegistry,
+    connected: Collection[str],
+    taken: Collection[int],
+    max_examples: int,
+) -> str | None:
+    """Why a fit reply cannot be used: its metrics, its claim to a partition and bitwidth, a
+    partition already answered for this round (None: it can)."""
+    problem = reply_problem(result.metrics, result.num_examples, FIT_METRICS, max_examples)
+    if problem is not None:
+        return f"client {client.cid} sent a bad reply: {problem}"
+    partition, bits = result.metrics["partition-id"], result.metrics["bitwidth"]
+    problem = nodes.claim_problem(client.cid, partition, bits, connected)
+    if problem is not None:
+        return f"client {client.cid} {problem}"
+    if partition in taken:
+        return f"client {client.cid} repeats partition-id {partition}"
+    return None
+
+
+def accept(
+    client: ClientProxy,
+    result: FitRes,
+    template: Mapping[str, torch.Tensor],
+    sends_updates: bool,
+) -> Accepted | str:
+    """The reply's model, checked against ``template`` at its claimed bitwidth (an int, checked
+    by ``reply_claim_problem``) and set aside, or why it was left out."""
+    bits = int(result.metrics["bitwidth"])
+    try:
+        arrays = parameters_to_ndarrays(result.parameters)
+        state = decode_state(arrays, expect_bits=bits, template=template)
+        check_plausible(state, update=sends_updates)
+        del state  # decoded again when the server reaches it: one state held at a time
+    except Exception as error:  # any bytes a client sends: numpy's own errors as well
+        detail = str(error) if isinstance(error, PayloadError) else repr(error)[:300]
+        return f"client {client.cid} sent a bad model: {detail}"
+    decode = functools.partial(_decoded, result.parameters, bits, template)
+    partition = int(result.metrics["partition-id"])
+    return Accepted(partition, client, result, decode, payload_nbytes(arrays))
+
+
+def take_replies(
+    results: list[tuple[ClientProxy, FitRes]],
+    nodes: NodeRegistry,
+    connected: Collection[str],
+    template: Mapping[str, torch.Tensor],
+    sends_updates: bool,
+    max_examples: int,
+) -> tuple[list[Accepted], list[tuple[str, str]]]:
+    """A round's fit replies: the usable ones (one per partition, in partition order, each
+    node bound to its partition) and the others as (who, why), each logged."""
+    accepted: dict[int, Accepted] = {}
+    left_out = []
+    for client, result in results:
+        problem = reply_claim_problem(client, result, nodes, connected, set(accepted), max_examples)
+        taken = accept(client, result, template, sends_updates) if problem is None else problem
+        if isinstance(taken, str):
+            left_out.append((client.cid, taken))
+        else:
+            nodes.bind(client.cid, taken.key)
+            accepted[taken.key] = taken
+    return [accepted[key] for key in sorted(accepted)], left_out
+
+
+def _decoded(parameters: Parameters, bits: int, template: Mapping[str, torch.Tensor]) -> dict:
+    return decode_state(parameters_to_ndarrays(parameters), bits, template)
