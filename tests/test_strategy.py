@@ -36,7 +36,7 @@ from common.codec import (
 from common.config import ExperimentConfig
 from common.experiment import new_model, server_data
 from common.quant import FULL_PRECISION
-from common.training import fit_local
+from common.training import fit_batches, fit_local
 from fedqssl_server import aggregation, monitor, rounds
 from fedqssl_server.aggregation import RunningAverage, average_states, softmax_weights
 from fedqssl_server.results import RunRecorder
@@ -305,6 +305,29 @@ def test_identical_models_get_identical_dq_losses_and_weights(config):
 
 def initial(config):
     return rounds.server_round_for(config, server_data(config)).initial_state()
+
+
+def test_server_fine_tunes_keep_float32_for_backward_whatever_save_codes_says(config, monkeypatch):
+    """The server is not a low-bit device: its s-bit re-quantization never takes the slower
+    codes-saving path, and its result is what the codes path gives (bit for bit)."""
+    assert config.save_codes  # the default: clients save codes
+    server = rounds.server_round_for(config, server_data(config))
+    state = decode_state(parameters_to_ndarrays(fit_result(config, 4, 0).parameters))
+    fast = server.requantize(1, state, {4})[4]
+    entered = []
+    monkeypatch.setattr(
+        "common.training.saving_codes", lambda: entered.append(1) or pytest.fail("codes path")
+    )
+    server.requantize(1, state, {4})
+    assert not entered
+    monkeypatch.undo()
+    model = new_model(config, 4, 1, 10)
+    model.load_state_dict(state)
+    views = server.views_of_buffer(
+        config.rq_epochs, rounds.seeds.requantize_seed(config.seed, 1, 4)
+    )
+    fit_batches(model, views, config.recipe(4), rounds.seeds.requantize_seed(config.seed, 1, 4))
+    assert all(torch.equal(fast[k], v.cpu()) for k, v in model.state_dict().items())
 
 
 def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
