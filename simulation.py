@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def toml_value(value: bool | int | float | str) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)
+
+
+def run_config_toml(values: dict[str, bool | int | float | str]) -> str:
+    """A run config as the TOML file ``flwr run --run-config`` reads."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
 
 
 def run_status(run_id: str, env: dict[str, str], connection: str = "") -> dict:
@@ -142,10 +148,10 @@ def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str])
     """One ``flwr run`` of ``config``; 0 when ``flwr list`` says it completed."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_config_file = output_dir / "run_config.toml"
-    run_config_file.write_text(
-        "".join(f"{k} = {toml_value(v)}\n" for k, v in config.to_run_config().items())
-    )
+    run_config = config.to_run_config()
+    # the record in the run's folder names no machine path; Flower gets the absolute one (the
+    # app runs from a copy elsewhere) from a file of its own
+    (output_dir / "run_config.toml").write_text(run_config_toml({**run_config, "output-dir": "."}))
     federation = (  # one simulated SuperNode per client partition
         f"num-supernodes={config.num_clients} client-resources-num-cpus={args.cpus_per_client} "
         f"client-resources-num-gpus={args.gpus_per_client}"
@@ -156,25 +162,28 @@ def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str])
         f"{config.dataset}, seed {config.seed}"
     )
     print(f"==> results: {output_dir}", flush=True)
-    command = [
-        "flwr",
-        "run",
-        str(ROOT),
-        "--run-config",
-        str(run_config_file),
-        "--federation-config",
-        federation,
-        "--stream",
-    ]
     run_id = None
-    with subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as process:
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            found = re.search(r"run (\d{6,})", line)
-            run_id = run_id or (found.group(1) if found else None)
+    with tempfile.TemporaryDirectory(prefix="fedqssl-run-") as scratch:
+        run_config_file = Path(scratch) / "run_config.toml"
+        run_config_file.write_text(run_config_toml(run_config))
+        command = [
+            "flwr",
+            "run",
+            str(ROOT),
+            "--run-config",
+            str(run_config_file),
+            "--federation-config",
+            federation,
+            "--stream",
+        ]
+        with subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                found = re.search(r"run (\d{6,})", line)
+                run_id = run_id or (found.group(1) if found else None)
     if run_id is None:
         print(f"\nflwr run did not start a run (exit {process.returncode})", file=sys.stderr)
         return 1

@@ -161,6 +161,13 @@ def run_summary(
     }
 
 
+def recorded_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as a run's folder records it: ``output-dir`` is ``"."``, the folder holding
+    the record, so that results hold no path of the machine that wrote them (they are moved,
+    and committed)."""
+    return {**config.to_dict(), "output-dir": "."}
+
+
 def default_output_dir() -> Path:
     """A new timestamped folder under ``results/``."""
     return Path.cwd().resolve() / "results" / time.strftime("run-%Y%m%d-%H%M%S")
@@ -178,7 +185,9 @@ class RunRecorder:
         # read as this run's (rounds 1, 2, 1, 2, 3; a summary of a run that then failed)
         for stale in ("rounds.jsonl", "summary.json"):
             (self.output_dir / stale).unlink(missing_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (self.output_dir / "config.json").write_text(
+            json.dumps(recorded_config(config), indent=2) + "\n"
+        )
 
     def resume(self, records: list[dict[str, Any]], wall_seconds: float) -> None:
         """Continue a run from its checkpoint: its rounds so far (``rounds.jsonl`` rewritten to

@@ -90,6 +90,11 @@ def test_simulation_finishes_and_writes_results(tiny_run):
 
     config = json.loads((output_dir / "config.json").read_text())
     assert config["bitwidths"] == [4, 8, 12] and config["num-rounds"] == 2
+    # the records hold no path of this machine (results get moved and committed)
+    for record in output_dir.iterdir():
+        if record.suffix in (".json", ".jsonl", ".toml"):
+            assert str(output_dir.parent) not in record.read_text(), record.name
+    assert 'output-dir = "."' in (output_dir / "run_config.toml").read_text()
     for plot in ("accuracy.png", "bytes.png"):
         assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -171,6 +171,9 @@ def test_a_new_run_in_a_used_folder_starts_its_own_records(config):
     recorder.add_round({"round": 1})
     assert (folder / "rounds.jsonl").read_text() == '{"round": 1}\n'
     assert not (folder / "summary.json").exists()
+    # the recorded config names the folder it sits in, not this machine's path to it
+    recorded = json.loads((folder / "config.json").read_text())
+    assert recorded["output-dir"] == "." and str(folder) not in (folder / "config.json").read_text()
 
 
 def test_each_client_gets_its_own_fitins_with_its_bitwidths_packed_model(config):
