@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_resume import without_timings
+from test_resume import differences, without_timings
 from test_simulation import TINY
 
 import simulation
@@ -87,7 +87,8 @@ def test_a_run_killed_in_round_three_resumes_to_the_uninterrupted_result(tmp_pat
     resumed = run(tmp_path, "--resume", str(folder))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "==> resume: resuming after round 2" in resumed.stdout
-    assert records(folder) == records(tmp_path / "straight")  # bit for bit, timings aside
+    # bit for bit, timings aside
+    assert not differences(records(folder), records(tmp_path / "straight"))
     assert not (folder / "checkpoint.npz").exists()
 
     again = run(tmp_path, "--resume", str(folder))
