@@ -1,8 +1,9 @@
 """A 100-client ``flwr run`` simulation: the server's share of a round at fraction-fit 0.1 and 1.0.
 
 Each setting is one ``simulation.py`` run (Flower's Ray backend, 2 actors of 1 CPU each) of
-Fed-QSSL on synthetic data with 100 clients (a width-8 small CNN, about 10 images a client,
-partition sizes kept within 0.5-1.5x the mean), 2 rounds. From ``rounds.jsonl``: the server's
+Fed-QSSL on synthetic data with 100 clients (a width-8 small CNN, about 9 images a client,
+Dirichlet(10) partition sizes kept within 0.5-1.5x the mean: at Dirichlet(1) no draw in 1,000 keeps
+100 clients of 9 images in that band), 2 rounds. From ``rounds.jsonl``: the server's
 seconds a round (de-quantization, aggregation, re-quantization), the sampled clients' summed
 training seconds, and the round's wall time, whose remainder is Flower's and Ray's own work
 (scheduling 100 ClientApp calls onto 2 actors, moving payloads). Round 1 of the fraction-fit 0.1
@@ -29,7 +30,7 @@ model: small_cnn
 model-width: 8
 num-clients: 100
 bitwidths: [4, 8]
-dirichlet-beta: 1.0
+dirichlet-beta: 10.0
 partition-balance: 0.5
 buffer-ratio: 0.1
 num-rounds: 2
