@@ -113,16 +113,33 @@ def local_superlinks() -> dict[int, str]:
     return found
 
 
+def _parent_of(proc: Path) -> int | None:
+    try:  # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
-    """Signal ``pids`` and the SuperExec children that name one of them as parent (SIGTERM:
-    stop; SIGKILL: what a crash does, for tests)."""
-    children = {
+    """Signal ``pids`` and everything under them: their descendants (the SuperExec, the
+    ``flwr-simulation`` process that runs the ServerApp, Ray's processes) and the SuperExec
+    children that name one of them as parent. SIGTERM: stop; SIGKILL: what a crash does, for
+    tests. The whole tree goes at once: a ServerApp left orphaned would otherwise run on and
+    write into its results folder."""
+    processes = list(Path("/proc").glob("[0-9]*"))
+    parents = {int(proc.name): _parent_of(proc) for proc in processes}
+    tree = set(pids) | {
         int(proc.name)
-        for proc in Path("/proc").glob("[0-9]*")
+        for proc in processes
         for pid in pids
         if f"--parent-pid {pid}" in _cmdline(proc)
     }
-    for pid in pids | children:
+    grown = True
+    while grown:
+        below = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grown = bool(below)
+    for pid in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal_number)
 

@@ -1,9 +1,13 @@
 """End to end: ``simulation.py`` drives a real ``flwr run`` on the Ray backend."""
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +110,49 @@ def test_a_failed_server_makes_simulation_exit_non_zero(tmp_path):
     assert status is not None and status["status"].startswith("finished:failed")
     assert completed.returncode == 1
     assert "failed" in completed.stderr
+
+
+def test_stopping_a_superlink_stops_everything_under_it():
+    """A ServerApp left behind by a killed SuperLink runs on and writes into its results folder
+    (seen: an orphaned flwr-simulation finished all rounds after the SIGKILL): the whole tree
+    goes."""
+    parent = subprocess.Popen(
+        ["bash", "-c", "sleep 600 & (sleep 600 & wait) & wait"], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(descendants(parent.pid)) < 3:  # two sleeps and the subshell
+            assert time.monotonic() < deadline, "the process tree never started"
+            time.sleep(0.05)
+        tree = descendants(parent.pid)
+        simulation.stop_processes({parent.pid}, signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in tree):
+            assert time.monotonic() < deadline, "a descendant outlived its stopped parent"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    parents = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_invalid_preset_is_rejected_before_anything_starts(tmp_path):
