@@ -120,12 +120,9 @@ def _parent_of(proc: Path) -> int | None:
         return None
 
 
-def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
-    """Signal ``pids`` and everything under them: their descendants (the SuperExec, the
-    ``flwr-simulation`` process that runs the ServerApp, Ray's processes) and the SuperExec
-    children that name one of them as parent. SIGTERM: stop; SIGKILL: what a crash does, for
-    tests. The whole tree goes at once: a ServerApp left orphaned would otherwise run on and
-    write into its results folder."""
+def process_tree(pids: set[int]) -> set[int]:
+    """``pids``, the SuperExec processes that name one of them as parent, and every descendant
+    of those (the ``flwr-simulation`` process that runs the ServerApp, Ray's processes)."""
     processes = list(Path("/proc").glob("[0-9]*"))
     parents = {int(proc.name): _parent_of(proc) for proc in processes}
     tree = set(pids) | {
@@ -134,12 +131,18 @@ def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
         for pid in pids
         if f"--parent-pid {pid}" in _cmdline(proc)
     }
-    grown = True
-    while grown:
-        below = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= below
-        grown = bool(below)
-    for pid in tree:
+    frontier = set(tree)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    return tree
+
+
+def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
+    """Signal ``pids`` and everything under them (``process_tree``) at once: a ServerApp left
+    orphaned would otherwise run on and write into its results folder. SIGTERM: stop; SIGKILL:
+    what a crash does, for tests."""
+    for pid in process_tree(pids):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal_number)
 

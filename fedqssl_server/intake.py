@@ -101,7 +101,7 @@ def take_replies(
     max_examples: int,
 ) -> tuple[list[Accepted], list[tuple[str, str]]]:
     """A round's fit replies: the usable ones (one per partition, in partition order, each
-    node bound to its partition) and the others as (who, why), each logged."""
+    node bound to its partition) and the others as (who, why)."""
     accepted: dict[int, Accepted] = {}
     left_out = []
     for client, result in results:

@@ -1,6 +1,6 @@
 """Who takes part in a round: Flower's connected nodes, sampled, and which partition each speaks
-for (the Flower side of ``NodeRegistry``: nodes asked with ``get_properties``, never trusted
-blindly)."""
+for (``NodeRegistry``'s bindings, with the Flower side added: nodes asked with
+``get_properties``, never trusted blindly)."""
 
 from __future__ import annotations
 
@@ -20,23 +20,18 @@ from fedqssl_server.nodes import NodeRegistry
 LeftOut = list[tuple[str, str]]  # (who, why), in the order found
 
 
-class Participants:
-    """The run's nodes: partition bindings (``registry``) and who is connected this round."""
+class Participants(NodeRegistry):
+    """The run's nodes: their partition bindings and who is connected this round."""
 
     def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config.bitwidths)
         self.config = config
-        self.registry = NodeRegistry(config.bitwidths)
         self.connected: set[str] = set()
-
-    @property
-    def partition_of(self) -> dict[str, int]:
-        """Node id -> the partition it is bound to."""
-        return self.registry.partition_of
 
     def identify(self, clients: list[ClientProxy], server_round: int) -> LeftOut:
         """Ask nodes not yet bound which partition and bitwidth they are (``get_properties``)
         and bind those whose answer holds; returns the others, left out of the round, and why."""
-        unknown = [c for c in clients if c.cid not in self.registry.partition_of]
+        unknown = [c for c in clients if c.cid not in self.partition_of]
         if not unknown:
             return []
         timeout = self.config.round_timeout or None
@@ -55,14 +50,14 @@ class Participants:
                 problem = f"did not say which partition it is: {failure_reason(reply)}"
             else:
                 properties = reply.properties
-                problem = self.registry.claim_problem(
+                problem = self.claim_problem(
                     client.cid,
                     properties.get("partition-id"),
                     properties.get("bitwidth"),
                     self.connected,
                 )
             if problem is None:
-                self.registry.bind(client.cid, int(reply.properties["partition-id"]))
+                self.bind(client.cid, int(reply.properties["partition-id"]))
             else:
                 reason = f"client {client.cid} {problem}"
                 log(WARNING, "round %s: %s, left out", server_round, reason)
@@ -80,10 +75,11 @@ class Participants:
         client_manager.wait_for(self.config.min_fit_clients)
         available = sorted(client_manager.all().values(), key=lambda c: c.cid)
         self.connected = {client.cid for client in available}
-        if self.config.fraction_fit >= 1:
-            left_out = self.identify(available, server_round) if know_all else []
-            return [c for c in available if self.known(c, know_all)], left_out
+        if self.config.fraction_fit >= 1 and not know_all:
+            return available, []
         left_out = self.identify(available, server_round)
+        if self.config.fraction_fit >= 1:
+            return [c for c in available if c.cid in self.partition_of], left_out
         bound = sorted(
             (self.partition_of[c.cid], c) for c in available if c.cid in self.partition_of
         )
@@ -91,7 +87,3 @@ class Participants:
         rng = seeds.client_sampling_rng(self.config.seed, server_round)
         chosen = rng.choice(len(bound), size=min(wanted, len(bound)), replace=False)
         return [bound[index][1] for index in sorted(chosen)], left_out
-
-    def known(self, client: ClientProxy, required: bool = True) -> bool:
-        """Whether ``client`` may be sent a model: bound to a partition, or none is required."""
-        return not required or client.cid in self.partition_of

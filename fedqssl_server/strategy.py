@@ -121,7 +121,7 @@ class LowBitStrategy(Strategy):
         partitions and records."""
         self._set_global({k: torch.from_numpy(v) for k, v in saved.global_state.items()})
         self.downlink = saved.downlink
-        self.nodes.registry.partition_bits = dict(saved.partition_bits)
+        self.nodes.partition_bits = dict(saved.partition_bits)
         self.round_offset = saved.round
         if self.recorder is not None:
             self.recorder.resume(saved.records, saved.wall_seconds)
@@ -187,7 +187,7 @@ class LowBitStrategy(Strategy):
         server_round += self.round_offset
         ordered, refused_replies = take_replies(
             results,
-            self.nodes.registry,
+            self.nodes,
             self.nodes.connected,
             self.global_state,
             self.algorithm.sends_updates,
@@ -205,7 +205,7 @@ class LowBitStrategy(Strategy):
                 self.global_state,
                 {item.key: item.decode for item in ordered},
                 {item.key: item.result.num_examples for item in ordered},
-                self.nodes.registry.bitwidths_seen(),
+                self.nodes.bitwidths_seen(),
             )
             refused = outcome.refused
         except AllRefusedError as error:
@@ -298,7 +298,7 @@ class LowBitStrategy(Strategy):
                 config=self.config.to_dict(),
                 global_state={k: v.numpy() for k, v in self.global_state.items()},
                 downlink=self.downlink,
-                partition_bits=self.nodes.registry.partition_bits,
+                partition_bits=self.nodes.partition_bits,
                 records=self.recorder.rounds,
                 wall_seconds=self.recorder.elapsed(),
             ),
@@ -331,7 +331,7 @@ class LowBitStrategy(Strategy):
         clients = sorted(client_manager.all().values(), key=lambda c: c.cid)
         if self.downlink:  # each node scores its own bitwidth's model: know who is who
             self.nodes.identify(clients, server_round)
-        known = [c for c in clients if self.nodes.known(c, required=bool(self.downlink))]
+        known = [c for c in clients if not self.downlink or c.cid in self.nodes.partition_of]
         return [
             (
                 client,

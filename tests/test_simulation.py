@@ -121,10 +121,10 @@ def test_stopping_a_superlink_stops_everything_under_it():
     )
     try:
         deadline = time.monotonic() + 30
-        while len(descendants(parent.pid)) < 3:  # two sleeps and the subshell
+        while len(simulation.process_tree({parent.pid})) < 4:  # bash, its subshell, two sleeps
             assert time.monotonic() < deadline, "the process tree never started"
             time.sleep(0.05)
-        tree = descendants(parent.pid)
+        tree = simulation.process_tree({parent.pid}) - {parent.pid}
         simulation.stop_processes({parent.pid}, signal.SIGKILL)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -134,18 +134,6 @@ def test_stopping_a_superlink_stops_everything_under_it():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
-
-
-def descendants(root: int) -> set[int]:
-    parents = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def zombie(pid: int) -> bool:

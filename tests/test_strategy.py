@@ -26,6 +26,7 @@ from flwr.common import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common import seeds
 from common.codec import (
     decode_state,
     encode_state,
@@ -326,10 +327,8 @@ def test_server_fine_tunes_keep_float32_for_backward_whatever_save_codes_says(co
     monkeypatch.undo()
     model = new_model(config, 4, 1, 10)
     model.load_state_dict(state)
-    views = server.views_of_buffer(
-        config.rq_epochs, rounds.seeds.requantize_seed(config.seed, 1, 4)
-    )
-    fit_batches(model, views, config.recipe(4), rounds.seeds.requantize_seed(config.seed, 1, 4))
+    seed = seeds.requantize_seed(config.seed, 1, 4)  # the seed requantize gives 4 bits in round 1
+    fit_batches(model, server.views_of_buffer(config.rq_epochs, seed), config.recipe(4), seed)
     assert all(torch.equal(fast[k], v.cpu()) for k, v in model.state_dict().items())
 
 
