@@ -53,7 +53,7 @@ def objectives_train_on_cuda() -> list[dict]:
             ),
             seed=0,
             labels=labels if algorithm == "fedprox" else None,
-        )
+        ).losses
         # on the grid: at most 2^4 codes per layer, and quantizing again moves nothing (on CUDA
         # up to float rounding: its tanh/atanh are not bit-exact inverses as the CPU's are)
         on_grid = all(

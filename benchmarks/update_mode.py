@@ -48,7 +48,7 @@ def run_one(args: argparse.Namespace, data: dict, bits: int, weight_update: str)
     )
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        loss = train_epoch(model, loader, optimizer, settings, 0.5, generator)
+        loss, _ = train_epoch(model, loader, optimizer, settings, 0.5, generator)
         print(
             f"  {bits:>2}-bit {weight_update:<6} epoch {epoch + 1}/{args.epochs} "
             f"loss {loss:.4f} ({time.perf_counter() - start:.0f}s)",

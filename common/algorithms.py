@@ -12,6 +12,9 @@ baseline is one entry, not another training loop.
   Fed-QSSL's de-quantized models gets) and re-quantizes it by fine-tuning at each bitwidth
   (``rq-epochs``, as Fed-QSSL): the buffer's extra training without the per-client
   de-quantization and its softmax(-L_DQ) weighting.
+- ``buffer-only``: a control for what D_g alone teaches. No client trains; the server trains the
+  global model with SimCLR on D_g for the optimizer steps Fed-QSSL's server takes in the same
+  round (its de- and re-quantizations), and sends it rounded to each bitwidth.
 - ``fedavg`` / ``fedprox``: supervised (labels) locally, sample-weighted averaging, rounding;
   FedProx adds ``proximal-mu / 2 * ||w - w_global||^2`` to the local loss.
 - ``fedpaq``: supervised; clients send their model *update*, QSGD-quantized (unbiased) at their
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Objective = Literal["simclr", "simsiam", "supervised"]
-ServerStep = Literal["fedqssl", "finetune", "average", "update"]
+ServerStep = Literal["fedqssl", "finetune", "buffer", "average", "update"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Algorithm:
     objective: Objective
     server_step: ServerStep
     proximal: bool = False
+    local_training: bool = True  # False: clients send back what they received (buffer-only)
 
     @property
     def self_supervised(self) -> bool:
@@ -54,6 +58,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("fedqssl", "Fed-QSSL", "simclr", "fedqssl"),
         Algorithm("fedsimclr", "Fed-SimCLR", "simclr", "average"),
         Algorithm("fedsimclr-ft", "Fed-SimCLR + D_g fine-tune", "simclr", "finetune"),
+        Algorithm("buffer-only", "D_g only (no clients)", "simclr", "buffer", local_training=False),
         Algorithm("fedsimsiam", "Fed-SimSiam", "simsiam", "average"),
         Algorithm("fedavg", "FedAvg", "supervised", "average"),
         Algorithm("fedprox", "FedProx", "supervised", "average", proximal=True),

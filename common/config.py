@@ -30,6 +30,9 @@ AUGMENTATIONS = ("batched", "per-image")
 MAX_SEED = 2**31
 DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
+# dq-epochs / rq-epochs may name the clients' local-epochs: the authors' code trains every de- and
+# re-quantization for the clients' E (the paper gives no number)
+LOCAL_EPOCHS = "local"
 
 
 class ConfigError(ValueError):
@@ -65,8 +68,8 @@ class ExperimentConfig:
     save_codes: bool = True
     fp_activation: str = "relu"
     augmentation: str = "batched"
-    dq_epochs: int = 1
-    rq_epochs: int = 1
+    dq_epochs: int | str = 1
+    rq_epochs: int | str = 1
     dq_temperature: float = 1.0
     dq_weighting: str = "softmax"
     proximal_mu: float = 0.01
@@ -117,6 +120,17 @@ class ExperimentConfig:
             else getattr(self, f.name)
             for f in dataclasses.fields(self)
         }
+
+    @property
+    def dequantize_epochs(self) -> int:
+        """Epochs of D_g per de-quantization (and per fine-tune of the ``fedsimclr-ft`` control):
+        ``dq-epochs``, or the clients' ``local-epochs`` when it says ``local``."""
+        return self.local_epochs if self.dq_epochs == LOCAL_EPOCHS else int(self.dq_epochs)
+
+    @property
+    def requantize_epochs(self) -> int:
+        """Epochs of D_g per re-quantization: ``rq-epochs``, or ``local-epochs`` (``local``)."""
+        return self.local_epochs if self.rq_epochs == LOCAL_EPOCHS else int(self.rq_epochs)
 
     def low_bit_settings(self, bits: int) -> LowBitSettings:
         """How a model trains at ``bits`` under this config (client training, server fine-tunes)."""
@@ -212,6 +226,18 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     name = key.replace("_", "-")
     if annotation == "tuple[int, ...]":
         return parse_bitwidths(value)
+    if annotation == "int | str":  # a number of epochs, or ``local``
+        if isinstance(value, str) and value.strip().lower() == LOCAL_EPOCHS:
+            return LOCAL_EPOCHS
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return _to_int(str(value))
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be an integer or {LOCAL_EPOCHS!r} (the clients' local-epochs, as "
+                f"the authors' code), got {value!r}"
+            ) from None
     if annotation == "bool":
         if isinstance(value, bool):
             return value
@@ -267,10 +293,17 @@ def _validate(config: ExperimentConfig) -> None:
         "local_epochs",
         "min_fit_clients",
         "max_client_examples",
-        "dq_epochs",
         "probe_samples",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
+    for key, least in (("dq_epochs", 1), ("rq_epochs", 0)):
+        value = getattr(config, key)
+        _require(
+            value == LOCAL_EPOCHS or (isinstance(value, int) and value >= least),
+            key,
+            f"must be an integer >= {least} or {LOCAL_EPOCHS!r} (the clients' local-epochs), "
+            f"got {value!r}",
+        )
     _require(
         config.batch_size >= 2,
         "batch_size",
@@ -283,7 +316,7 @@ def _validate(config: ExperimentConfig) -> None:
         f"must be in [0, 2**31) (seeds of rounds and clients are derived from it), "
         f"got {config.seed}",
     )
-    for key in ("rq_epochs", "max_samples_per_client", "proximal_mu", "qsgd_bucket"):
+    for key in ("max_samples_per_client", "proximal_mu", "qsgd_bucket"):
         _require(getattr(config, key) >= 0, key, f"must be >= 0, got {getattr(config, key)}")
     _require(
         config.round_timeout >= 0,

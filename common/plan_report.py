@@ -44,6 +44,11 @@ def print_summary(output_dir: Path) -> int:
         f"uplink: {summary['uplink-bytes'] / 1e6:.2f} MB, "
         f"{summary['uplink-ratio-to-fp32']:.3f} of fp32 ({fp32_megabytes:.2f} MB)"
     )
+    if "server-steps" in summary:
+        print(
+            f"budget: {summary['train-steps']} client optimizer steps, "
+            f"{summary['server-steps']} server steps over {summary['rounds']} rounds"
+        )
     print(f"wall time: {summary['wall-seconds']:.0f} s; files in {output_dir}")
     return 0
 

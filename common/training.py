@@ -134,13 +134,14 @@ def train_epoch(
     temperature: float = 0.5,
     generator: torch.Generator | None = None,
     proximal: Proximal | None = None,
-) -> float:
-    """One pass over ``batches``; returns the mean loss (nan if no batch)."""
+) -> tuple[float, int]:
+    """One pass over ``batches``: (mean loss, nan if no step; optimizer steps taken). A batch of
+    one sample is skipped (BatchNorm and the contrastive loss need two)."""
     model.train()
     device = next(model.parameters()).device
     total, steps = 0.0, 0
     for first, second in batches:
-        if len(first) < 2:  # BatchNorm and the contrastive loss need two samples
+        if len(first) < 2:
             continue
         total += train_step(
             model,
@@ -153,7 +154,29 @@ def train_epoch(
             proximal,
         )
         steps += 1
-    return total / steps if steps else float("nan")
+    return (total / steps if steps else float("nan")), steps
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What one training call did: each epoch's mean loss and the optimizer steps it took (the
+    budget every round record states)."""
+
+    losses: list[float]
+    steps: int
+
+    @property
+    def last_loss(self) -> float:
+        """The last epoch's mean loss (nan when no epoch ran)."""
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of ``images`` (``_loader``'s batches: the last partial batch
+    dropped, one batch of all of them when they are fewer than ``batch_size``, none below 2)."""
+    if images < 2:
+        return 0
+    return images // batch_size if images > batch_size else 1
 
 
 def _loader(
@@ -207,8 +230,8 @@ def fit_batches(
     epochs: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
     recipe: Recipe,
     seed: int,
-) -> list[float]:
-    """Train ``model`` on each epoch's batches in turn; the mean loss of each epoch.
+) -> Trained:
+    """Train ``model`` on each epoch's batches in turn: each epoch's mean loss, the steps taken.
 
     A fresh Adam optimizer is made per call, as each federated round starts from received
     weights. ``recipe.proximal_mu > 0`` adds FedProx's term around the weights the call started
@@ -222,10 +245,11 @@ def fit_batches(
     if recipe.proximal_mu > 0:
         proximal = Proximal(recipe.proximal_mu, [p.detach().clone() for p in model.parameters()])
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=1e-6)
-    return [
+    epoch_results = [
         train_epoch(model, batches, optimizer, settings, recipe.temperature, generator, proximal)
         for batches in epochs
     ]
+    return Trained([loss for loss, _ in epoch_results], sum(steps for _, steps in epoch_results))
 
 
 def fit_local(
@@ -235,8 +259,9 @@ def fit_local(
     recipe: Recipe,
     seed: int,
     labels: torch.Tensor | None = None,
-) -> list[float]:
-    """Train ``model`` on uint8 ``images`` for ``recipe.epochs``; the mean loss of each epoch.
+) -> Trained:
+    """Train ``model`` on uint8 ``images`` for ``recipe.epochs``: each epoch's mean loss, the
+    steps taken.
 
     The one training loop of clients (local training) and server (de- and re-quantization), for
     every algorithm: two augmented views per image for an SSL model, one view and its label (from

@@ -27,7 +27,7 @@ from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
 from common.objectives import objective
 from common.quant import FULL_PRECISION
-from common.training import fit_local
+from common.training import Trained, fit_local
 
 Scalar = bool | bytes | float | int | str
 LOCAL_MODEL = "local-model"
@@ -98,14 +98,16 @@ class LowBitClient(NumPyClient):
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        losses = fit_local(
-            self.model,
-            self.data.train.images,
-            self.objective.augmentation(self.data.spec, self.config.augmentation),
-            self.config.recipe(self.bits, proximal=self.algorithm.proximal),
-            seed,
-            labels=self.objective.training_labels(self.data.train),
-        )
+        trained_steps = Trained([], 0)  # buffer-only: the server trains, the device does not
+        if self.algorithm.local_training:
+            trained_steps = fit_local(
+                self.model,
+                self.data.train.images,
+                self.objective.augmentation(self.data.spec, self.config.augmentation),
+                self.config.recipe(self.bits, proximal=self.algorithm.proximal),
+                seed,
+                labels=self.objective.training_labels(self.data.train),
+            )
         trained = self.model.state_dict()
         model_payload = encode_state(trained, self.bits)
         if self.objective.supervised:  # scored later by this very model
@@ -123,8 +125,9 @@ class LowBitClient(NumPyClient):
             payload,
             len(self.data.train),
             self._metrics(
-                loss=losses[-1],
+                **({"loss": trained_steps.last_loss} if trained_steps.steps else {}),
                 **{
+                    "train-steps": trained_steps.steps,
                     "payload-bytes": payload_nbytes(payload),
                     "train-seconds": time.perf_counter() - start,
                     "torch-threads": torch.get_num_threads(),

@@ -53,6 +53,7 @@ class RunningAverage:
         self.max_log_weight = -math.inf
         self.norm = 0.0
         self.total: State = {}
+        self.count = 0  # states folded in
 
     def add(self, state: Mapping[str, torch.Tensor], log_weight: float) -> None:
         """Fold ``state`` in with log-weight ``log_weight``."""
@@ -68,6 +69,7 @@ class RunningAverage:
             self.max_log_weight = log_weight
         weight = 0.0 if log_weight == -math.inf else math.exp(log_weight - self.max_log_weight)
         self.norm += weight
+        self.count += 1
         for name, tensor in state.items():
             if name not in self.total:
                 self.total[name] = (

@@ -48,6 +48,7 @@ FIT_METRICS: dict[str, tuple[Check, bool]] = {
     "bitwidth": (_is_int, True),
     "partition-id": (_non_negative_int, True),
     "loss": (_is_number, False),
+    "train-steps": (_non_negative_int, False),
     "payload-bytes": (_non_negative_int, False),
     "train-seconds": (_non_negative_number, False),
     "torch-threads": (_non_negative_int, False),

@@ -27,6 +27,7 @@ FIT_RECORD_KEYS = (
     "partition-id",
     "bitwidth",
     "loss",
+    "train-steps",
     "train-seconds",
     "torch-threads",
     "gpu-peak-mb",
@@ -71,19 +72,36 @@ def client_record(metrics: Mapping[str, Any], examples: int, **measured: Any) ->
     }
 
 
+# the server's phases whose optimizer steps a round records (``<phase>-steps``)
+SERVER_PHASES = ("dequantize", "requantize", "finetune", "buffer")
+
+
+def budget_record(clients: list[dict[str, Any]], server_steps: Mapping[str, int]) -> dict[str, Any]:
+    """A round's training budget in optimizer steps: the clients' (``train-steps``, summed over
+    the usable clients), the server's per phase and in all (``server-steps``)."""
+    phases = {f"{phase}-steps": int(server_steps.get(phase, 0)) for phase in SERVER_PHASES}
+    return {
+        "train-steps": sum(int(client.get("train-steps") or 0) for client in clients),
+        **phases,
+        "server-steps": sum(phases.values()),
+    }
+
+
 def fit_record(
     clients: list[dict[str, Any]],
     left_out: list[tuple[str, str]],
     num_clients: int,
     fp32_bytes: int,
     server_seconds: Mapping[str, float],
+    server_steps: Mapping[str, int],
 ) -> dict[str, Any]:
     """What a round's record says about fit: every usable client (``client_record``), who was
-    left out and why, the partitions missing, the fp32 bytes the same clients would have sent
-    and the server's seconds per step."""
+    left out and why, the partitions missing, the fp32 bytes the same clients would have sent,
+    the server's seconds per step and the round's optimizer steps (``budget_record``)."""
     present = {client["partition-id"] for client in clients}
     return {
         "clients": clients,
+        **budget_record(clients, server_steps),
         "failed": [who for who, _ in left_out],
         "failure-reasons": [why for _, why in left_out],
         "missing-partitions": [k for k in range(num_clients) if k not in present],
@@ -153,6 +171,11 @@ def run_summary(
         "downlink-bytes": sum(
             c["downlink-bytes"] or 0 for r in rounds for c in r.get("clients", [])
         ),
+        # the run's training budget in optimizer steps (every client's, the server's by phase)
+        **{
+            key: sum(r.get(key, 0) for r in rounds)
+            for key in ("train-steps", *(f"{p}-steps" for p in SERVER_PHASES), "server-steps")
+        },
         "knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
         "untrained-knn-accuracy": untrained.get("knn-accuracy"),
         "rounds": len(rounds),

@@ -22,12 +22,16 @@ Then, once per round:
 
 A received model whose L_DQ is not finite (it diverged on D_g), or whose weight is 0 (a client
 reporting no training examples), is refused; the round goes on without it.
+
+Every fine-tune counts its optimizer steps by phase (``dequantize``, ``requantize``,
+``finetune``, ``buffer``): the server's budget, recorded beside the clients' in every round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,10 +42,10 @@ import torch
 
 from common import seeds
 from common.algorithms import get_algorithm
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig
 from common.experiment import ServerData, new_model, torch_device
 from common.quant import FULL_PRECISION
-from common.training import augmented_epochs, fit_batches
+from common.training import augmented_epochs, fit_batches, steps_per_epoch
 from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
 
 StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
@@ -77,6 +81,8 @@ class RoundOutcome:
     weights: list[float]
     requantized: dict[int, State]
     dq_losses: list[float | None] = field(default_factory=list)
+    dq_steps: list[int] = field(default_factory=list)
+    steps: dict[str, int] = field(default_factory=dict)  # the server's optimizer steps by phase
     seconds: dict[str, float] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
 
@@ -88,6 +94,7 @@ class ServerRound:
     def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         self.config = config
         self.data = data
+        self.step_counts: dict[str, int] = {}  # this round's optimizer steps by phase
 
     def new_model(self, bits: int):
         """The algorithm's model at ``bits`` with the seed's initial weights."""
@@ -132,13 +139,16 @@ class ServerRound:
         """The round: dequantize and weigh each client in key order (not arrival order),
         folding it into the weighted sum at once, then aggregate and requantize."""
         start = time.perf_counter()
+        self.step_counts = {}
         views = self.views(server_round)
         total = RunningAverage()
         total_examples = sum(examples[key] for key in received)
-        kept: dict[int, tuple[float | None, float]] = {}  # key -> (L_DQ, log-weight)
+        kept: dict[int, tuple[float | None, float, int]] = {}  # key -> (L_DQ, log-weight, steps)
         refused: dict[int, str] = {}
         for key in sorted(received):
+            steps_before = self.step_counts.get("dequantize", 0)
             state, loss = self.dequantize(load(received[key]), views, server_round)
+            dq_steps = self.step_counts.get("dequantize", 0) - steps_before
             if loss is not None and not math.isfinite(loss):
                 refused[key] = f"client {key}: de-quantization loss {loss} on D_g, refused"
                 continue
@@ -146,7 +156,7 @@ class ServerRound:
             if weight == -math.inf:
                 refused[key] = f"client {key}: reported 0 training examples, weight 0, left out"
                 continue
-            kept[key] = (loss, weight)
+            kept[key] = (loss, weight, dq_steps)
             total.add(state, weight)
         if not kept:
             raise AllRefusedError(refused)
@@ -157,9 +167,11 @@ class ServerRound:
         return RoundOutcome(
             global_state=global_state,
             keys=list(kept),
-            weights=normalized([weight for _, weight in kept.values()]).tolist(),
+            weights=normalized([weight for _, weight, _ in kept.values()]).tolist(),
             requantized=requantized,
-            dq_losses=[loss for loss, _ in kept.values()],
+            dq_losses=[loss for loss, _, _ in kept.values()],
+            dq_steps=[steps for _, _, steps in kept.values()],
+            steps=dict(self.step_counts),
             seconds={
                 "dequantize": after_dequantize - start,
                 "aggregate": after_aggregate - after_dequantize,
@@ -191,6 +203,13 @@ class FedQSSLRound(ServerRound):
     def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         super().__init__(config, data)
         self.augmentation = data.spec.augmentation(config.augmentation)
+        self.steps_per_epoch = steps_per_epoch(len(data.buffer), config.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{config.algorithm} fine-tunes on the server buffer D_g, but its "
+                f"{len(data.buffer)} image(s) give no optimizer step (at least 2 are needed): "
+                "raise buffer-ratio, or put more images in buffer-dir"
+            )
 
     def round_seed(self, server_round: int) -> int:
         """The seed of the round's de-quantization (``common.seeds``)."""
@@ -207,8 +226,11 @@ class FedQSSLRound(ServerRound):
             torch_device(self.config),
         )
 
-    def train_on(self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int):
-        """``state`` trained at ``bits`` on given epochs of batches; (state, last loss).
+    def train_on(
+        self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int, phase: str
+    ) -> tuple[State, float]:
+        """``state`` trained at ``bits`` on given epochs of batches; (state, last loss). Its
+        optimizer steps count towards ``phase``.
 
         The server is not a low-bit device: its s-bit fine-tunes keep float32 copies for
         backward whatever ``save-codes`` says (the same numbers, tested; about 1.3x faster)."""
@@ -218,17 +240,20 @@ class FedQSSLRound(ServerRound):
         recipe = dataclasses.replace(
             recipe, settings=dataclasses.replace(recipe.settings, save_codes=False)
         )
-        losses = fit_batches(model, views, recipe, seed)
-        return cpu_state(model), losses[-1] if losses else float("nan")
+        trained = fit_batches(model, views, recipe, seed)
+        self.step_counts[phase] = self.step_counts.get(phase, 0) + trained.steps
+        return cpu_state(model), trained.last_loss
 
     def views(self, server_round: int) -> list:
         """D_g augmented once for the round: every client's de-quantization trains on these."""
-        return self.views_of_buffer(self.config.dq_epochs, self.round_seed(server_round))
+        return self.views_of_buffer(self.config.dequantize_epochs, self.round_seed(server_round))
 
     def dequantize(self, state, views, server_round):
         """w'_k: the received model fine-tuned in full precision on the round's views of D_g
         for ``dq-epochs``; L_DQ_k is the loss of the last epoch."""
-        return self.train_on(state, FULL_PRECISION, views, self.round_seed(server_round))
+        return self.train_on(
+            state, FULL_PRECISION, views, self.round_seed(server_round), "dequantize"
+        )
 
     def weigh(self, loss, examples, total_examples):
         """log p_k up to a constant: -L_DQ_k / T (``dq-weighting: uniform``: 0, i.e. p_k = 1/K,
@@ -245,8 +270,9 @@ class FedQSSLRound(ServerRound):
             bits: self.train_on(
                 global_state,
                 bits,
-                self.views_of_buffer(self.config.rq_epochs, seed(bits)),
+                self.views_of_buffer(self.config.requantize_epochs, seed(bits)),
                 seed(bits),
+                "requantize",
             )[0]
             for bits in sorted(set(bitwidths))
         }
@@ -269,13 +295,49 @@ class FineTuneRound(FedQSSLRound):
     def aggregate(self, current, total, server_round):
         """w_G: the weighted average, fine-tuned in full precision on D_g."""
         seed = self.round_seed(server_round)
-        views = self.views_of_buffer(self.config.dq_epochs, seed)
-        return self.train_on(total.result(current), FULL_PRECISION, views, seed)[0]
+        views = self.views_of_buffer(self.config.dequantize_epochs, seed)
+        return self.train_on(total.result(current), FULL_PRECISION, views, seed, "finetune")[0]
+
+
+def fedqssl_server_steps(config: ExperimentConfig, steps_per_epoch: int, clients: int) -> int:
+    """Fed-QSSL's server budget in a round of ``clients`` received models: one de-quantization
+    each and one re-quantization per bitwidth, each ``epochs x steps_per_epoch`` steps."""
+    return steps_per_epoch * (
+        clients * config.dequantize_epochs + len(set(config.bitwidths)) * config.requantize_epochs
+    )
+
+
+class BufferOnlyRound(FedQSSLRound):
+    """The ``buffer-only`` control: what D_g alone teaches. Clients do not train and what they
+    send back is ignored; each round the server trains the global model in full precision on
+    D_g for the steps Fed-QSSL's server would take in that round (``fedqssl_server_steps``), and
+    every bitwidth's downlink is that model rounded by the codec, scored as the others are."""
+
+    def views(self, server_round):
+        return None
+
+    def dequantize(self, state, views, server_round):
+        return state, None
+
+    def weigh(self, loss, examples, total_examples):
+        return 0.0
+
+    def aggregate(self, current, total, server_round):
+        """w_G: the current global model trained on D_g for Fed-QSSL's round budget."""
+        budget = fedqssl_server_steps(self.config, self.steps_per_epoch, total.count)
+        seed = self.round_seed(server_round)
+        epochs = self.views_of_buffer(-(-budget // self.steps_per_epoch), seed)
+        batches = list(itertools.islice(itertools.chain.from_iterable(epochs), budget))
+        return self.train_on(current, FULL_PRECISION, [batches], seed, "buffer")[0]
+
+    def requantize(self, server_round, global_state, bitwidths):
+        return ServerRound.requantize(self, server_round, global_state, bitwidths)
 
 
 ROUNDS: dict[str, type[ServerRound]] = {
     "fedqssl": FedQSSLRound,
     "finetune": FineTuneRound,
+    "buffer": BufferOnlyRound,
     "average": ServerRound,
     "update": UpdateRound,
 }

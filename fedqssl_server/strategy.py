@@ -253,6 +253,7 @@ class LowBitStrategy(Strategy):
                     "uplink-bytes": item.uplink_bytes,
                     "downlink-bytes": self.round.sent_bytes.get(item.client.cid),
                     "dq-loss": None if outcome is None else outcome.dq_losses[index],
+                    "dequantize-steps": None if outcome is None else outcome.dq_steps[index],
                     "weight": None if outcome is None else outcome.weights[index],
                 },
             )
@@ -264,6 +265,7 @@ class LowBitStrategy(Strategy):
             self.config.num_clients,
             self.fp32_bytes,
             {} if outcome is None else outcome.seconds,
+            {} if outcome is None else outcome.steps,
         )
 
     # ------------------------------------------------------------ evaluation
@@ -420,6 +422,13 @@ class FedSimCLRFineTune(LowBitStrategy):
     algorithm_name = "fedsimclr-ft"
 
 
+class BufferOnly(LowBitStrategy):
+    """The buffer-only control: no client trains; the server trains the global model on D_g
+    for Fed-QSSL's server budget each round (``BufferOnlyRound``)."""
+
+    algorithm_name = "buffer-only"
+
+
 class FedSimSiam(LowBitStrategy):
     """Fed-SimSiam: low-bit SimSiam clients, sample-weighted averaging."""
 
@@ -451,6 +460,7 @@ STRATEGIES: dict[str, type[LowBitStrategy]] = {
         FedQSSL,
         FedSimCLR,
         FedSimCLRFineTune,
+        BufferOnly,
         FedSimSiam,
         LowBitFedAvg,
         LowBitFedProx,

@@ -22,6 +22,7 @@ from fedqssl_client.client import LOCAL_MODEL, LowBitClient
 from fedqssl_server.aggregation import apply_update, sample_weights
 from fedqssl_server.results import RunRecorder, row_label
 from fedqssl_server.rounds import (
+    BufferOnlyRound,
     FedQSSLRound,
     FineTuneRound,
     ServerRound,
@@ -138,6 +139,7 @@ def test_sample_weights_and_update_application():
         ("fedqssl", FedQSSLRound),
         ("fedsimclr", ServerRound),
         ("fedsimclr-ft", FineTuneRound),
+        ("buffer-only", BufferOnlyRound),
         ("fedsimsiam", ServerRound),
         ("fedavg", ServerRound),
         ("fedprox", ServerRound),

@@ -105,9 +105,9 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
     calls = []
     train_on = strategy.steps.train_on
 
-    def counting(state, bits, views, seed):
+    def counting(state, bits, views, seed, phase):
         calls.append(bits)
-        return train_on(state, bits, views, seed)
+        return train_on(state, bits, views, seed, phase)
 
     monkeypatch.setattr(strategy.steps, "train_on", counting)
     proxies = [FakeProxy(str(i)) for i in range(3)]
@@ -328,7 +328,9 @@ def test_server_fine_tunes_keep_float32_for_backward_whatever_save_codes_says(co
     model = new_model(config, 4, 1, 10)
     model.load_state_dict(state)
     seed = seeds.requantize_seed(config.seed, 1, 4)  # the seed requantize gives 4 bits in round 1
-    fit_batches(model, server.views_of_buffer(config.rq_epochs, seed), config.recipe(4), seed)
+    fit_batches(
+        model, server.views_of_buffer(config.requantize_epochs, seed), config.recipe(4), seed
+    )
     assert all(torch.equal(fast[k], v.cpu()) for k, v in model.state_dict().items())
 
 
@@ -363,9 +365,9 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     calls = []
     train_on = server.train_on
 
-    def recording(state, bits, views, seed):
-        calls.append((bits, len(views)))
-        return train_on(state, bits, views, seed)
+    def recording(state, bits, views, seed, phase):
+        calls.append((bits, len(views), phase))
+        return train_on(state, bits, views, seed, phase)
 
     monkeypatch.setattr(server, "train_on", recording)
     states = {
@@ -375,7 +377,11 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     outcome = server.run(1, server.initial_state(), states, {0: 10, 1: 10, 2: 20}, {4, 8})
     assert outcome.weights == pytest.approx([0.25, 0.25, 0.5], abs=1e-15)
     # one full-precision fine-tune of the average (not one per client), then one per bitwidth
-    assert calls == [(32, control.dq_epochs), (4, control.rq_epochs), (8, control.rq_epochs)]
+    assert calls == [
+        (32, control.dequantize_epochs, "finetune"),
+        (4, control.requantize_epochs, "requantize"),
+        (8, control.requantize_epochs, "requantize"),
+    ]
     average = average_states([states[k] for k in range(3)], outcome.weights)
     name = next(k for k, v in average.items() if v.is_floating_point() and v.ndim >= 2)
     assert not torch.allclose(outcome.global_state[name], average[name])  # trained on D_g
@@ -437,15 +443,15 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
     for key in sorted(states):
         model = server.new_model(FULL_PRECISION)
         model.load_state_dict(states[key])
-        epoch_losses = fit_local(
+        trained = fit_local(
             model,
             data.buffer,
             data.spec.augmentation(config.augmentation),
-            dataclasses.replace(config.recipe(FULL_PRECISION), epochs=config.dq_epochs),
+            dataclasses.replace(config.recipe(FULL_PRECISION), epochs=config.dequantize_epochs),
             seed,
         )
         dequantized.append({k: v.detach() for k, v in model.state_dict().items()})
-        losses.append(epoch_losses[-1])
+        losses.append(trained.last_loss)
     weights = softmax_weights(losses, config.dq_temperature)
     expected = average_states(dequantized, weights)
     assert outcome.dq_losses == losses
