@@ -7,14 +7,14 @@ becomes one validated ``ExperimentConfig`` per run, each with its own output fol
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.algorithms import ALGORITHM_NAMES
 from common.config import ConfigError, ExperimentConfig, read_yaml_mapping
 from common.quant import FULL_PRECISION
 
-PLAN_KEYS = ("compare", "sweep", "seeds")
+PLAN_KEYS = ("compare", "sweep", "seeds", "pairs")
 # comparison rows ``<algorithm><suffix>...``: the overrides each suffix adds
 ROW_SUFFIXES = {
     "-full": {"bitwidths": str(FULL_PRECISION)},  # every client at 32 bits: the (Full) rows
@@ -33,6 +33,7 @@ class Plan:
     seeds: list[int]
     kind: str = "single"  # single, compare or sweep
     sweep_key: str = ""
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # rows (A, B): A - B per seed
 
 
 def read_preset(preset: Path) -> tuple[dict, dict]:
@@ -77,6 +78,24 @@ def parse_seeds(value: object) -> list[int]:
     return [int(s) for s in seeds]
 
 
+def parse_pairs(value: object, rows: dict) -> list[tuple[str, str]]:
+    """A comparison's ``pairs``: ``"A - B"`` strings naming two of its rows (A - B is tabled
+    seed by seed); a row that is not compared, with ``--compare`` too, is left out."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(f"pairs must be a list like ['fedqssl - fedsimclr'], got {value!r}")
+    pairs = []
+    for item in items:
+        first, separator, second = str(item).partition(" - ")
+        if not separator or not first.strip() or not second.strip():
+            raise ConfigError(f"pairs: {item!r} is not 'ROW - ROW' (spaces around the minus)")
+        for name in (first.strip(), second.strip()):
+            algorithm_row(name)  # a known row name, or the error naming them
+        if first.strip() in rows and second.strip() in rows:
+            pairs.append((first.strip(), second.strip()))
+    return pairs
+
+
 def make_plan(
     preset: Path,
     overrides: list[str],
@@ -96,7 +115,9 @@ def make_plan(
     run_seeds = parse_seeds(seeds or plan.get("seeds", [base["seed"]]))
     if compare or "compare" in plan:
         names = parse_list(compare or plan["compare"], "compare")
-        return Plan(preset.stem, base, {n: algorithm_row(n) for n in names}, run_seeds, "compare")
+        rows = {n: algorithm_row(n) for n in names}
+        pairs = parse_pairs(plan.get("pairs", []), rows)
+        return Plan(preset.stem, base, rows, run_seeds, "compare", pairs=pairs)
     if sweep or "sweep" in plan:
         if sweep:
             key, separator, listed = sweep.partition("=")

@@ -134,6 +134,20 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
         f"{base.probe_samples} class-stratified train images; the uniform test split), after the "
         "last round, beside the same score of the initial encoder.\n",
         report.comparison_table(table_rows, first, floor, report.KNN, traffic=False),
+    ]
+    if plan.pairs:
+        lines += [
+            "## Paired differences\n",
+            "Row A minus row B, run by run on the same seed (same partition, same initial "
+            "model): mean ± sample standard deviation, then each seed's difference.\n",
+            report.paired_table([(rows[a], rows[b]) for a, b in plan.pairs]),
+        ]
+    lines += [
+        "## Training budget\n",
+        "Optimizer steps per round, as the runs recorded them (`rounds.jsonl`): every client's "
+        "local steps together, and the server's (de-quantization, re-quantization, the "
+        "control's fine-tune or buffer training); n/a for runs recorded before steps were.\n",
+        report.budget_table(table_rows),
         "## Per seed: global / local (untrained floor)\n",
         report.per_seed_table(([floor] if floor else []) + table_rows),
     ]

@@ -155,6 +155,66 @@ def per_seed_table(rows: Sequence[Row], keys: tuple[str, str] = (GLOBAL, LOCAL))
     return "\n".join(lines) + "\n"
 
 
+PAIRED_SCORES = (("Global probe", GLOBAL_PROBE), ("Global kNN", KNN_ACCURACY), ("Local", LOCAL))
+
+
+def paired_differences(first: Row, second: Row, key: str) -> dict[int, float]:
+    """``first - second`` in ``key``, seed by seed, over the seeds where both finished."""
+    theirs = {
+        seed: s[key]
+        for seed, s in zip(second.seeds, second.summaries, strict=True)
+        if s is not None and s.get(key) is not None
+    }
+    return {
+        seed: s[key] - theirs[seed]
+        for seed, s in zip(first.seeds, first.summaries, strict=True)
+        if s is not None and s.get(key) is not None and seed in theirs
+    }
+
+
+def paired_table(pairs: Sequence[tuple[Row, Row]]) -> str:
+    """A Markdown table of paired differences (points): for each (A, B) and each score, A - B
+    mean ± spread over the seeds both finished, and each seed's difference."""
+    lines = [
+        "| A - B | " + " | ".join(f"{title} (points)" for title, _ in PAIRED_SCORES) + " | Seeds |",
+        "|---|" + "---:|" * len(PAIRED_SCORES) + "---|",
+    ]
+    for first, second in pairs:
+        cells, seeds = [], set()
+        for _, key in PAIRED_SCORES:
+            differences = paired_differences(first, second, key)
+            seeds |= set(differences)
+            each = ", ".join(f"{100 * d:+.2f}" for d in differences.values())
+            cells.append(f"{percent(list(differences.values()), signed=True)} ({each})")
+        seed_text = ",".join(map(str, sorted(seeds))) or "none"
+        lines.append(f"| {first.name} - {second.name} | " + " | ".join(cells) + f" | {seed_text} |")
+    return "\n".join(lines) + "\n"
+
+
+BUDGET_KEYS = ("train-steps", "server-steps", "dequantize-steps", "requantize-steps")
+
+
+def budget_table(rows: Sequence[Row]) -> str:
+    """A Markdown table of each row's training budget: optimizer steps per round, all clients'
+    together and the server's (with its de- and re-quantization steps), mean over its runs."""
+    lines = [
+        "| Row | Client steps / round | Server steps / round | of which de-quantize | "
+        "of which re-quantize |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = []
+        for key in BUDGET_KEYS:
+            per_round = [
+                s[key] / s["rounds"]
+                for s in row.summaries
+                if s is not None and s.get(key) is not None and s.get("rounds")
+            ]
+            cells.append(f"{statistics.fmean(per_round):.0f}" if per_round else "n/a")
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(rows: Sequence[Row], path: Path, title: str) -> None:
     """Grouped bars of global and local accuracy per row, with the seeds' spread as error bars
     (put the untrained floor's row among ``rows`` to draw it as bars too)."""

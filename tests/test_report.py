@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from common import report
 
 
@@ -79,3 +81,37 @@ def test_a_single_score_table_has_one_value_and_one_paired_gain_column():
     assert table[0] == "| Algorithm | Global kNN (%) | Gain | Runs |"
     assert table[2] == "| untrained | 46.00 ± 0.00 | — | 2/2 |"
     assert table[3] == "| Fed-SimCLR | 54.00 ± 2.83 | +8.00 ± 2.83 | 2/2 |"
+
+
+def scored(probe, knn, local, seed_steps=(240, 360)):
+    return {
+        "global-probe-accuracy": probe,
+        "knn-accuracy": knn,
+        "mean-local-accuracy": local,
+        "train-steps": seed_steps[0] * 6,
+        "server-steps": seed_steps[1] * 6,
+        "dequantize-steps": 240 * 6,
+        "requantize-steps": 120 * 6,
+        "rounds": 6,
+    }
+
+
+def test_paired_differences_pair_runs_by_seed_and_skip_unfinished_seeds():
+    a = report.Row("Fed-QSSL", [scored(0.70, 0.60, 0.9), scored(0.66, 0.5, 0.8), None], [0, 1, 2])
+    b = report.Row("Fed-SimCLR", [scored(0.66, 0.55, 0.9), None, scored(0.1, 0.1, 0.1)], [0, 1, 2])
+    assert report.paired_differences(a, b, "global-probe-accuracy") == {0: pytest.approx(0.04)}
+    c = report.Row("uniform", [scored(0.69, 0.58, 0.91), scored(0.68, 0.5, 0.8)], [0, 1])
+    table = report.paired_table([(a, b), (a, c)])
+    assert "| Fed-QSSL - Fed-SimCLR | +4.00 (+4.00) | +5.00 (+5.00) | +0.00 (+0.00) | 0 |" in table
+    # seed 0: +1, seed 1: -2 probe points: mean -0.50, sample sd 2.12
+    assert "| Fed-QSSL - uniform | -0.50 ± 2.12 (+1.00, -2.00) |" in table
+
+
+def test_budget_table_gives_steps_per_round_and_n_a_for_runs_without_them():
+    rows = [
+        report.Row("Fed-QSSL", [scored(0.7, 0.6, 0.9), scored(0.7, 0.6, 0.9)], [0, 1]),
+        report.Row("old", [{"global-accuracy": 0.5, "rounds": 3}], [0]),
+    ]
+    table = report.budget_table(rows)
+    assert "| Fed-QSSL | 240 | 360 | 240 | 120 |" in table
+    assert "| old | n/a | n/a | n/a | n/a |" in table

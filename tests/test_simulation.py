@@ -266,6 +266,12 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         "fp-activation": "clamp",
     }
 
+    paired = plan_of(
+        tmp_path,
+        TINY + "compare: [fedqssl, fedsimclr]\npairs: [fedqssl - fedsimclr, fedqssl - fedavg]\n",
+    )
+    assert paired.pairs == [("fedqssl", "fedsimclr")]  # fedavg is not compared here
+
     sweep = plan_of(tmp_path, TINY, "--sweep", "dirichlet-beta=0.1,1.0", "--seeds", "4")
     configs = [config for _, _, config in plan_runs(sweep, tmp_path / "s")]
     assert [(c.dirichlet_beta, c.seed) for c in configs] == [(0.1, 4), (1.0, 4)]
@@ -281,6 +287,8 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         ("", ("--seeds", "a,b"), "seeds must be integers >= 0 like 0,1,2, got 'a,b'"),
         ("seeds: [0, -1]\n", (), "seed: must be in [0, 2**31)"),
         ("num-rounds: 3\n", (), "config key 'num-rounds' is given twice (line 11)"),
+        ("compare: [fedqssl]\npairs: [fedqssl-fedsimclr]\n", (), "is not 'ROW - ROW'"),
+        ("compare: [fedqssl]\npairs: [fedqssl - fedsgd]\n", (), "unknown row 'fedsgd'"),
     ],
 )
 def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
