@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_cpu_quickstart_and_survive_the_run_config_round_trip():
     config = ExperimentConfig()
-    assert config.bitwidths == (4, 4, 6, 6, 6, 8, 8, 8, 12, 12)
+    assert config.bitwidths == (4, 6, 8, 12)
     run_config = config.to_run_config()
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
-    assert run_config["bitwidths"] == "4,4,6,6,6,8,8,8,12,12"
+    assert run_config["bitwidths"] == "4,6,8,12"
     assert ExperimentConfig.from_mapping(run_config) == config
 
 
@@ -63,7 +63,7 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
     [
         ({"bitwidths": "0,4,4,4,4,4,4,4,4,4"}, r"bitwidths: bitwidth 0 .* 2\.\.16 or 32"),
         ({"bitwidths": "33"}, r"bitwidths: bitwidth 33"),
-        ({"bitwidths": "4,4"}, r"bitwidths: 2 values for 10 clients"),
+        ({"bitwidths": "4,4"}, r"bitwidths: 2 values for 4 clients"),
         ({"bitwidths": "4,x"}, r"bitwidths must be a comma-separated list"),
         ({"dirichlet-beta": 0}, r"dirichlet-beta: must be > 0"),
         ({"dirichlet-beta": -1.5}, r"dirichlet-beta: must be > 0"),
@@ -84,7 +84,7 @@ def test_single_bitwidth_is_broadcast_to_all_clients():
         ({"num-clients": 2.5}, r"num-clients must be an integer"),
         ({"download": "maybe"}, r"download must be true or false"),
         ({"fraction-fit": 0}, r"fraction-fit: must be in \(0, 1\]"),
-        ({"min-fit-clients": 11}, r"min-fit-clients: 11 exceeds num-clients 10"),
+        ({"min-fit-clients": 5}, r"min-fit-clients: 5 exceeds num-clients 4"),
         ({"num-rounds": 0}, r"num-rounds: must be >= 1"),
         ({"modle": "small_cnn"}, r"unknown config key 'modle'; did you mean 'model'\?"),
     ],

@@ -36,6 +36,7 @@ bitwidths = "4,8,12"
 buffer-dir = "{data}/server/buffer"
 probe-dir = "{data}/server/probe"
 num-rounds = 2
+local-epochs = 1
 batch-size = 64
 round-timeout = {timeout}
 output-dir = "{output}"

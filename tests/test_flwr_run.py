@@ -17,7 +17,7 @@ import simulation
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
     "dataset='synthetic' model-width=8 num-clients=3 bitwidths='4,8,12' dirichlet-beta=1.0 "
-    "buffer-ratio=0.1 max-samples-per-client=150 num-rounds=1 batch-size=64"
+    "buffer-ratio=0.1 max-samples-per-client=150 num-rounds=1 batch-size=64 local-epochs=1"
 )
 
 
@@ -61,7 +61,7 @@ def test_bare_flwr_run_with_too_few_supernodes_fails_with_the_fix(tmp_path):
 @pytest.mark.slow
 def test_the_readme_flwr_run_command_completes(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    assert 'flwr run . --federation-config "num-supernodes=10" --stream' in readme
+    assert 'flwr run . --federation-config "num-supernodes=4" --stream' in readme
     completed, status, output_dir = flwr_run(tmp_path, "--federation-config", "num-supernodes=3")
     assert status["status"] == "finished:completed", completed.stdout[-3000:]
     summary = json.loads((output_dir / "summary.json").read_text())

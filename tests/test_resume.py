@@ -137,7 +137,7 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
     changed = ExperimentConfig.from_mapping(
         {**config.to_run_config(), "learning-rate": 0.01, "num-rounds": 5, "resume": True}
     )
-    with pytest.raises(CheckpointError, match=r"learning-rate: 0.001 -> 0.01; num-rounds: 4 -> 5"):
+    with pytest.raises(CheckpointError, match=r"learning-rate: 0.003 -> 0.01; num-rounds: 4 -> 5"):
         resume_point(changed.output_dir, changed.to_dict())
     # where it writes and the resume switch itself may change
     moved = {**config.to_dict(), "output-dir": "/elsewhere", "resume": True}

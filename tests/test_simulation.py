@@ -25,6 +25,7 @@ bitwidths: [4, 8, 12]
 dirichlet-beta: 1.0
 buffer-ratio: 0.1
 max-samples-per-client: 150
+local-epochs: 1
 num-rounds: 2
 batch-size: 64
 """
