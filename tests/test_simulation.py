@@ -287,7 +287,7 @@ def test_plans_expand_rows_seeds_and_sweeps(tmp_path):
         ("sweep: {local-epochs: [1], seed: [1]}\n", (), "sweep must name one config key"),
         ("", ("--seeds", "a,b"), "seeds must be integers >= 0 like 0,1,2, got 'a,b'"),
         ("seeds: [0, -1]\n", (), "seed: must be in [0, 2**31)"),
-        ("num-rounds: 3\n", (), "config key 'num-rounds' is given twice (line 11)"),
+        ("num-rounds: 3\n", (), "config key 'num-rounds' is given twice (line 12)"),
         ("compare: [fedqssl]\npairs: [fedqssl-fedsimclr]\n", (), "is not 'ROW - ROW'"),
         ("compare: [fedqssl]\npairs: [fedqssl - fedsgd]\n", (), "unknown row 'fedsgd'"),
     ],
