@@ -30,6 +30,9 @@ AUGMENTATIONS = ("batched", "per-image")
 MAX_SEED = 2**31
 DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
+# BatchNorm statistics re-estimated on D_g after aggregation: of the global model, or of it and
+# of each bitwidth's downlink
+BN_RECALIBRATIONS = ("none", "global", "all")
 # dq-epochs / rq-epochs may name the clients' local-epochs: the authors' code trains every de- and
 # re-quantization for the clients' E (the paper gives no number)
 LOCAL_EPOCHS = "local"
@@ -72,6 +75,7 @@ class ExperimentConfig:
     rq_epochs: int | str = 1
     dq_temperature: float = 1.0
     dq_weighting: str = "softmax"
+    bn_recalibrate: str = "none"
     proximal_mu: float = 0.01
     qsgd_bucket: int = 512
     fraction_fit: float = 1.0
@@ -285,6 +289,7 @@ def _validate(config: ExperimentConfig) -> None:
     _one_of(config, "augmentation", AUGMENTATIONS)
     _one_of(config, "fp_activation", FP_ACTIVATIONS)
     _one_of(config, "dq_weighting", DQ_WEIGHTINGS)
+    _one_of(config, "bn_recalibrate", BN_RECALIBRATIONS)
     _one_of(config, "device", DEVICES)
     for key in (
         "model_width",

@@ -20,6 +20,8 @@ ROW_SUFFIXES = {
     "-full": {"bitwidths": str(FULL_PRECISION)},  # every client at 32 bits: the (Full) rows
     "-uniform": {"dq-weighting": "uniform"},  # Fed-QSSL without its softmax(-L_DQ) weights
     "-clamp": {"fp-activation": "clamp"},  # full precision keeps the clients' clamp(0, 1)
+    "-bn": {"bn-recalibrate": "global"},  # the global model's BatchNorm statistics on D_g
+    "-bnall": {"bn-recalibrate": "all"},  # and each bitwidth's downlink's
 }
 
 

@@ -51,6 +51,8 @@ def row_label(algorithm: Algorithm, config: ExperimentConfig) -> str:
         notes.append("uniform p_k")
     if config.fp_activation != "relu":
         notes.append(config.fp_activation)
+    if config.bn_recalibrate != "none":
+        notes.append("BN on D_g" + (", downlinks too" if config.bn_recalibrate == "all" else ""))
     return f"{algorithm.label} ({', '.join(notes)})" if notes else algorithm.label
 
 

@@ -16,7 +16,9 @@ downlink; the strategy decodes and encodes at the Flower boundary. Per client, i
 Then, once per round:
 
 3. ``aggregate``: the global model ``w_G = sum_k p_k w'_k`` (FedPAQ: the current model plus the
-   weighted mean update; the ``fedsimclr-ft`` control: the average, fine-tuned on D_g);
+   weighted mean update; the ``fedsimclr-ft`` control: the average, fine-tuned on D_g); with
+   ``bn-recalibrate`` its BatchNorm statistics are then re-estimated on D_g (no gradient step;
+   ``all``: each bitwidth's downlink's too, at its bitwidth, after step 4);
 4. ``requantize``: one model per bitwidth s for the clients at s (Fed-QSSL: w_G fine-tuned on D_g
    with s-bit operations; the baselines: w_G itself, which the codec rounds onto the s-bit grid).
 
@@ -42,6 +44,7 @@ import torch
 
 from common import seeds
 from common.algorithms import get_algorithm
+from common.batchnorm import recalibrate_batchnorm
 from common.config import ConfigError, ExperimentConfig
 from common.experiment import ServerData, new_model, torch_device
 from common.quant import FULL_PRECISION
@@ -122,6 +125,15 @@ class ServerRound:
         """w_G = sum_k p_k w'_k."""
         return total.result(current)
 
+    def recalibrated(self, state: Mapping[str, torch.Tensor], bits: int) -> State:
+        """``state`` with its BatchNorm statistics re-estimated at ``bits`` on D_g (un-augmented,
+        as the probes see images), no gradient step (``bn-recalibrate``)."""
+        model = self.new_model(bits)
+        model.load_state_dict(state)
+        images = self.data.spec.normalize(self.data.buffer)
+        recalibrate_batchnorm(model, images, self.config.batch_size)
+        return cpu_state(model)
+
     def requantize(
         self, server_round: int, global_state: State, bitwidths: Iterable[int]
     ) -> dict[int, State]:
@@ -162,8 +174,12 @@ class ServerRound:
             raise AllRefusedError(refused)
         after_dequantize = time.perf_counter()
         global_state = self.aggregate(current, total, server_round)
+        if self.config.bn_recalibrate != "none":
+            global_state = self.recalibrated(global_state, FULL_PRECISION)
         after_aggregate = time.perf_counter()
         requantized = self.requantize(server_round, global_state, bitwidths)
+        if self.config.bn_recalibrate == "all":
+            requantized = {bits: self.recalibrated(s, bits) for bits, s in requantized.items()}
         return RoundOutcome(
             global_state=global_state,
             keys=list(kept),
