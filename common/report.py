@@ -199,8 +199,8 @@ def budget_table(rows: Sequence[Row]) -> str:
     together and the server's (with its de- and re-quantization steps), mean over its runs."""
     lines = [
         "| Row | Client steps / round | Server steps / round | of which de-quantize | "
-        "of which re-quantize |",
-        "|---|---:|---:|---:|---:|",
+        "of which re-quantize | p_k range |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         cells = []
@@ -211,6 +211,12 @@ def budget_table(rows: Sequence[Row]) -> str:
                 if s is not None and s.get(key) is not None and s.get("rounds")
             ]
             cells.append(f"{statistics.fmean(per_round):.0f}" if per_round else "n/a")
+        ranges = [s["weight-range"] for s in row.summaries if s and s.get("weight-range")]
+        low, high = (
+            min(r[0] for r in ranges) if ranges else 0,
+            max(r[1] for r in ranges) if ranges else 0,
+        )
+        cells.append(f"{low:.3f}-{high:.3f}" if ranges else "n/a")
         lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

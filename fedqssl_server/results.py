@@ -138,6 +138,14 @@ def local_record(metrics: Mapping[str, Any], test_examples: int) -> dict[str, An
     }
 
 
+def weight_range(rounds: list[dict]) -> list[float] | None:
+    """[smallest, largest] aggregation weight p_k of any client in any round (None: none)."""
+    weights = [
+        c["weight"] for r in rounds for c in r.get("clients", []) if c.get("weight") is not None
+    ]
+    return [min(weights), max(weights)] if weights else None
+
+
 def run_summary(
     algorithm: Algorithm,
     config: ExperimentConfig,
@@ -178,6 +186,8 @@ def run_summary(
             key: sum(r.get(key, 0) for r in rounds)
             for key in ("train-steps", *(f"{p}-steps" for p in SERVER_PHASES), "server-steps")
         },
+        # the aggregation weights p_k every round gave (how far from 1/K the weighting moved)
+        "weight-range": weight_range(rounds),
         "knn-accuracy": rounds[-1]["knn-accuracy"] if rounds else None,
         "untrained-knn-accuracy": untrained.get("knn-accuracy"),
         "rounds": len(rounds),

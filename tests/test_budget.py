@@ -97,6 +97,8 @@ def test_every_round_records_the_clients_and_the_servers_optimizer_steps(tmp_pat
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     for key in ("train-steps", "server-steps", "requantize-steps"):
         assert summary[key] == sum(r[key] for r in strategy.recorder.rounds)
+    weights = [c["weight"] for r in strategy.recorder.rounds for c in r["clients"]]
+    assert summary["weight-range"] == [min(weights), max(weights)]
 
 
 def test_the_fine_tune_control_records_its_own_steps(tmp_path):

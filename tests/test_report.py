@@ -93,6 +93,7 @@ def scored(probe, knn, local, seed_steps=(240, 360)):
         "dequantize-steps": 240 * 6,
         "requantize-steps": 120 * 6,
         "rounds": 6,
+        "weight-range": [0.24, 0.26],
     }
 
 
@@ -113,5 +114,5 @@ def test_budget_table_gives_steps_per_round_and_n_a_for_runs_without_them():
         report.Row("old", [{"global-accuracy": 0.5, "rounds": 3}], [0]),
     ]
     table = report.budget_table(rows)
-    assert "| Fed-QSSL | 240 | 360 | 240 | 120 |" in table
-    assert "| old | n/a | n/a | n/a | n/a |" in table
+    assert "| Fed-QSSL | 240 | 360 | 240 | 120 | 0.240-0.260 |" in table
+    assert "| old | n/a | n/a | n/a | n/a | n/a |" in table
