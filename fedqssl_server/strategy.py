@@ -33,6 +33,7 @@ from common.codec import encode_state, payload_nbytes
 from common.config import ExperimentConfig
 from common.experiment import ServerData
 from common.quant import FULL_PRECISION
+from common.saved_models import save_run_models
 from fedqssl_server import checkpoint
 from fedqssl_server.intake import Accepted, failed, take_replies
 from fedqssl_server.monitor import GlobalMonitor
@@ -114,6 +115,7 @@ class LowBitStrategy(Strategy):
         self.downlink: dict[int, list[np.ndarray]] = {}
         self.round = RoundInProgress()
         self.final_scores: dict[str, float] = {}
+        self.saved_models: dict[str, str] = {}  # name -> file in the run folder
         self.untrained_scores: dict[str, float] = {}
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
@@ -277,6 +279,7 @@ class LowBitStrategy(Strategy):
         checkpoint."""
         flower_round, server_round = server_round, server_round + self.round_offset
         if flower_round > 0 and server_round == self.config.num_rounds:
+            self._save_models()
             self.final_scores = self.monitor.scores(self.global_state)
             self.untrained_scores = self.monitor.scores(self.steps.initial_state())
             knn = self.final_scores["knn-accuracy"]
@@ -289,6 +292,14 @@ class LowBitStrategy(Strategy):
             if server_round < self.config.num_rounds:
                 self._save_checkpoint(server_round)
         return 1.0 - knn, metrics
+
+    def _save_models(self) -> None:
+        """What the run trained, kept in its folder before anything else can fail: the global
+        model (full precision) and each bitwidth's downlink as sent (``common.saved_models``)."""
+        if self.recorder is not None:
+            self.saved_models = save_run_models(
+                self.recorder.output_dir, self._global_payload(), self.downlink
+            )
 
     def _save_checkpoint(self, server_round: int) -> None:
         """What the rounds after ``server_round`` depend on, to resume from (``restore``)."""
@@ -394,7 +405,7 @@ class LowBitStrategy(Strategy):
                 ),
                 self.recorder.output_dir,
             )
-            self.recorder.finish(summary)
+            self.recorder.finish({**summary, "models": self.saved_models})
             checkpoint.checkpoint_path(self.recorder.output_dir).unlink(missing_ok=True)
         return (None if mean_local is None else 1 - mean_local), {
             "local-accuracy": mean_local or 0.0

@@ -1,0 +1,76 @@
+"""A run's trained models on disk, and the one way to load them back.
+
+Each model is stored as the wire format carries it (``common.codec``: header, packed codes,
+floats, ints; a downlink exactly as it was sent, the global model as its float32 payload) in a
+NumPy ``.npz`` read with ``allow_pickle=False``, so loading a model file cannot run code. Files
+are written atomically (``common.atomic``): a run killed while saving leaves the old file or the
+new one.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import write_npz_atomically
+from common.codec import PayloadError, decode_state, payload_bits
+from common.config import ExperimentConfig
+from common.experiment import DatasetSpec, new_model
+
+MODELS_FOLDER = "models"
+PAYLOAD_KEYS = ("header", "codes", "floats", "ints")  # the codec's four arrays, in order
+
+
+class SavedModelError(ValueError):
+    """A model file that cannot be read; the message names it."""
+
+
+def save_payload(path: Path, payload: list[np.ndarray]) -> None:
+    """One model's payload arrays (``encode_state``'s) as ``path``."""
+    write_npz_atomically(path, dict(zip(PAYLOAD_KEYS, payload, strict=True)))
+
+
+def read_payload(path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """A saved model's payload arrays; ``SavedModelError`` naming the file if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            payload = [archive[key].copy() for key in PAYLOAD_KEYS]
+        payload_bits(payload)  # a readable header of this format
+        return payload
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise SavedModelError(
+            f"{path} is not a saved fedqssl model ({type(error).__name__}: {error})"
+        ) from None
+
+
+def save_run_models(
+    output_dir: Path, global_payload: list[np.ndarray], downlink: dict[int, list[np.ndarray]]
+) -> dict[str, str]:
+    """The global model and each bitwidth's downlink as ``models/*.npz`` in the run folder;
+    name -> path relative to the folder (``summary.json``'s ``models``)."""
+    files = {"global": global_payload}
+    files.update({f"downlink-{bits}bit": downlink[bits] for bits in sorted(downlink)})
+    saved = {}
+    for name, payload in files.items():
+        relative = f"{MODELS_FOLDER}/{name}.npz"
+        save_payload(output_dir / relative, payload)
+        saved[name] = relative
+    return saved
+
+
+def load_model(path: str | os.PathLike[str], config: ExperimentConfig) -> torch.nn.Module:
+    """The saved model at ``path`` as the run's model class at the bitwidth it was saved at (a
+    downlink at its clients' bitwidth, the global model at 32), in eval mode. ``config`` is the
+    run's (its folder's ``config.json``)."""
+    payload = read_payload(path)
+    spec = DatasetSpec.of(config.dataset)
+    model = new_model(config, payload_bits(payload), spec.channels, spec.num_classes)
+    try:
+        model.load_state_dict(decode_state(payload, template=model.state_dict()))
+    except PayloadError as error:
+        raise SavedModelError(f"{path} does not fit this run's model: {error}") from None
+    return model.eval()

@@ -1,0 +1,87 @@
+"""A run keeps what it trained: the global model and every downlink saved in its folder without
+pickle, named in the summary, and loaded back as the same model (issue 24, part 1)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_algorithms import federate, tiny_config
+
+from common.codec import decode_state, payload_bits
+from common.experiment import server_data
+from common.local_data import save_images
+from common.models import extract_features
+from common.saved_models import SavedModelError, load_model, read_payload
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import use_model
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("run"), "fedqssl")
+    strategy, _ = federate(config)
+    return Path(config.output_dir), config, strategy
+
+
+def test_the_summary_names_every_saved_model_and_each_is_what_the_server_held(finished_run):
+    run, _, strategy = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["models"] == {
+        "global": "models/global.npz",
+        "downlink-4bit": "models/downlink-4bit.npz",
+        "downlink-8bit": "models/downlink-8bit.npz",
+    }
+    saved_global = decode_state(read_payload(run / summary["models"]["global"]))
+    assert all(torch.equal(saved_global[k], v) for k, v in strategy.global_state.items())
+    for bits in (4, 8):
+        payload = read_payload(run / summary["models"][f"downlink-{bits}bit"])
+        assert payload_bits(payload) == bits  # packed codes, as sent
+        sent = strategy.downlink[bits]
+        assert all(np.array_equal(a, b) for a, b in zip(payload, sent, strict=True))
+
+
+def test_a_loaded_model_runs_at_its_bitwidth_and_scores_as_the_summary_says(finished_run):
+    run, config, _ = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    scores = use_model.score(run)
+    assert scores["global-probe-accuracy"] == summary["global-probe-accuracy"]
+    assert scores["knn-accuracy"] == summary["knn-accuracy"]
+    low_bit = load_model(run / "models/downlink-4bit.npz", config)
+    assert low_bit.encoder.features[0].bits == 4 and not low_bit.training
+
+
+def test_embedding_a_folder_of_images_uses_the_saved_encoder(finished_run, tmp_path):
+    run, config, strategy = finished_run
+    probe = server_data(config).probe_test
+    images = type(probe)(probe.images[:12], probe.labels[:12], probe.num_classes)
+    save_images(images, tmp_path / "images")
+    out = tmp_path / "features.npy"
+    assert use_model.main([str(run), "--embed", str(tmp_path / "images"), "--out", str(out)]) == 0
+    features = np.load(out)
+    model = strategy.monitor.model_of(strategy.global_state)
+    spec = strategy.data.spec
+    # the class-folder layout reads images back grouped by class: compare as sets of rows
+    expected = extract_features(model.encoder, spec.normalize(images.images)).numpy()
+    assert features.shape == expected.shape
+    assert np.allclose(np.sort(features, axis=0), np.sort(expected, axis=0), atol=1e-5)
+
+
+def test_a_file_that_is_not_a_saved_model_is_refused_naming_it(tmp_path, finished_run):
+    run = finished_run[0]
+    garbage = tmp_path / "model.npz"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(SavedModelError, match=r"model\.npz is not a saved fedqssl model"):
+        read_payload(garbage)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, header=np.array([{"a": 1}], dtype=object), codes=[], floats=[], ints=[])
+    with pytest.raises(SavedModelError, match=r"pickled\.npz"):
+        read_payload(pickled)
+    other = tiny_config(tmp_path, "fedqssl", **{"model-width": 4})
+    with pytest.raises(SavedModelError, match="does not fit this run's model"):
+        load_model(run / "models/global.npz", other)
+    with pytest.raises(SystemExit, match="no saved model 'downlink-2bit'; it has: downlink-4bit"):
+        use_model.score(run, "downlink-2bit")
