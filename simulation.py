@@ -36,10 +36,11 @@ from pathlib import Path
 
 import yaml
 
+from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
 from common.plan import Plan, make_plan, plan_runs, preset_path
 from common.plan_report import print_summary, write_report
-from fedqssl_server.checkpoint import CheckpointError, resume_point
+from fedqssl_server.checkpoint import CheckpointError, resume_point, reuse_problem
 
 ROOT = Path(__file__).resolve().parent
 OFFLINE_ENV = {
@@ -327,14 +328,17 @@ def chosen_output_dir(plan: Plan, args: argparse.Namespace) -> Path:
             f"--resume {resume_dir} and --output-dir {args.output_dir} name different folders: "
             "give one"
         )
-    output_dir = Path(
-        resume_dir
-        or args.output_dir
-        or plan.base.get("output-dir")
-        or ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ).resolve()
+    chosen = resume_dir or args.output_dir or plan.base.get("output-dir")
+    if not chosen:
+        return claim_new_folder(ROOT / "results" / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(chosen).resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir} is a file: name a folder")
+    if args.resume and not output_dir.is_dir():
+        raise ConfigError(
+            f"--resume {output_dir}: no such folder (a typo?); to start a new run there, give "
+            "--output-dir instead"
+        )
     return output_dir
 
 
@@ -346,9 +350,20 @@ def main() -> int:
         require_gpu(plan.base, args.gpus_per_client)
         output_dir = chosen_output_dir(plan, args)
         runs = plan_runs(plan, output_dir)
+        if not args.resume:
+            for _, _, config in runs:
+                problem = reuse_problem(config.output_dir, config.to_dict())
+                if problem is not None:
+                    raise ConfigError(problem)
         if args.resume:
             runs = [(row, seed, dataclasses.replace(c, resume=True)) for row, seed, c in runs]
             points = {c.output_dir: resume_point(c.output_dir, c.to_dict()) for _, _, c in runs}
+            if not any((Path(c.output_dir) / "config.json").is_file() for _, _, c in runs):
+                raise ConfigError(
+                    f"--resume {output_dir}: it holds no run of this plan (no config.json where "
+                    "its runs would be); check the folder and the preset, or start with "
+                    "--output-dir"
+                )
     except CheckpointError as error:
         print(f"cannot resume: {error}", file=sys.stderr)
         return 2

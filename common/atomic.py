@@ -28,3 +28,17 @@ def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def claim_new_folder(stem: Path) -> Path:
+    """Create and return ``stem``, or ``stem-2``, ``stem-3``, ... : the first that did not exist,
+    so two runs started in the same second never share a default folder."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = stem, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = stem.with_name(f"{stem.name}-{number}")

@@ -131,6 +131,11 @@ def make_plan(
         if not isinstance(swept, dict) or len(swept) != 1:
             raise ConfigError(f"sweep must name one config key and its values, got {swept!r}")
         ((key, listed),) = swept.items()
+        if str(key).replace("_", "-") == "seed":
+            raise ConfigError(
+                "sweep: seed is not swept, each row runs every seed of the plan: give the seeds "
+                "with --seeds 0,1,2 (or seeds: in the preset)"
+            )
         rows = {str(v): {key: v} for v in parse_list(listed, f"sweep {key}")}
         return Plan(preset.stem, base, rows, run_seeds, "sweep", key)
     return Plan(preset.stem, base, {base["algorithm"]: {}}, run_seeds)
@@ -147,7 +152,17 @@ def run_config(plan: Plan, row: str, seed: int, output_dir: Path) -> ExperimentC
 
 
 def plan_runs(plan: Plan, output_dir: Path) -> list[tuple[str, int, ExperimentConfig]]:
-    """Every (row, seed, config) of the plan; one run's results go straight to ``output_dir``."""
+    """Every (row, seed, config) of the plan; one run's results go straight to ``output_dir``.
+    Each row's folder is its name made safe (``safe_name``); two rows whose names become the
+    same folder are refused."""
+    folders: dict[str, str] = {}
+    for row in plan.rows:
+        other = folders.setdefault(safe_name(row), row)
+        if other != row:
+            raise ConfigError(
+                f"rows {other!r} and {row!r} would share the folder {safe_name(row)!r}: "
+                "give values that differ in letters, digits, '.', '_' or '-'"
+            )
     if plan.kind == "single" and len(plan.seeds) == 1:
         return [
             (
@@ -164,8 +179,11 @@ def plan_runs(plan: Plan, output_dir: Path) -> list[tuple[str, int, ExperimentCo
 
 
 def safe_name(text: str) -> str:
-    """``text`` usable as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    """``text`` usable as one folder name inside the output folder: runs of other characters
+    become ``_``, and a name that would be hidden or a path step (``.``, ``..``) gets a ``_``
+    in front."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    return f"_{name}" if not name or name.startswith(".") else name
 
 
 def preset_path(name: str, configs: Path) -> Path:

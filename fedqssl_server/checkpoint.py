@@ -179,6 +179,31 @@ def resume_point(output_dir: str | os.PathLike[str], config: dict[str, Any]) -> 
     )
 
 
+def reuse_problem(output_dir: str | os.PathLike[str], config: dict[str, Any]) -> str | None:
+    """Why a new run (not resumed) of ``config`` may not write into ``output_dir``, or None: a
+    missing or empty folder, or an interrupted run of the same config (it starts over), may be
+    used; a finished run (resume keeps it), a run of another config or a folder of anything
+    else may not, since the run would overwrite what is there."""
+    folder = Path(output_dir)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if (folder / "summary.json").exists():
+        return (
+            f"{folder} holds a finished run: give --resume to keep it and its results, or "
+            "another --output-dir"
+        )
+    saved = _readable_json(folder / "config.json")
+    if saved is None:
+        return f"{folder} is not empty and holds no fedqssl run: give a new or empty --output-dir"
+    differences = config_differences(saved, config)
+    if differences:
+        return (
+            f"{folder} holds a run of another config ({'; '.join(differences)}): give another "
+            "--output-dir, or the same config with --resume"
+        )
+    return None
+
+
 def _readable_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

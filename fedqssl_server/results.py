@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from common.algorithms import Algorithm
+from common.atomic import claim_new_folder
 from common.config import ExperimentConfig
 from common.quant import FULL_PRECISION
 
@@ -204,8 +205,8 @@ def recorded_config(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def default_output_dir() -> Path:
-    """A new timestamped folder under ``results/``."""
-    return Path.cwd().resolve() / "results" / time.strftime("run-%Y%m%d-%H%M%S")
+    """A new timestamped folder under ``results/``, created now (``-2``, ... when taken)."""
+    return claim_new_folder(Path.cwd().resolve() / "results" / time.strftime("run-%Y%m%d-%H%M%S"))
 
 
 class RunRecorder:

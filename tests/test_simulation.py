@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import simulation
-from common.config import ConfigError
-from common.plan import algorithm_row, plan_runs
+from common.atomic import claim_new_folder
+from common.config import ConfigError, ExperimentConfig
+from common.plan import algorithm_row, plan_runs, safe_name
+from fedqssl_server.checkpoint import reuse_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """dataset: synthetic
@@ -323,3 +325,48 @@ def test_help_explains_every_option_and_lists_examples_and_presets():
     assert "examples:" in text and "--resume" in text
     for preset in (ROOT / "configs").glob("*.yaml"):
         assert preset.stem in text
+
+
+def test_default_folders_are_new_even_for_runs_started_in_the_same_second(tmp_path):
+    first = claim_new_folder(tmp_path / "results" / "quickstart-20261202-120000")
+    second = claim_new_folder(tmp_path / "results" / "quickstart-20261202-120000")
+    assert first.is_dir() and second == first.with_name(first.name + "-2") and second.is_dir()
+
+
+def test_row_folders_stay_inside_the_output_folder_and_never_collide(tmp_path):
+    assert safe_name("..") == "_.." and safe_name(".hidden") == "_.hidden"
+    assert safe_name("a/b") == "a_b" and safe_name("0.1") == "0.1"
+    sweep = plan_of(tmp_path, TINY, "--sweep", "data-dir=..,/tmp/x")
+    for _, _, config in plan_runs(sweep, tmp_path / "out"):
+        assert Path(config.output_dir).resolve().is_relative_to((tmp_path / "out").resolve())
+    clash = plan_of(tmp_path, TINY, "--sweep", "data-dir=a/b,a_b")
+    with pytest.raises(ConfigError, match="rows 'a/b' and 'a_b' would share the folder 'a_b'"):
+        plan_runs(clash, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"seed is not swept.*--seeds 0,1,2"):
+        plan_of(tmp_path, TINY, "--sweep", "seed=0,1,2")
+
+
+def test_resume_refuses_a_missing_folder_or_one_without_this_plans_runs(tmp_path):
+    completed = refused_before_start("quickstart", "--resume", str(tmp_path / "typo"))
+    assert "no such folder (a typo?)" in completed.stderr
+    (tmp_path / "other").mkdir()
+    completed = refused_before_start("quickstart", "--resume", str(tmp_path / "other"))
+    assert "holds no run of this plan" in completed.stderr
+
+
+def test_a_new_run_never_writes_over_a_folder_it_does_not_own(tmp_path):
+    config = ExperimentConfig.from_mapping({"num-clients": 2, "bitwidths": "4"}).to_dict()
+    folder = tmp_path / "run"
+    assert reuse_problem(folder, config) is None  # not there yet
+    folder.mkdir()
+    assert reuse_problem(folder, config) is None  # empty
+    (folder / "notes.txt").write_text("the user's")
+    assert "holds no fedqssl run" in reuse_problem(folder, config)
+    (folder / "config.json").write_text(json.dumps({**config, "learning-rate": 0.01}))
+    assert "another config (learning-rate: 0.01 -> 0.003)" in reuse_problem(folder, config)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert reuse_problem(folder, config) is None  # an interrupted run of this config
+    (folder / "summary.json").write_text("{}")
+    assert "holds a finished run: give --resume" in reuse_problem(folder, config)
+    completed = refused_before_start("quickstart", "--output-dir", str(folder))
+    assert "holds a finished run" in completed.stderr and (folder / "notes.txt").exists()
