@@ -52,6 +52,21 @@ class NodeRegistry:
             return f"node {node} spoke for partition {known} earlier in this run, not {partition}"
         return None
 
+    def evaluation_problem(self, node: str, partition: object, bits: object) -> str | None:
+        """Why ``node``'s evaluation reply for ``partition`` at ``bits`` cannot be used (None:
+        it can): it must speak for the partition it is bound to, at that partition's bitwidth."""
+        bound = self.partition_of.get(node)
+        if bound is None:
+            return f"node {node} speaks for no partition in this run (it trained in no round)"
+        if partition != bound:
+            return f"reports partition-id {partition!r}, but speaks for partition {bound}"
+        if bits != self.bitwidths[bound]:
+            return (
+                f"reports {bits!r} bits for partition {bound}, which the run assigns "
+                f"{self.bitwidths[bound]} bits"
+            )
+        return None
+
     def bind(self, node: str, partition: int) -> None:
         """Bind ``node`` to ``partition`` (after ``claim_problem`` said yes), releasing the
         partition's earlier node, which has gone."""

@@ -56,7 +56,7 @@ FIT_METRICS: dict[str, tuple[Check, bool]] = {
 }
 EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
     "partition-id": (_non_negative_int, True),
-    "bitwidth": (_is_int, False),
+    "bitwidth": (_is_int, True),
     "local-accuracy": (_fraction, False),
     "local-probe-accuracy": (_fraction, False),
     "untrained-local-accuracy": (_fraction, False),

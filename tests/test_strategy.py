@@ -667,9 +667,15 @@ def test_a_client_claiming_more_examples_than_the_bound_cannot_take_the_round(co
 )
 def test_an_evaluate_reply_with_a_wrong_metric_type_is_left_out_of_the_means(config, key, value):
     strategy = strategy_for(averaging(config), server_data(config), None)
+    strategy.nodes.bind("a", 0)
+    strategy.nodes.bind("b", 1)
 
     def reply(partition, accuracy):
-        metrics = {"partition-id": partition, "bitwidth": 4, "local-accuracy": accuracy}
+        metrics = {
+            "partition-id": partition,
+            "bitwidth": config.bitwidths[partition],
+            "local-accuracy": accuracy,
+        }
         return EvaluateRes(Status(Code.OK, ""), 1 - accuracy, 10, metrics)
 
     bad = reply(1, 0.2)
@@ -680,3 +686,36 @@ def test_an_evaluate_reply_with_a_wrong_metric_type_is_left_out_of_the_means(con
     results = [(FakeProxy("a"), reply(0, 0.8)), (FakeProxy("b"), bad)]
     _, metrics = strategy.aggregate_evaluate(1, results, [])
     assert metrics["local-accuracy"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("node", "partition", "bits", "reason"),
+    [
+        ("b", 0, 4, "reports partition-id 0, but speaks for partition 1"),
+        ("b", 1, 32, "reports 32 bits for partition 1, which the run assigns 8 bits"),
+        ("stranger", 2, 4, "node stranger speaks for no partition in this run"),
+        ("a", 0, 4, "repeats partition-id 0"),
+    ],
+)
+def test_an_evaluate_reply_must_speak_for_its_nodes_partition_at_its_bitwidth(
+    config, monkeypatch, node, partition, bits, reason
+):
+    """Evaluation replies are held to the fit replies' contract: a node reports only for the
+    partition it is bound to, at its bitwidth, once; anything else is a logged failure."""
+    strategy = strategy_for(averaging(config), server_data(config), None)
+    strategy.nodes.bind("a", 0)
+    strategy.nodes.bind("b", 1)
+
+    def reply(partition, bits, accuracy):
+        metrics = {"partition-id": partition, "bitwidth": bits, "local-accuracy": accuracy}
+        return EvaluateRes(Status(Code.OK, ""), 1 - accuracy, 10, metrics)
+
+    honest = [(FakeProxy("a"), reply(0, 4, 0.8))]
+    lying = (FakeProxy(node), reply(partition, bits, 0.1))
+    logged = []
+    monkeypatch.setattr(
+        "fedqssl_server.strategy.log", lambda level, message, *args: logged.append(message % args)
+    )
+    _, metrics = strategy.aggregate_evaluate(1, [*honest, lying], [])
+    assert metrics["local-accuracy"] == pytest.approx(0.8)
+    assert any(reason in line for line in logged), logged
