@@ -6,8 +6,11 @@ the reason) and write no summary; the README's command with ``num-supernodes`` m
 """
 
 import json
+import os
 import re
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,24 @@ def test_the_readme_flwr_run_command_completes(tmp_path):
     assert status["status"] == "finished:completed", completed.stdout[-3000:]
     summary = json.loads((output_dir / "summary.json").read_text())
     assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
+
+
+def test_the_app_bundle_holds_what_nodes_run_and_nothing_else(tmp_path):
+    """Every SuperNode receives the FAB: the three packages and pyproject.toml, not the results,
+    benchmarks, scripts or tests (fab-include)."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    completed = subprocess.run(
+        [flwr, "build", "--app", str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard only
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"common", "fedqssl_client", "fedqssl_server", "pyproject.toml", ".info"}
+    assert "fedqssl_server/strategy.py" in names and "common/codec.py" in names
