@@ -41,6 +41,7 @@ from common.config import ConfigError, ExperimentConfig
 from common.plan import Plan, make_plan, plan_runs, preset_path
 from common.plan_report import print_summary, write_report
 from fedqssl_server.checkpoint import CheckpointError, resume_point, reuse_problem
+from fedqssl_server.restore import checked_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 OFFLINE_ENV = {
@@ -358,6 +359,10 @@ def main() -> int:
         if args.resume:
             runs = [(row, seed, dataclasses.replace(c, resume=True)) for row, seed, c in runs]
             points = {c.output_dir: resume_point(c.output_dir, c.to_dict()) for _, _, c in runs}
+            for _, _, config in runs:  # every checkpoint checked whole before Flower starts
+                checkpoint = points[config.output_dir].checkpoint
+                if checkpoint is not None:
+                    checked_checkpoint(checkpoint, config)
             if not any((Path(c.output_dir) / "config.json").is_file() for _, _, c in runs):
                 raise ConfigError(
                     f"--resume {output_dir}: it holds no run of this plan (no config.json where "

@@ -11,7 +11,8 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from common.config import ConfigError, ExperimentConfig
 from common.experiment import server_data
-from fedqssl_server.checkpoint import load, resume_point
+from fedqssl_server.checkpoint import resume_point
+from fedqssl_server.restore import checked_checkpoint
 from fedqssl_server.results import RunRecorder, default_output_dir
 from fedqssl_server.strategy import strategy_for
 
@@ -37,12 +38,17 @@ def server_fn(context: Context) -> ServerAppComponents:
     if point is not None:
         log(INFO, "resume: %s", point.note)
     finished = point is not None and point.finished
-    recorder = None if finished else RunRecorder(config, output_dir)
-    strategy = strategy_for(config, server_data(config), recorder)
+    # the whole checkpoint is checked before the records are touched: a refused one leaves them
+    saved = None
+    if point is not None and point.checkpoint is not None:
+        saved = checked_checkpoint(point.checkpoint, config)
+    strategy = strategy_for(config, server_data(config))
     if finished:
         strategy.round_offset = config.num_rounds
-    elif point is not None and point.checkpoint is not None:
-        strategy.restore(load(point.checkpoint))
+    else:
+        strategy.recorder = RunRecorder(config, output_dir)
+    if saved is not None:
+        strategy.restore(saved)
     timeout = config.round_timeout or None  # deployment: a dead SuperNode must not stall a round
     return ServerAppComponents(
         strategy=strategy,

@@ -82,7 +82,7 @@ def load(path: Path) -> Checkpoint:
     """Read a checkpoint; a damaged or foreign file is a ``CheckpointError`` naming it."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(archive[_META].tobytes().decode())
+            meta = _checked_meta(json.loads(archive[_META].tobytes().decode()))
             state = {name: archive[f"state/{name}"].copy() for name in meta["state-names"]}
             downlink = {
                 int(bits): [archive[f"downlink/{bits}/{i}"].copy() for i in range(count)]
@@ -99,6 +99,16 @@ def load(path: Path) -> Checkpoint:
         )
     except _DAMAGED as error:
         raise _damaged(path, error) from None
+
+
+def _checked_meta(meta: object) -> dict[str, Any]:
+    """A checkpoint's metadata, if it has the shape ``save`` writes (a ValueError otherwise)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"its metadata is a {type(meta).__name__}, not a mapping")
+    for key, kind in (("round", int), ("config", dict), ("records", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"its metadata has no {key!r} of type {kind.__name__}")
+    return meta
 
 
 def _damaged(path: Path, error: Exception) -> CheckpointError:
@@ -136,7 +146,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's round, config and records, without its arrays."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return dict(json.loads(archive[_META].tobytes().decode()))
+            return _checked_meta(json.loads(archive[_META].tobytes().decode()))
     except _DAMAGED as error:
         raise _damaged(path, error) from None
 
