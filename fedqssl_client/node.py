@@ -7,12 +7,39 @@ run's ``bitwidths`` entry for its partition (the assignment the server holds eve
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
 
 Scalar = bool | bytes | float | int | str
+# every key a node config may hold (Flower's simulation sets the first two)
+NODE_KEYS = ("partition-id", "num-partitions", "bitwidth", "data-dir", "local-data")
+
+
+def check_node_keys(node_config: Mapping[str, Scalar]) -> None:
+    """A key the node config may not hold (a typo: ``bitwdith=8``) is a ConfigError naming the
+    known keys, never silently ignored."""
+    for key in node_config:
+        if key not in NODE_KEYS:
+            close = difflib.get_close_matches(str(key), NODE_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"unknown node config key {key!r}: {hint}a node config holds "
+                f"{', '.join(NODE_KEYS)}"
+            )
+
+
+def node_int(node_config: Mapping[str, Scalar], key: str) -> int:
+    """A whole-number node config value (an int, or a string of digits as Flower's own
+    simulation may pass); 1.7, true or "one" is a ConfigError naming the key."""
+    value = node_config[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"node config {key} must be a whole number like 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +58,7 @@ def node_settings(
     """The device of ``node_config`` in the run of ``run_config``. A deployed SuperNode's
     ``data-dir`` names where it finds the run's dataset (to cut its partition from); its
     ``local-data``, its own folder, replaces that partition."""
+    check_node_keys(node_config)
     values = dict(run_config)
     if "data-dir" in node_config:
         values["data-dir"] = str(node_config["data-dir"])
@@ -40,8 +68,12 @@ def node_settings(
             "node config has no partition-id: start the SuperNode with "
             '--node-config "partition-id=K num-partitions=N bitwidth=B"'
         )
-    partition_id = int(node_config["partition-id"])
-    partitions = int(node_config.get("num-partitions", config.num_clients))
+    partition_id = node_int(node_config, "partition-id")
+    partitions = (
+        node_int(node_config, "num-partitions")
+        if "num-partitions" in node_config
+        else config.num_clients
+    )
     if partitions != config.num_clients or not 0 <= partition_id < config.num_clients:
         n = config.num_clients
         raise ValueError(

@@ -39,3 +39,23 @@ def test_inconsistent_node_config_is_refused_with_the_fix(node, message):
 def test_a_bad_node_bitwidth_is_a_config_error():
     with pytest.raises(ConfigError, match="bitwidth 40 is not allowed"):
         node_settings(RUN, {"partition-id": 0, "bitwidth": 40})
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"partition-id": 1.7}, r"node config partition-id must be a whole number like 0, got 1.7"),
+        ({"partition-id": True}, r"partition-id must be a whole number like 0, got True"),
+        ({"partition-id": "one"}, r"partition-id must be a whole number like 0, got 'one'"),
+        ({"partition-id": 0, "num-partitions": 3.9}, r"num-partitions must be a whole number"),
+        ({"partition-id": 0, "bitwdith": 8}, r"unknown node config key 'bitwdith': did you mean"),
+        ({"partition-id": 0, "colour": "red"}, r"unknown node config key 'colour': a node config"),
+    ],
+)
+def test_node_config_is_as_strict_as_run_config(node, message):
+    with pytest.raises(ConfigError, match=message):
+        node_settings(RUN, node)
+
+
+def test_a_partition_id_as_digits_is_what_flowers_own_simulation_may_send():
+    assert node_settings(RUN, {"partition-id": "2", "num-partitions": "3"}).partition_id == 2
