@@ -9,3 +9,9 @@ insecure=0
 need() {  # need FILE WHAT: fail with the fix when a key file is missing
   [ -f "$1" ] || { echo "missing $2: $1 (run bash scripts/deploy/make-keys.sh first, or pass --keys DIR)" >&2; exit 1; }
 }
+whole() {  # whole WHAT VALUE: VALUE must be digits only (bash arithmetic would run $(...) in it)
+  [[ $2 =~ ^[0-9]+$ ]] || { echo "$(basename "$0"): $1 must be a whole number, got '$2'" >&2; exit 2; }
+}
+plain_path() {  # plain_path WHAT VALUE: a path that can stand inside --node-config's quotes
+  [[ $2 != *'"'* && $2 != *'\'* ]] || { echo "$(basename "$0"): $1 may not hold a quote or a backslash: '$2'" >&2; exit 2; }
+}

@@ -9,6 +9,8 @@ set -euo pipefail
 dir=${1:-deploy-keys}
 nodes=${2:-3}
 names=${3:-localhost,superlink,127.0.0.1}
+[[ $nodes =~ ^[0-9]+$ ]] || { echo "make-keys.sh: NUM_SUPERNODES must be a whole number, got '$nodes'" >&2; exit 2; }
+[[ $names =~ ^[A-Za-z0-9.:,_-]+$ ]] || { echo "make-keys.sh: SERVER_NAMES must be host names or addresses separated by commas, got '$names'" >&2; exit 2; }
 for tool in openssl ssh-keygen; do
   command -v "$tool" >/dev/null || { echo "make-keys: $tool is needed (apt-get install $([ $tool = openssl ] && echo openssl || echo openssh-client))" >&2; exit 1; }
 done

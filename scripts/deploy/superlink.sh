@@ -15,6 +15,7 @@ while [ $# -gt 0 ]; do
     *) echo "superlink.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+whole --port "$port"
 mkdir -p "$(dirname "$state")"
 args=(--host "$host" --port "$port" --database "$state" --disable-runtime-dependency-installation)
 if [ "$insecure" = 1 ]; then

@@ -28,6 +28,11 @@ done
 for name in partition partitions bits; do
   [ -n "${!name}" ] || { echo "supernode.sh: --partition-id, --num-partitions and --bitwidth are required" >&2; exit 2; }
 done
+whole --partition-id "$partition"; whole --num-partitions "$partitions"; whole --bitwidth "$bits"
+[ -z "$port" ] || whole --port "$port"
+[ -z "$retries" ] || whole --max-retries "$retries"
+[ -z "$data_dir" ] || plain_path --data-dir "$data_dir"
+[ -z "$local_data" ] || plain_path --local-data "$local_data"
 node_config="partition-id=$partition num-partitions=$partitions bitwidth=$bits"
 [ -n "$data_dir" ] && node_config+=" data-dir=\"$(cd "$data_dir" && pwd)\""
 if [ -n "$local_data" ]; then

@@ -1,0 +1,59 @@
+"""The deploy scripts refuse what would run a command or smuggle node config: every number is
+checked as digits before bash could evaluate it, every path and name before it is quoted."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[1] / "scripts" / "deploy"
+
+
+def refused(tmp_path, script, *args):
+    completed = subprocess.run(
+        ["bash", str(DEPLOY / script), *args],
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
+        capture_output=True,
+        text=True,
+        timeout=60,  # a hang guard only: each stops before starting anything
+    )
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    return completed.stderr
+
+
+NODE = ["--num-partitions", "3", "--bitwidth", "4", "--insecure"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--partition-id", "x[$(touch PWNED)]", *NODE], "--partition-id must be a whole number"),
+        (["--partition-id", "x", *NODE], "--partition-id must be a whole number, got 'x'"),
+        (
+            ["--partition-id", "0", "--num-partitions", "3", "--bitwidth", '4 local-data="/etc"'],
+            "--bitwidth must be a whole number",
+        ),
+        (["--partition-id", "0", *NODE, "--port", "9$(touch PWNED)"], "--port must be a whole"),
+        (["--partition-id", "0", *NODE, "--local-data", 'my"data'], "may not hold a quote"),
+    ],
+)
+def test_supernode_script_refuses_bad_arguments_before_anything_runs(tmp_path, args, message):
+    assert message in refused(tmp_path, "supernode.sh", *args)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_make_keys_refuses_a_count_that_is_not_a_number_before_writing(tmp_path):
+    stderr = refused(tmp_path, "make-keys.sh", "keys", "k[$(touch PWNED)]")
+    assert "NUM_SUPERNODES must be a whole number" in stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "keys").exists()
+    assert "SERVER_NAMES" in refused(tmp_path, "make-keys.sh", "keys", "2", "a b")
+
+
+def test_connect_refuses_a_name_toml_cannot_hold(tmp_path):
+    assert "--name must be letters" in refused(tmp_path, "connect.sh", "--name", "my lab")
+    assert "--superlink must be HOST:PORT" in refused(
+        tmp_path, "connect.sh", "--superlink", 'x"]\n[evil', "--insecure"
+    )
+    assert not (tmp_path / "flwr" / "config.toml").exists()
