@@ -239,7 +239,17 @@ def _probe_folder(config: ExperimentConfig, spec: DatasetSpec) -> tuple[ImageDat
     )
     if test is None:
         raise DatasetFormatError(f"probe-dir {config.probe_dir}: the global probe needs labels")
-    return capped(train, config.probe_samples, config.seed), test
+    train = capped(train, config.probe_samples, config.seed)
+    if len(test) == 0:
+        raise DatasetFormatError(f"probe-dir {config.probe_dir}: its test split holds no image")
+    unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
+    if unseen:
+        raise DatasetFormatError(
+            f"probe-dir {config.probe_dir}: classes {unseen} are in the test split but have no "
+            "labelled train image, so the probe cannot learn them: give each class scored at "
+            "least one train image (or raise probe-samples)"
+        )
+    return train, test
 
 
 def torch_device(config: ExperimentConfig) -> torch.device:

@@ -98,6 +98,12 @@ class ServerRound:
         self.config = config
         self.data = data
         self.step_counts: dict[str, int] = {}  # this round's optimizer steps by phase
+        if config.bn_recalibrate != "none" and len(data.buffer) < 2:
+            raise ConfigError(
+                f"bn-recalibrate re-estimates BatchNorm statistics on D_g, but it holds "
+                f"{len(data.buffer)} image(s) (at least 2 are needed): raise buffer-ratio, put "
+                "more images in buffer-dir, or set bn-recalibrate: none"
+            )
 
     def new_model(self, bits: int):
         """The algorithm's model at ``bits`` with the seed's initial weights."""

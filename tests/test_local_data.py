@@ -22,6 +22,7 @@ from common.experiment import ClientData, DatasetSpec, client_data, server_data
 from common.local_data import load_images, local_train_test, save_images
 from fedqssl_client.app import client_fn
 from fedqssl_client.client import LowBitClient
+from fedqssl_server.strategy import strategy_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GREY = (1, 28, 10)  # channels, image size, classes of fashion-mnist / synthetic
@@ -278,3 +279,25 @@ def test_a_supervised_algorithm_refuses_a_device_without_labels(tmp_path):
     unlabelled = ClientData(data.spec, data.train.without_labels(), None)
     with pytest.raises(ConfigError, match="fedavg trains on labels"):
         LowBitClient(config, 0, 4, RecordDict(), unlabelled)
+
+
+def test_a_probe_folder_missing_a_scored_class_or_a_test_split_is_refused(tmp_path):
+    data = make_synthetic(60, seed=3)
+    keep = data.labels != 7
+    train = ImageData(data.images[keep], data.labels[keep], 10)
+    save_images(train, tmp_path / "probe" / "train")
+    save_images(data, tmp_path / "probe" / "test")  # class 7 scored, never seen in train
+    config = tiny_config(tmp_path, "fedsimclr", **{"probe-dir": str(tmp_path / "probe")})
+    with pytest.raises(DatasetFormatError, match=r"classes \[7\] are in the test split"):
+        server_data(config)
+
+
+@pytest.mark.parametrize("algorithm", ["fedqssl", "fedsimclr"])
+def test_a_buffer_folder_of_one_image_is_refused_at_start(tmp_path, algorithm):
+    save_images(make_synthetic(1).without_labels(), tmp_path / "buffer")
+    extra = {"buffer-dir": str(tmp_path / "buffer")}
+    if algorithm == "fedsimclr":
+        extra["bn-recalibrate"] = "global"  # the only use an averaging server has for D_g
+    config = tiny_config(tmp_path, algorithm, **extra)
+    with pytest.raises(ConfigError, match=r"1 image\(s\).*buffer-dir"):
+        strategy_for(config, server_data(config))
