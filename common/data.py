@@ -12,6 +12,7 @@ memory as tensors and needs the label proportions of each client to draw its loc
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,26 +117,45 @@ def load_dataset(
     raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzip-compressed or not, as a uint8 array."""
+# the most data one IDX file may declare (Fashion-MNIST's training images are 47 MB): reading
+# stops at the header's promise, so memory stays within it however large the file
+MAX_IDX_BYTES = 2**30
+
+
+def read_idx(path: str | os.PathLike[str], max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or not, as a uint8 array. Only the
+    bytes the header declares are read (at most ``max_bytes``): a file that holds more, or
+    less, is refused naming it."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetFormatError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetFormatError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(raw) - header != expected:
+    try:
+        with opener(path, "rb") as handle:
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
+                raise DatasetFormatError(
+                    f"{path}: not an unsigned-byte IDX file (bad magic number)"
+                )
+            dims = handle.read(4 * magic[3])
+            if len(dims) < 4 * magic[3]:
+                raise DatasetFormatError(f"{path}: truncated IDX header")
+            shape = tuple(int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4))
+            expected = math.prod(shape)  # Python ints: no wrap-around
+            if expected > max_bytes:
+                raise DatasetFormatError(
+                    f"{path}: IDX header declares shape {shape} ({expected} bytes), more than "
+                    f"the {max_bytes} bytes one file may hold"
+                )
+            raw = handle.read(expected)
+            extra = handle.read(1)
+    except (OSError, EOFError) as error:  # gzip's own errors on a damaged file among them
+        raise DatasetFormatError(f"{path}: not a readable IDX file ({error})") from None
+    if len(raw) != expected or extra:
+        found = f"{len(raw)}" if not extra else "more"
         raise DatasetFormatError(
             f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
-            f"file has {len(raw) - header}"
+            f"file has {found}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def _find_file(stem: str, directories: list[Path]) -> Path | None:

@@ -208,6 +208,11 @@ def client_data(config: ExperimentConfig, partition_id: int, local_data: str = "
     train, test = local_train_test(
         local_data, *spec.shape, config.local_test_fraction, [config.seed, partition_id]
     )
+    if len(train) < 2:
+        raise DatasetFormatError(
+            f"{local_data}: {len(train)} training image(s); a device needs at least 2 (a "
+            "training step contrasts the images of a batch)"
+        )
     return ClientData(spec, train, test)
 
 

@@ -18,12 +18,12 @@ test split; otherwise a seeded, class-stratified share of labelled data is held 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets.folder import make_dataset
 
 from common.data import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
 
@@ -96,12 +96,20 @@ def _stratified_share(labels: np.ndarray, fraction: float, rng: np.random.Genera
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    with np.load(path, allow_pickle=False) as archive:
-        if "images" not in archive:
-            raise DatasetFormatError(
-                f"{path}: no 'images' array (found {', '.join(archive.files) or 'none'})"
-            )
-        return archive["images"], archive.get("labels")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive:
+                raise DatasetFormatError(
+                    f"{path}: no 'images' array (found {', '.join(archive.files) or 'none'})"
+                )
+            return archive["images"], archive.get("labels")
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, DatasetFormatError):
+            raise
+        raise DatasetFormatError(
+            f"{path}: not a readable .npz of images ({type(error).__name__}: {error}); object "
+            "arrays are refused (no pickle)"
+        ) from None
 
 
 def _read_folder(
@@ -118,6 +126,11 @@ def _read_folder(
         if len(idx_images) > 1 or len(idx_labels) > 1:
             raise DatasetFormatError(f"{path}: keep one idx images file and at most one labels")
         return read_idx(idx_images[0]), read_idx(idx_labels[0]) if idx_labels else None
+    links = [entry for entry in path.iterdir() if entry.is_dir() and entry.is_symlink()]
+    if links:
+        raise DatasetFormatError(
+            f"{links[0]} is a link to a folder: links are not followed; copy the images in instead"
+        )
     folders = sorted(entry.name for entry in path.iterdir() if entry.is_dir())
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     if folders and files:
@@ -128,7 +141,7 @@ def _read_folder(
     if folders:
         return _read_class_folders(path, folders, channels, size)
     if files:
-        return torch.stack([_decode(f, channels, size) for f in files]), None
+        return torch.stack([_decode(f, channels, size) for f in _image_files(path)]), None
     raise DatasetNotFoundError(f"{path} holds no images; give {LAYOUTS}")
 
 
@@ -142,25 +155,63 @@ def _read_class_folders(
             f"{path}: class folders must be named by their integer label (0, 1, ...) so every "
             f"device labels a class alike; found {', '.join(wrong[:5])}"
         )
-    samples = make_dataset(str(path), {name: int(name) for name in folders}, IMAGE_EXTENSIONS)
-    images = torch.stack([_decode(Path(file), channels, size) for file, _ in samples])
+    samples = [(file, int(name)) for name in folders for file in _image_files(path / name)]
+    if not samples:
+        raise DatasetNotFoundError(f"{path}: its class folders hold no images; give {LAYOUTS}")
+    images = torch.stack([_decode(file, channels, size) for file, _ in samples])
     return images, np.array([label for _, label in samples], dtype=np.int64)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, each real file once. Links to folders are not
+    followed (a link back up would read images again, or never end): one is an error naming it,
+    as is a link to a file already read."""
+    found: dict[str, Path] = {}
+    for root, directories, files in os.walk(folder, followlinks=False):
+        for name in directories:
+            if (Path(root) / name).is_symlink():
+                raise DatasetFormatError(
+                    f"{Path(root) / name} is a link to a folder: links are not followed (an "
+                    "image would be read twice, or forever); copy the images in instead"
+                )
+        for name in sorted(files):
+            file = Path(root) / name
+            if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            real = os.path.realpath(file)
+            if real in found:
+                raise DatasetFormatError(
+                    f"{file} is the same image as {found[real]}: give each image once (a "
+                    "duplicate could land in both the train and the test split)"
+                )
+            found[real] = file
+    return sorted(found.values())
+
+
 def _decode(path: Path, channels: int, size: int) -> torch.Tensor:
-    """One image file as uint8 (C, H, W), converted to grey or RGB as the run needs."""
+    """One image file as uint8 (C, H, W), converted to grey or RGB as the run needs. Its
+    declared size is checked before any pixel is decoded, so a small file declaring a huge image
+    costs nothing; 16-bit greyscale keeps its high byte (not clipped to white)."""
     try:
         with Image.open(path) as opened:
-            pixels = np.asarray(opened.convert("L" if channels == 1 else "RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise DatasetFormatError(f"{path}: not a readable image ({error})") from error
-    image = torch.from_numpy(pixels.copy()).reshape(*pixels.shape[:2], -1).permute(2, 0, 1)
-    if image.shape[-2:] != (size, size):
-        raise DatasetFormatError(
-            f"{path}: {image.shape[-2]} x {image.shape[-1]} pixels, but the run's dataset has "
-            f"{size} x {size}: resize the images to {size} x {size}"
-        )
-    return image
+            width, height = opened.size
+            if (height, width) != (size, size):
+                raise DatasetFormatError(
+                    f"{path}: {height} x {width} pixels, but the run's dataset has "
+                    f"{size} x {size}: resize the images to {size} x {size}"
+                )
+            if opened.mode.startswith("I;16"):
+                grey = Image.fromarray((np.asarray(opened, dtype=np.uint16) >> 8).astype(np.uint8))
+                pixels = np.asarray(grey.convert("L" if channels == 1 else "RGB"))
+            elif opened.mode in ("I", "F"):
+                raise DatasetFormatError(
+                    f"{path}: {opened.mode!r} images (32-bit) are not read; save it as 8-bit"
+                )
+            else:
+                pixels = np.asarray(opened.convert("L" if channels == 1 else "RGB"))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise DatasetFormatError(f"{path}: not a readable image ({error})") from None
+    return torch.from_numpy(pixels.copy()).reshape(*pixels.shape[:2], -1).permute(2, 0, 1)
 
 
 def _to_nchw(

@@ -301,3 +301,84 @@ def test_a_buffer_folder_of_one_image_is_refused_at_start(tmp_path, algorithm):
     config = tiny_config(tmp_path, algorithm, **extra)
     with pytest.raises(ConfigError, match=r"1 image\(s\).*buffer-dir"):
         strategy_for(config, server_data(config))
+
+
+def labelled_folder(folder: Path, count: int = 10) -> ImageData:
+    data = make_synthetic(count, seed=5)
+    save_images(data, folder)
+    return data
+
+
+def test_a_link_to_a_folder_is_refused_never_followed(tmp_path):
+    labelled_folder(tmp_path / "device")
+    first_class = next(p for p in sorted((tmp_path / "device").iterdir()) if p.is_dir())
+    (first_class / "again").symlink_to(".")  # a loop: read 41 times, or forever, if followed
+    with pytest.raises(DatasetFormatError, match=r"again is a link to a folder"):
+        load_images(tmp_path / "device", 1, 28, 10)
+    (first_class / "again").unlink()
+    (tmp_path / "device" / "7").rename(tmp_path / "seven")
+    (tmp_path / "device" / "7").symlink_to(tmp_path / "seven")
+    with pytest.raises(DatasetFormatError, match=r"7 is a link to a folder"):
+        load_images(tmp_path / "device", 1, 28, 10)
+
+
+def test_a_file_linked_twice_is_refused_not_read_into_both_splits(tmp_path):
+    labelled_folder(tmp_path / "device")
+    first_class = next(p for p in sorted((tmp_path / "device").iterdir()) if p.is_dir())
+    image = next(first_class.glob("*.png"))
+    (first_class / "copy.png").symlink_to(image)
+    with pytest.raises(DatasetFormatError, match=r"copy.png is the same image as"):
+        load_images(tmp_path / "device", 1, 28, 10)
+
+
+def test_sixteen_bit_greyscale_keeps_its_values(tmp_path):
+    from PIL import Image
+
+    values = ((np.arange(28 * 28, dtype=np.int64).reshape(28, 28) * 83) % 65536).astype(np.uint16)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "flat" / "deep.png")
+    assert Image.open(tmp_path / "flat" / "deep.png").mode.startswith("I;16")
+    loaded = load_images(tmp_path / "flat", 1, 28, 10).images[0, 0].numpy()
+    assert np.array_equal(loaded, (values >> 8).astype(np.uint8))  # not 255 everywhere
+
+
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (12000, 12000)).save(tmp_path / "flat" / "bomb.png")  # ~0.4 MB on disk
+    with pytest.raises(DatasetFormatError, match=r"bomb.png: 12000 x 12000 pixels"):
+        load_images(tmp_path / "flat", 1, 28, 10)
+
+
+@pytest.mark.parametrize("damage", ["object", "truncated"])
+def test_an_unreadable_npz_is_refused_naming_it(tmp_path, damage):
+    path = tmp_path / "data.npz"
+    if damage == "object":
+        np.savez(path, images=np.array([{"a": 1}], dtype=object))
+    else:
+        np.savez(path, images=np.zeros((4, 28, 28), np.uint8))
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetFormatError, match=r"data.npz: not a readable .npz"):
+        load_images(path, 1, 28, 10)
+
+
+def test_idx_files_are_read_only_as_far_as_their_header_promises(tmp_path):
+    header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (tmp_path / "padded").mkdir()
+    with gzip.open(tmp_path / "padded" / "padded-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(header + bytes(10 * 28 * 28) + bytes(10_000_000))  # 10 MB of extra zeros
+    with pytest.raises(DatasetFormatError, match=r"promises 7840 bytes .* file has more"):
+        load_images(tmp_path / "padded", 1, 28, 10)
+    huge = bytes([0, 0, 8, 3]) + (2**32 - 1).to_bytes(4, "big") * 3  # wraps an int64 product
+    (tmp_path / "huge").mkdir()
+    (tmp_path / "huge" / "huge-images-idx3-ubyte").write_bytes(huge)
+    with pytest.raises(DatasetFormatError, match=r"more than the 1073741824 bytes"):
+        load_images(tmp_path / "huge", 1, 28, 10)
+
+
+def test_a_device_with_fewer_than_two_training_images_is_refused_at_load(tmp_path):
+    save_images(make_synthetic(1).without_labels(), tmp_path / "one")
+    config = tiny_config(tmp_path, "fedqssl")
+    with pytest.raises(DatasetFormatError, match=r"1 training image\(s\); a device needs at least"):
+        client_data(config, 0, str(tmp_path / "one"))
