@@ -316,6 +316,12 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return make_plan(args.preset, args.set, args.compare, args.sweep, args.seeds)
 
 
+def has_runs(folder: Path) -> bool:
+    """Whether ``folder`` holds a run: its own (one run) or a row's (``ROW/seed-N/``), of any
+    seed, so a comparison can be resumed with more seeds than it has run."""
+    return (folder / "config.json").is_file() or any(folder.glob("*/seed-*/config.json"))
+
+
 def chosen_output_dir(plan: Plan, args: argparse.Namespace) -> Path:
     """``--resume DIR``, ``--output-dir``, the preset's ``output-dir``, or a new timestamped
     folder under ``results/``."""
@@ -363,11 +369,10 @@ def main() -> int:
                 checkpoint = points[config.output_dir].checkpoint
                 if checkpoint is not None:
                     checked_checkpoint(checkpoint, config)
-            if not any((Path(c.output_dir) / "config.json").is_file() for _, _, c in runs):
+            if not has_runs(output_dir):
                 raise ConfigError(
-                    f"--resume {output_dir}: it holds no run of this plan (no config.json where "
-                    "its runs would be); check the folder and the preset, or start with "
-                    "--output-dir"
+                    f"--resume {output_dir}: it holds no run (no config.json in it or in its "
+                    "row/seed folders); check the folder, or start with --output-dir"
                 )
     except CheckpointError as error:
         print(f"cannot resume: {error}", file=sys.stderr)
