@@ -7,6 +7,8 @@ test accuracy: test data is never used to pick anything.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
@@ -40,6 +42,57 @@ def knn_accuracy(
     return correct / max(len(test), 1)
 
 
+@dataclass
+class LinearProbe:
+    """A trained linear probe: the training features' standardization and the linear layer (at
+    its bitwidth). Saved with a device's model, it is the device's whole classifier."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    layer: torch.nn.Module
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Class predictions for frozen features."""
+        return self.layer((features - self.mean) / self.std).argmax(dim=1)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """The share of ``labels`` predicted."""
+        return float((self.predict(features) == labels).float().mean())
+
+
+def train_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    bits: int = FULL_PRECISION,
+    epochs: int = GLOBAL_PROBE_EPOCHS,
+    learning_rate: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> LinearProbe:
+    """A ``bits``-bit linear classifier trained ``epochs`` on frozen features (standardized
+    with the training set's statistics). At low bitwidth its weight gradients are quantile-
+    quantized at ``bits + 2``, as in local training."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mean = train_features.mean(dim=0)
+    std = train_features.std(dim=0).clamp_min(1e-6)
+    train_x = (train_features - mean) / std
+    probe = linear_probe(train_x.shape[1], num_classes, bits)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(probe(train_x[batch]), train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            quantize_weight_grads_(probe, bits, "stochastic", generator)
+            optimizer.step()
+    return LinearProbe(mean, std, probe)
+
+
 def linear_probe_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -52,30 +105,11 @@ def linear_probe_accuracy(
     batch_size: int = 256,
     seed: int = 0,
 ) -> float:
-    """Train a ``bits``-bit linear classifier on frozen features; final-epoch test accuracy.
-
-    Features are standardized with the training set's statistics. At low bitwidth the probe's
-    weight gradients are quantile-quantized at ``bits + 2``, as in local training.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    mean = train_features.mean(dim=0)
-    std = train_features.std(dim=0).clamp_min(1e-6)
-    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
-    probe = linear_probe(train_x.shape[1], num_classes, bits)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=learning_rate)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(probe(train_x[batch]), train_labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            quantize_weight_grads_(probe, bits, "stochastic", generator)
-            optimizer.step()
-    with torch.no_grad():
-        predictions = probe(test_x).argmax(dim=1)
-    return float((predictions == test_labels).float().mean())
+    """Train a probe (``train_linear_probe``) and return its final-epoch test accuracy."""
+    probe = train_linear_probe(
+        train_features, train_labels, num_classes, bits, epochs, learning_rate, batch_size, seed
+    )
+    return probe.accuracy(test_features, test_labels)
 
 
 @torch.no_grad()

@@ -19,7 +19,9 @@ import torch
 from common.atomic import write_npz_atomically
 from common.codec import PayloadError, decode_state, payload_bits
 from common.config import ExperimentConfig
+from common.evaluation import LinearProbe
 from common.experiment import DatasetSpec, new_model
+from common.models import linear_probe
 
 MODELS_FOLDER = "models"
 PAYLOAD_KEYS = ("header", "codes", "floats", "ints")  # the codec's four arrays, in order
@@ -60,6 +62,42 @@ def save_run_models(
         save_payload(output_dir / relative, payload)
         saved[name] = relative
     return saved
+
+
+PROBE_KEYS = ("probe-weight", "probe-bias", "probe-mean", "probe-std")
+
+
+def save_client_model(
+    folder: Path, partition: int, payload: list[np.ndarray], probe: LinearProbe | None
+) -> Path:
+    """A device's personalized model, ``folder/client-<partition>.npz``: the model it scores
+    (its payload at its bitwidth) and, when the protocol trained one, its local probe head."""
+    arrays = dict(zip(PAYLOAD_KEYS, payload, strict=True))
+    if probe is not None:
+        tensors = (probe.layer.weight, probe.layer.bias, probe.mean, probe.std)
+        arrays.update(
+            {
+                key: t.detach().cpu().float().numpy()
+                for key, t in zip(PROBE_KEYS, tensors, strict=True)
+            }
+        )
+    path = folder / f"client-{partition}.npz"
+    write_npz_atomically(path, arrays)
+    return path
+
+
+def load_probe(path: str | os.PathLike[str]) -> LinearProbe:
+    """The local probe head saved with a device's model (``save_client_model``), at the
+    model's bitwidth; ``SavedModelError`` if the file holds none."""
+    bits = payload_bits(read_payload(path))
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            weight, bias, mean, std = (torch.from_numpy(archive[k].copy()) for k in PROBE_KEYS)
+    except KeyError:
+        raise SavedModelError(f"{path} holds no probe head (a supervised device's model)") from None
+    layer = linear_probe(weight.shape[1], weight.shape[0], bits)
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return LinearProbe(mean, std, layer.eval())
 
 
 def load_model(path: str | os.PathLike[str], config: ExperimentConfig) -> torch.nn.Module:

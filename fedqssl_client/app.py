@@ -20,7 +20,9 @@ def client_fn(context: Context):
     node = node_settings(context.run_config, context.node_config)
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
     data = client_data(node.config, node.partition_id, node.local_data)
-    return LowBitClient(node.config, node.partition_id, node.bits, context.state, data).to_client()
+    return LowBitClient(
+        node.config, node.partition_id, node.bits, context.state, data, node.model_folder()
+    ).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

@@ -4,6 +4,7 @@ packed codes both ways (models, or FedPAQ's QSGD-coded updates)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +23,12 @@ from common.codec import (
 )
 from common.config import ConfigError, ExperimentConfig
 from common.data import ImageData
-from common.evaluation import LOCAL_PROBE_EPOCHS, linear_probe_accuracy
+from common.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_linear_probe
 from common.experiment import ClientData, client_data, new_model
 from common.models import extract_features
 from common.objectives import objective
 from common.quant import FULL_PRECISION
+from common.saved_models import save_client_model
 from common.training import Trained, fit_local
 
 Scalar = bool | bytes | float | int | str
@@ -48,12 +50,14 @@ class LowBitClient(NumPyClient):
         bits: int,
         state: RecordDict | None = None,
         data: ClientData | None = None,
+        model_dir: str = "",
     ) -> None:
         self.config = config
         self.algorithm = get_algorithm(config.algorithm)
         self.partition_id = partition_id
         self.bits = bits
         self.state = RecordDict() if state is None else state
+        self.model_dir = model_dir  # where this device keeps its personalized model ("": not)
         self.data = client_data(config, partition_id) if data is None else data
         self.objective = objective(self.algorithm.objective)
         if self.objective.supervised and not self.data.train.labelled:
@@ -159,9 +163,14 @@ class LowBitClient(NumPyClient):
             local = self.state[LOCAL_MODEL].to_numpy_ndarrays()
             self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
         untrained = new_model(self.config, self.bits, *self._shape())
+        probe = self._probe(self.model.encoder)
         metrics: dict[str, Scalar] = {
-            "local-probe-accuracy": self._probe(self.model.encoder, test),
-            "untrained-local-probe-accuracy": self._probe(untrained.encoder, test),
+            "local-probe-accuracy": probe.accuracy(
+                self._features(self.model.encoder, test), test.labels
+            ),
+            "untrained-local-probe-accuracy": self._probe(untrained.encoder).accuracy(
+                self._features(untrained.encoder, test), test.labels
+            ),
         }
         test_images = self.data.spec.normalize(test.images)
         for prefix, model in (("", self.model), ("untrained-", untrained)):
@@ -171,20 +180,23 @@ class LowBitClient(NumPyClient):
             )
         if self.objective.supervised:
             metrics["local-model"] = "own" if own else "received"
+        if self.model_dir:
+            payload = encode_state(self.model.state_dict(), self.bits)
+            saved = save_client_model(
+                Path(self.model_dir), self.partition_id, payload, None if own else probe
+            )
+            metrics["saved-model"] = str(saved)
         return 1.0 - float(metrics["local-accuracy"]), len(test), self._metrics(**metrics)
 
-    def _probe(self, encoder: torch.nn.Module, test: ImageData) -> float:
-        """The SSL protocol: a linear probe at this bitwidth on ``encoder``'s frozen features of
-        the local labelled share, scored on the local test set (final epoch)."""
-        features = [
-            extract_features(encoder, self.data.spec.normalize(part.images))
-            for part in (self.data.train, test)
-        ]
-        return linear_probe_accuracy(
-            features[0],
+    def _features(self, encoder: torch.nn.Module, part: ImageData) -> torch.Tensor:
+        return extract_features(encoder, self.data.spec.normalize(part.images))
+
+    def _probe(self, encoder: torch.nn.Module) -> LinearProbe:
+        """The SSL protocol's probe: linear, at this bitwidth, on ``encoder``'s frozen features
+        of the local labelled share (final epoch; scored on the local test set)."""
+        return train_linear_probe(
+            self._features(encoder, self.data.train),
             self.data.train.labels,
-            features[1],
-            test.labels,
             self.data.spec.num_classes,
             self.bits,
             epochs=LOCAL_PROBE_EPOCHS,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
 
 Scalar = bool | bytes | float | int | str
 # every key a node config may hold (Flower's simulation sets the first two)
-NODE_KEYS = ("partition-id", "num-partitions", "bitwidth", "data-dir", "local-data")
+NODE_KEYS = ("partition-id", "num-partitions", "bitwidth", "data-dir", "local-data", "model-dir")
 
 
 def check_node_keys(node_config: Mapping[str, Scalar]) -> None:
@@ -26,8 +27,7 @@ def check_node_keys(node_config: Mapping[str, Scalar]) -> None:
             close = difflib.get_close_matches(str(key), NODE_KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
-                f"unknown node config key {key!r}: {hint}a node config holds "
-                f"{', '.join(NODE_KEYS)}"
+                f"unknown node config key {key!r}: {hint}a node config holds {', '.join(NODE_KEYS)}"
             )
 
 
@@ -50,6 +50,16 @@ class NodeSettings:
     partition_id: int
     bits: int
     local_data: str  # its own folder ("": its partition of the run's dataset)
+    model_dir: str  # where it keeps its personalized model ("": see ``model_folder``)
+
+    def model_folder(self) -> str:
+        """Where this device keeps its personalized model after the last round: its node
+        config's ``model-dir``; else, when the run's folder exists on this machine (simulation,
+        or a device sharing the server's disk), that folder's ``models/``; else nowhere."""
+        if self.model_dir:
+            return self.model_dir
+        output = self.config.output_dir
+        return str(Path(output) / "models") if output and Path(output).is_dir() else ""
 
 
 def node_settings(
@@ -84,7 +94,13 @@ def node_settings(
             f"num-partitions={n}"
         )
     bits = _bitwidth(config, partition_id, node_config.get("bitwidth"))
-    return NodeSettings(config, partition_id, bits, str(node_config.get("local-data", "")))
+    return NodeSettings(
+        config,
+        partition_id,
+        bits,
+        str(node_config.get("local-data", "")),
+        str(node_config.get("model-dir", "")),
+    )
 
 
 def _bitwidth(config: ExperimentConfig, partition: int, declared: Scalar | None) -> int:

@@ -62,6 +62,7 @@ EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
     "untrained-local-accuracy": (_fraction, False),
     "untrained-local-probe-accuracy": (_fraction, False),
     "local-model": (lambda value: isinstance(value, str) and len(value) <= 64, False),
+    "saved-model": (lambda value: isinstance(value, str) and len(value) <= 1024, False),
 }
 
 

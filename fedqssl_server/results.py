@@ -135,6 +135,7 @@ def local_record(metrics: Mapping[str, Any], test_examples: int) -> dict[str, An
         "bitwidth": metrics.get("bitwidth"),
         **{key: metrics.get(key) for key in LOCAL_SCORES},
         "local-model": metrics.get("local-model", "probe"),
+        "saved-model": metrics.get("saved-model"),  # the device's own copy, where it keeps it
         "test-examples": test_examples,
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -301,6 +302,18 @@ class LowBitStrategy(Strategy):
                 self.recorder.output_dir, self._global_payload(), self.downlink
             )
 
+    def _models_with(self, local: list[dict]) -> dict[str, str]:
+        """The saved models, with each device's own that lies in the run folder (simulation),
+        named ``client-K`` by a path relative to the folder; a device's record says the same."""
+        models = dict(self.saved_models)
+        folder = self.recorder.output_dir.resolve()
+        for client in local:
+            saved = client.get("saved-model")
+            if saved and Path(saved).resolve().is_relative_to(folder):
+                client["saved-model"] = str(Path(saved).resolve().relative_to(folder))
+                models[f"client-{client['partition-id']}"] = client["saved-model"]
+        return models
+
     def _save_checkpoint(self, server_round: int) -> None:
         """What the rounds after ``server_round`` depend on, to resume from (``restore``)."""
         if self.recorder is None:
@@ -389,6 +402,7 @@ class LowBitStrategy(Strategy):
         )
         mean_local = mean_of(local, "local-accuracy")
         if self.recorder is not None:
+            models = self._models_with(local)  # devices' paths made relative first
             summary = run_summary(
                 self.algorithm,
                 self.config,
@@ -411,7 +425,7 @@ class LowBitStrategy(Strategy):
                 ),
                 self.recorder.output_dir,
             )
-            self.recorder.finish({**summary, "models": self.saved_models})
+            self.recorder.finish({**summary, "models": models})
             checkpoint.checkpoint_path(self.recorder.output_dir).unlink(missing_ok=True)
         return (None if mean_local is None else 1 - mean_local), {
             "local-accuracy": mean_local or 0.0

@@ -51,9 +51,10 @@ def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):
     )
 
 
-def federate(config, client_data=None):
+def federate(config, client_data=None, model_dirs=None):
     """Run ``config.num_rounds`` rounds in process; (strategy, clients). ``client_data``: each
-    client's own ClientData (default: its partition)."""
+    client's own ClientData (default: its partition); ``model_dirs``: where each keeps its
+    personalized model (default: nowhere)."""
     recorder = RunRecorder(config, Path(config.output_dir))
     strategy = strategy_for(config, server_data(config), recorder)
     proxies = [FakeProxy(str(k)) for k in range(config.num_clients)]
@@ -64,6 +65,7 @@ def federate(config, client_data=None):
             config.bitwidths[int(p.cid)],
             RecordDict(),
             None if client_data is None else client_data[int(p.cid)],
+            "" if model_dirs is None else model_dirs[int(p.cid)],
         )
         for p in proxies
     }

@@ -14,7 +14,7 @@ from common.codec import decode_state, payload_bits
 from common.experiment import server_data
 from common.local_data import save_images
 from common.models import extract_features
-from common.saved_models import SavedModelError, load_model, read_payload
+from common.saved_models import SavedModelError, load_model, load_probe, read_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import use_model
@@ -85,3 +85,36 @@ def test_a_file_that_is_not_a_saved_model_is_refused_naming_it(tmp_path, finishe
         load_model(run / "models/global.npz", other)
     with pytest.raises(SystemExit, match="no saved model 'downlink-2bit'; it has: downlink-4bit"):
         use_model.score(run, "downlink-2bit")
+
+
+def test_each_device_keeps_its_personalized_model_and_probe_in_the_run_folder(tmp_path):
+    """In simulation the run folder is on the devices' machine: each keeps its model (at its
+    bitwidth) and its local probe head there; the summary names them by relative paths."""
+    config = tiny_config(tmp_path, "fedsimclr")
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True)
+    models = str(folder / "models")
+    data = [None, None]
+    strategy, clients = federate(config, data, model_dirs=[models, models])
+    summary = json.loads((folder / "summary.json").read_text())
+    for client, bits in zip(summary["local-accuracy"], (4, 8), strict=True):
+        k = client["partition-id"]
+        assert client["saved-model"] == summary["models"][f"client-{k}"] == f"models/client-{k}.npz"
+        model = load_model(folder / client["saved-model"], config)
+        assert model.encoder.features[0].bits == bits
+        received = decode_state(strategy.downlink[bits])
+        assert all(torch.equal(model.state_dict()[n].cpu(), v) for n, v in received.items())
+        probe = load_probe(folder / client["saved-model"])
+        own = clients[str(k)]
+        test = own.data.test
+        features = extract_features(model.encoder, own.data.spec.normalize(test.images))
+        assert probe.accuracy(features, test.labels) == pytest.approx(client["local-accuracy"])
+    assert "/" not in json.dumps(summary["models"]).replace("models/", "")  # no machine path
+
+
+def test_a_device_without_a_model_folder_keeps_nothing(tmp_path):
+    config = tiny_config(tmp_path, "fedsimclr")
+    federate(config)
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert all(c["saved-model"] is None for c in summary["local-accuracy"])
+    assert not any(key.startswith("client-") for key in summary["models"])
