@@ -57,3 +57,26 @@ def test_connect_refuses_a_name_toml_cannot_hold(tmp_path):
         tmp_path, "connect.sh", "--superlink", 'x"]\n[evil', "--insecure"
     )
     assert not (tmp_path / "flwr" / "config.toml").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:60025", "[::1]:8000", "superlink:8000"])
+def test_connect_takes_every_real_address_and_writes_the_connection(tmp_path, address):
+    completed = subprocess.run(
+        [
+            "bash",
+            str(DEPLOY / "connect.sh"),
+            "--name",
+            "lab-1",
+            "--superlink",
+            address,
+            "--insecure",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    config = (tmp_path / "flwr" / "config.toml").read_text()
+    assert f'[superlink.lab-1]\naddress = "{address}"\ninsecure = true' in config

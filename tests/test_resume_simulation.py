@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the end-to-end tests' tiny run, at 2, 4 and 8 bits, for 4 rounds of 2 local epochs
 PRESET = (
     TINY.replace("bitwidths: [4, 8, 12]", "bitwidths: [2, 4, 8]")
-    .replace("num-rounds: 2", "num-rounds: 4\nlocal-epochs: 2")
+    .replace("num-rounds: 2", "num-rounds: 4")
+    .replace("local-epochs: 1", "local-epochs: 2")
     .replace("batch-size: 64", "batch-size: 32")
 )
 

@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ $name =~ ^[A-Za-z0-9_-]+$ ]] || { echo "connect.sh: --name must be letters, digits, '_' or '-' (a TOML key), got '$name'" >&2; exit 2; }
-[[ $superlink =~ ^[A-Za-z0-9.:_\[\]-]+$ ]] || { echo "connect.sh: --superlink must be HOST:PORT, got '$superlink'" >&2; exit 2; }
+[[ $superlink =~ ^[][A-Za-z0-9.:_-]+$ ]] || { echo "connect.sh: --superlink must be HOST:PORT, got '$superlink'" >&2; exit 2; }
 export FLWR_HOME=${FLWR_HOME:-$root/.flwr}
 mkdir -p "$FLWR_HOME"
 config=$FLWR_HOME/config.toml
