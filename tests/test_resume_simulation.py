@@ -98,4 +98,4 @@ def test_a_run_killed_in_round_three_resumes_to_the_uninterrupted_result(tmp_pat
 
     changed = run(tmp_path, "--resume", str(folder), "--set", "learning-rate=0.01")
     assert changed.returncode == 2
-    assert "cannot resume" in changed.stderr and "learning-rate: 0.001 -> 0.01" in changed.stderr
+    assert "cannot resume" in changed.stderr and "learning-rate: 0.003 -> 0.01" in changed.stderr
