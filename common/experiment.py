@@ -280,3 +280,10 @@ def new_model(
     model = goal.build(config.model, bits, channels, config.model_width, num_classes)
     set_fp_activation(model, config.fp_activation)
     return model.to(torch_device(config))
+
+
+def run_model(config: ExperimentConfig, bits: int) -> SSLModel | Classifier:
+    """``new_model`` shaped by the run's dataset alone (no data loaded): what a saved model or a
+    checkpoint of the run is loaded into."""
+    spec = DatasetSpec.of(config.dataset)
+    return new_model(config, bits, spec.channels, spec.num_classes)

@@ -20,7 +20,7 @@ from common.atomic import write_npz_atomically
 from common.codec import PayloadError, decode_state, payload_bits
 from common.config import ExperimentConfig
 from common.evaluation import LinearProbe
-from common.experiment import DatasetSpec, new_model
+from common.experiment import run_model
 from common.models import linear_probe
 
 MODELS_FOLDER = "models"
@@ -105,8 +105,7 @@ def load_model(path: str | os.PathLike[str], config: ExperimentConfig) -> torch.
     downlink at its clients' bitwidth, the global model at 32), in eval mode. ``config`` is the
     run's (its folder's ``config.json``)."""
     payload = read_payload(path)
-    spec = DatasetSpec.of(config.dataset)
-    model = new_model(config, payload_bits(payload), spec.channels, spec.num_classes)
+    model = run_model(config, payload_bits(payload))
     try:
         model.load_state_dict(decode_state(payload, template=model.state_dict()))
     except PayloadError as error:

@@ -52,9 +52,12 @@ class NodeRegistry:
             return f"node {node} spoke for partition {known} earlier in this run, not {partition}"
         return None
 
-    def evaluation_problem(self, node: str, partition: object, bits: object) -> str | None:
+    def evaluation_problem(
+        self, node: str, partition: object, bits: object, taken: Collection[object]
+    ) -> str | None:
         """Why ``node``'s evaluation reply for ``partition`` at ``bits`` cannot be used (None:
-        it can): it must speak for the partition it is bound to, at that partition's bitwidth."""
+        it can): it must speak for the partition it is bound to, at that partition's bitwidth,
+        and for one not yet answered (``taken``)."""
         bound = self.partition_of.get(node)
         if bound is None:
             return f"node {node} speaks for no partition in this run (it trained in no round)"
@@ -65,6 +68,8 @@ class NodeRegistry:
                 f"reports {bits!r} bits for partition {bound}, which the run assigns "
                 f"{self.bitwidths[bound]} bits"
             )
+        if partition in taken:
+            return f"repeats partition-id {partition}"
         return None
 
     def bind(self, node: str, partition: int) -> None:

@@ -13,15 +13,14 @@ import torch
 
 from common.codec import PayloadError, decode_state
 from common.config import ExperimentConfig
-from common.experiment import DatasetSpec, new_model
+from common.experiment import run_model
 from common.quant import FULL_PRECISION
 from fedqssl_server.checkpoint import Checkpoint, CheckpointError, load
 
 
 def model_template(config: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The state dict of the run's full-precision model: what a saved global model must match."""
-    spec = DatasetSpec.of(config.dataset)
-    return new_model(config, FULL_PRECISION, spec.channels, spec.num_classes).state_dict()
+    return run_model(config, FULL_PRECISION).state_dict()
 
 
 def checkpoint_problem(

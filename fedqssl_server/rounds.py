@@ -98,6 +98,7 @@ class ServerRound:
         self.config = config
         self.data = data
         self.step_counts: dict[str, int] = {}  # this round's optimizer steps by phase
+        self.round_bitwidths: set[int] = set()
         if config.bn_recalibrate != "none" and len(data.buffer) < 2:
             raise ConfigError(
                 f"bn-recalibrate re-estimates BatchNorm statistics on D_g, but it holds "
@@ -158,6 +159,7 @@ class ServerRound:
         folding it into the weighted sum at once, then aggregate and requantize."""
         start = time.perf_counter()
         self.step_counts = {}
+        bitwidths = self.round_bitwidths = set(bitwidths)  # what this round re-quantizes for
         views = self.views(server_round)
         total = RunningAverage()
         total_examples = sum(examples[key] for key in received)
@@ -321,11 +323,14 @@ class FineTuneRound(FedQSSLRound):
         return self.train_on(total.result(current), FULL_PRECISION, views, seed, "finetune")[0]
 
 
-def fedqssl_server_steps(config: ExperimentConfig, steps_per_epoch: int, clients: int) -> int:
-    """Fed-QSSL's server budget in a round of ``clients`` received models: one de-quantization
-    each and one re-quantization per bitwidth, each ``epochs x steps_per_epoch`` steps."""
+def fedqssl_server_steps(
+    config: ExperimentConfig, steps_per_epoch: int, clients: int, bitwidths: int
+) -> int:
+    """Fed-QSSL's server budget in a round of ``clients`` received models re-quantized for
+    ``bitwidths`` bitwidths: one de-quantization each and one re-quantization per bitwidth, each
+    ``epochs x steps_per_epoch`` steps."""
     return steps_per_epoch * (
-        clients * config.dequantize_epochs + len(set(config.bitwidths)) * config.requantize_epochs
+        clients * config.dequantize_epochs + bitwidths * config.requantize_epochs
     )
 
 
@@ -346,7 +351,9 @@ class BufferOnlyRound(FedQSSLRound):
 
     def aggregate(self, current, total, server_round):
         """w_G: the current global model trained on D_g for Fed-QSSL's round budget."""
-        budget = fedqssl_server_steps(self.config, self.steps_per_epoch, total.count)
+        budget = fedqssl_server_steps(
+            self.config, self.steps_per_epoch, total.count, len(self.round_bitwidths)
+        )
         seed = self.round_seed(server_round)
         epochs = self.views_of_buffer(-(-budget // self.steps_per_epoch), seed)
         batches = list(itertools.islice(itertools.chain.from_iterable(epochs), budget))

@@ -383,12 +383,11 @@ class LowBitStrategy(Strategy):
             problem = reply_problem(
                 reply.metrics, reply.num_examples, EVALUATE_METRICS, self.config.max_client_examples
             ) or self.nodes.evaluation_problem(
-                client.cid, reply.metrics["partition-id"], reply.metrics["bitwidth"]
+                client.cid,
+                reply.metrics["partition-id"],
+                reply.metrics["bitwidth"],
+                {r.metrics["partition-id"] for r in usable},
             )
-            if problem is None and any(
-                r.metrics["partition-id"] == reply.metrics["partition-id"] for r in usable
-            ):
-                problem = f"repeats partition-id {reply.metrics['partition-id']}"
             if problem is None:
                 usable.append(reply)
                 continue

@@ -14,6 +14,7 @@ accepts: class folders, a flat folder, an ``.npz``, an idx pair) as an N x D flo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
-from common.experiment import DatasetSpec, new_model, server_data
+from common.experiment import DatasetSpec, run_model, server_data
 from common.local_data import load_images
 from common.models import extract_features
 from common.saved_models import MODELS_FOLDER, load_model
@@ -52,11 +53,10 @@ def score(run: Path, name: str = "global") -> dict[str, float]:
     """The global protocol's scores of saved model ``name`` of the run in ``run``."""
     config = run_config(run)
     model = load_model(model_path(run, name), config)
-    spec = DatasetSpec.of(config.dataset)
     monitor = GlobalMonitor(
         get_algorithm(config.algorithm),
         server_data(config),
-        lambda bits: new_model(config, bits, spec.channels, spec.num_classes),
+        functools.partial(run_model, config),
         config.seed,
     )
     return monitor.scores({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -93,7 +93,7 @@ def test_every_round_records_the_clients_and_the_servers_optimizer_steps(tmp_pat
         assert record["requantize-steps"] == 2 * 2 * per_epoch
         assert record["finetune-steps"] == record["buffer-steps"] == 0
         assert record["server-steps"] == record["dequantize-steps"] + record["requantize-steps"]
-        assert record["server-steps"] == fedqssl_server_steps(config, per_epoch, 2)
+        assert record["server-steps"] == fedqssl_server_steps(config, per_epoch, 2, 2)
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     for key in ("train-steps", "server-steps", "requantize-steps"):
         assert summary[key] == sum(r[key] for r in strategy.recorder.rounds)
@@ -135,6 +135,20 @@ def test_buffer_only_trains_the_server_for_fedqssls_steps_and_no_client(tmp_path
         assert all(torch.equal(decode_state(payload)[k], v) for k, v in expected.items())
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert summary["label"] == "D_g only (no clients)" and summary["mean-local-accuracy"] >= 0
+
+
+def test_buffer_only_follows_the_bitwidths_the_round_re_quantizes_for(tmp_path):
+    """Before every partition has taken part, Fed-QSSL re-quantizes only for the bitwidths seen;
+    the control's budget follows them, not the config's list."""
+    config = budget_config(tmp_path, "buffer-only")
+    server, reference = (
+        server_round_for(c, server_data(c)) for c in (config, budget_config(tmp_path, "fedqssl"))
+    )
+    states = {0: server.initial_state(), 1: server.initial_state()}
+    own = server.run(1, server.initial_state(), states, {0: 10, 1: 10}, {4})
+    fedqssl = reference.run(1, reference.initial_state(), states, {0: 10, 1: 10}, {4})
+    assert own.steps["buffer"] == sum(fedqssl.steps.values())
+    assert own.steps["buffer"] == fedqssl_server_steps(config, server.steps_per_epoch, 2, 1)
 
 
 @pytest.mark.parametrize("algorithm", ["fedqssl", "fedsimclr-ft", "buffer-only"])
