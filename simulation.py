@@ -14,14 +14,15 @@ preset's ``compare:`` list or ``--compare``) runs each algorithm on the same par
 bitwidths and seeds and writes ``comparison.md``/``.json``/``.png``; a sweep (a preset's
 ``sweep:`` or ``--sweep``) does the same over the values of one config key (``sweep.*``). A row
 named ``<algorithm>-full`` runs that algorithm with every client at 32 bits. Flower's state lives
-in ``FLWR_HOME`` (default: ``.flwr/`` in this folder); the local SuperLink it starts is stopped at
-the end unless ``--keep-superlink``.
+in ``FLWR_HOME`` (default: ``.flwr/`` in this folder). Each command starts its own SuperLink on a
+free port, in a Flower home of its own under ``FLWR_HOME/superlinks/``, and stops it, by its pid,
+at the end (unless ``--keep-superlink``): runs side by side never share or stop each other's.
+``--superlink HOST:PORT`` runs on a SuperLink already running instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
 from common.plan import Plan, make_plan, plan_runs, preset_path
 from common.plan_report import print_summary, write_report
+from common.superlink import SuperLink, SuperLinkError, checked_address, simulation_superlink
 from fedqssl_server.checkpoint import CheckpointError, resume_point, reuse_problem
 from fedqssl_server.restore import checked_checkpoint
 
@@ -48,6 +50,9 @@ OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Ray's coming default: it stops hiding GPUs from actors given none; every client then says
+    # its device itself (fedqssl_client.node.placed_device)
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -96,57 +101,6 @@ def run_status(run_id: str, env: dict[str, str], connection: str = "") -> dict:
     except json.JSONDecodeError:
         runs = []
     return runs[0] if runs else {"status": "unknown", "status-details": listing.stdout[-2000:]}
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def local_superlinks() -> dict[int, str]:
-    """pid -> command line of every SuperLink that ``flwr run`` started for local simulation."""
-    found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        cmdline = _cmdline(proc)
-        if "flower-superlink" in cmdline and "local-superlink" in cmdline:
-            found[int(proc.name)] = cmdline
-    return found
-
-
-def _parent_of(proc: Path) -> int | None:
-    try:  # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_tree(pids: set[int]) -> set[int]:
-    """``pids``, the SuperExec processes that name one of them as parent, and every descendant
-    of those (the ``flwr-simulation`` process that runs the ServerApp, Ray's processes)."""
-    processes = list(Path("/proc").glob("[0-9]*"))
-    parents = {int(proc.name): _parent_of(proc) for proc in processes}
-    tree = set(pids) | {
-        int(proc.name)
-        for proc in processes
-        for pid in pids
-        if f"--parent-pid {pid}" in _cmdline(proc)
-    }
-    frontier = set(tree)
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-        tree |= frontier
-    return tree
-
-
-def stop_processes(pids: set[int], signal_number: int = signal.SIGTERM) -> None:
-    """Signal ``pids`` and everything under them (``process_tree``) at once: a ServerApp left
-    orphaned would otherwise run on and write into its results folder. SIGTERM: stop; SIGKILL:
-    what a crash does, for tests."""
-    for pid in process_tree(pids):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal_number)
 
 
 def require_gpu(values: dict, gpus_per_client: float) -> None:
@@ -201,11 +155,15 @@ def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str])
         with subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as process:
-            for line in process.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                found = re.search(r"run (\d{6,})", line)
-                run_id = run_id or (found.group(1) if found else None)
+            try:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    found = re.search(r"run (\d{6,})", line)
+                    run_id = run_id or (found.group(1) if found else None)
+            except BaseException:  # Ctrl-C or SIGTERM: the CLI goes too, not waited for
+                process.kill()
+                raise
     if run_id is None:
         print(f"\nflwr run did not start a run (exit {process.returncode})", file=sys.stderr)
         return 1
@@ -217,19 +175,6 @@ def run(config: ExperimentConfig, args: argparse.Namespace, env: dict[str, str])
         )
         return 1
     return 0
-
-
-@contextlib.contextmanager
-def managed_superlink(keep: bool):
-    """Stop, on the way out, the local SuperLinks started inside (not one running before)."""
-    running_before = local_superlinks()
-    for pid, cmdline in running_before.items():
-        print(f"==> reusing the local SuperLink already running (pid {pid}): {cmdline[-120:]}")
-    try:
-        yield
-    finally:
-        if not keep:
-            stop_processes(set(local_superlinks()) - set(running_before))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,9 +226,16 @@ common/config.py (ExperimentConfig); a wrong key or value is refused before anyt
     )
     parser.add_argument("--flwr-home", help="Flower's state folder (default: $FLWR_HOME or .flwr/)")
     parser.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        help="run on this running simulation SuperLink (flower-superlink --insecure "
+        "--simulation) instead of starting one on a free port for this command",
+    )
+    parser.add_argument(
         "--keep-superlink",
         action="store_true",
-        help="leave the local SuperLink that flwr run started running afterwards",
+        help="leave the SuperLink this command started running afterwards, with its Flower "
+        "home (the command prints both), for flwr list / flwr log",
     )
     parser.add_argument(
         "--resume",
@@ -349,6 +301,25 @@ def chosen_output_dir(plan: Plan, args: argparse.Namespace) -> Path:
     return output_dir
 
 
+def stop_on_signal(signal_number: int, _frame: object) -> None:
+    """SIGTERM / SIGHUP end the command as Ctrl-C does: through its cleanup, which stops the
+    SuperLink it started and everything under it (left behind, its ServerApp would run on)."""
+    raise SystemExit(128 + signal_number)
+
+
+def announce(link: SuperLink, keep: bool) -> None:
+    """Say which SuperLink the runs go to and, when it stays, how to reach it afterwards."""
+    if link.pid is None:
+        print(f"==> on the SuperLink at {link.address} (--superlink; left running)")
+        return
+    print(f"==> SuperLink pid {link.pid} on {link.address}, Flower home {link.home}", flush=True)
+    if keep:
+        print(
+            f"==> kept afterwards (--keep-superlink): FLWR_HOME={link.home} flwr list; stop it "
+            f"with kill {link.pid}"
+        )
+
+
 def main() -> int:
     """Run the plan; 0 when every run completed, 1 when one failed, 2 on bad input."""
     args = parse_args()
@@ -362,6 +333,7 @@ def main() -> int:
                 problem = reuse_problem(config.output_dir, config.to_dict())
                 if problem is not None:
                     raise ConfigError(problem)
+        superlink_address = checked_address(args.superlink) if args.superlink else None
         if args.resume:
             runs = [(row, seed, dataclasses.replace(c, resume=True)) for row, seed, c in runs]
             points = {c.output_dir: resume_point(c.output_dir, c.to_dict()) for _, _, c in runs}
@@ -389,16 +361,24 @@ def main() -> int:
         return 2
     started = time.perf_counter()
     failed = []
-    with managed_superlink(args.keep_superlink):
-        for index, (row, seed, config) in enumerate(runs, 1):
-            if len(runs) > 1:
-                print(f"\n==> run {index}/{len(runs)}: {row}, seed {seed}", flush=True)
-            if args.resume:
-                print(f"==> resume: {points[config.output_dir].note}")
-                if points[config.output_dir].finished:
-                    continue
-            if run(config, args, env) != 0:
-                failed.append((row, seed))
+    signal.signal(signal.SIGTERM, stop_on_signal)  # the SuperLink's cleanup then runs
+    signal.signal(signal.SIGHUP, stop_on_signal)
+    try:
+        superlink = simulation_superlink(flwr_home, env, superlink_address, args.keep_superlink)
+        with superlink as link:
+            announce(link, args.keep_superlink)
+            for index, (row, seed, config) in enumerate(runs, 1):
+                if len(runs) > 1:
+                    print(f"\n==> run {index}/{len(runs)}: {row}, seed {seed}", flush=True)
+                if args.resume:
+                    print(f"==> resume: {points[config.output_dir].note}")
+                    if points[config.output_dir].finished:
+                        continue
+                if run(config, args, link.env) != 0:
+                    failed.append((row, seed))
+    except SuperLinkError as error:
+        print(f"cannot start the run: {error}", file=sys.stderr)
+        return 1
     if len(runs) == 1:
         return 1 if failed else print_summary(Path(runs[0][2].output_dir))
     write_report(plan, runs, output_dir, time.perf_counter() - started)

@@ -81,6 +81,7 @@ class ExperimentConfig:
     fraction_fit: float = 1.0
     min_fit_clients: int = 2
     round_timeout: float = 0.0
+    partition_bindings: str = ""
     max_samples_per_client: int = 2000
     max_client_examples: int = 100_000
     probe_samples: int = 200

@@ -1,4 +1,4 @@
-"""Scoring models: kNN accuracy (cheap monitor), a linear probe, a classifier's accuracy.
+"""Scoring models: kNN accuracy (cheap monitor), a linear probe, a classifier's accuracy and loss.
 
 Features come from the encoder in eval mode, computed once, so BatchNorm statistics cannot drift
 while the probe trains. The probe trains a fixed number of epochs and reports the *final* epoch's
@@ -60,6 +60,11 @@ class LinearProbe:
         """The share of ``labels`` predicted."""
         return float((self.predict(features) == labels).float().mean())
 
+    @torch.no_grad()
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean cross-entropy of the probe on frozen features: the loss its accuracy scores."""
+        return float(F.cross_entropy(self.layer((features - self.mean) / self.std), labels))
+
 
 def train_linear_probe(
     train_features: torch.Tensor,
@@ -113,16 +118,34 @@ def linear_probe_accuracy(
 
 
 @torch.no_grad()
+def classifier_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """A classifier's logits (eval mode, on the CPU) for already-normalized ``images``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = [
+        model(images[start : start + batch_size].to(device)).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
 def classifier_accuracy(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
 ) -> float:
     """Accuracy of a classifier (eval mode) on already-normalized ``images``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(len(images), 1)
+    if len(images) == 0:
+        return 0.0
+    logits = classifier_logits(model, images, batch_size)
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def classifier_loss(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
+    """Mean cross-entropy of a classifier (eval mode) on already-normalized ``images``: the
+    loss its accuracy scores."""
+    return float(F.cross_entropy(classifier_logits(model, images, batch_size), labels))

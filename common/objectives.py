@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from common.data import ImageData
-from common.evaluation import classifier_accuracy
+from common.evaluation import classifier_accuracy, classifier_loss
 from common.models import Classifier, SSLModel, build_classifier, build_ssl_model
 from common.training import Augmentation
 
@@ -66,6 +66,12 @@ class Objective:
         """The model's own score on normalized ``images``: a classifier's accuracy; None for
         an SSL model, which is scored by a probe on its encoder."""
         return classifier_accuracy(model, images, labels) if self.supervised else None
+
+    def own_loss(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> float | None:
+        """The cross-entropy behind ``own_accuracy``: a classifier's; None for an SSL model."""
+        return classifier_loss(model, images, labels) if self.supervised else None
 
 
 OBJECTIVES = {name: Objective(name) for name in ("simclr", "simsiam", "supervised")}

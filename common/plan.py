@@ -145,7 +145,7 @@ def run_config(plan: Plan, row: str, seed: int, output_dir: Path) -> ExperimentC
     """The validated config of one run, its paths absolute (the app runs from a copy)."""
     values = {**plan.base, **plan.rows[row], "seed": seed}
     values["output-dir"] = str(output_dir.resolve())
-    for key in ("data-dir", "buffer-dir", "probe-dir"):
+    for key in ("data-dir", "buffer-dir", "probe-dir", "partition-bindings"):
         if values.get(key):
             values[key] = str(Path(values[key]).resolve())
     return ExperimentConfig.from_mapping(values)

@@ -12,16 +12,26 @@ from flwr.common import Context
 
 from common.experiment import client_data
 from fedqssl_client.client import LowBitClient, torch_threads
-from fedqssl_client.node import node_settings
+from fedqssl_client.node import node_settings, placed_device
+
+
+def ray_gpu_ids() -> list | None:
+    """The GPU ids Ray gave this process's actor; None outside a Ray simulation."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_gpu_ids() if ray.is_initialized() else None
 
 
 def client_fn(context: Context):
     """This node's client for this message (Flower builds one per call)."""
     node = node_settings(context.run_config, context.node_config)
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
-    data = client_data(node.config, node.partition_id, node.local_data)
+    config = placed_device(node.config, ray_gpu_ids())
+    data = client_data(config, node.partition_id, node.local_data)
     return LowBitClient(
-        node.config, node.partition_id, node.bits, context.state, data, node.model_folder()
+        config, node.partition_id, node.bits, context.state, data, node.model_folder()
     ).to_client()
 
 

@@ -146,7 +146,8 @@ class LowBitClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Local accuracy on the local test set, beside the untrained floor: the same protocol on
-        the initial model at this bitwidth (the seed's weights, as every client starts).
+        the initial model at this bitwidth (the seed's weights, as every client starts). The
+        loss Flower gets is the cross-entropy of the model scored (``local-loss``).
 
         SSL: a linear probe at this bitwidth on the frozen received model's encoder, trained on
         the local labelled share (final epoch). Supervised: this device's own low-bit model from
@@ -164,10 +165,9 @@ class LowBitClient(NumPyClient):
             self.model.load_state_dict(decode_state(local, self.bits, self.model.state_dict()))
         untrained = new_model(self.config, self.bits, *self._shape())
         probe = self._probe(self.model.encoder)
+        test_features = self._features(self.model.encoder, test)
         metrics: dict[str, Scalar] = {
-            "local-probe-accuracy": probe.accuracy(
-                self._features(self.model.encoder, test), test.labels
-            ),
+            "local-probe-accuracy": probe.accuracy(test_features, test.labels),
             "untrained-local-probe-accuracy": self._probe(untrained.encoder).accuracy(
                 self._features(untrained.encoder, test), test.labels
             ),
@@ -178,6 +178,10 @@ class LowBitClient(NumPyClient):
             metrics[f"{prefix}local-accuracy"] = (
                 metrics[f"{prefix}local-probe-accuracy"] if score is None else score
             )
+        own_loss = self.objective.own_loss(self.model, test_images, test.labels)
+        metrics["local-loss"] = (  # the cross-entropy of what local-accuracy scores
+            probe.loss(test_features, test.labels) if own_loss is None else own_loss
+        )
         if self.objective.supervised:
             metrics["local-model"] = "own" if own else "received"
         if self.model_dir:
@@ -186,7 +190,7 @@ class LowBitClient(NumPyClient):
                 Path(self.model_dir), self.partition_id, payload, None if own else probe
             )
             metrics["saved-model"] = str(saved)
-        return 1.0 - float(metrics["local-accuracy"]), len(test), self._metrics(**metrics)
+        return float(metrics["local-loss"]), len(test), self._metrics(**metrics)
 
     def _features(self, encoder: torch.nn.Module, part: ImageData) -> torch.Tensor:
         return extract_features(encoder, self.data.spec.normalize(part.images))

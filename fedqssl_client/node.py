@@ -7,6 +7,7 @@ run's ``bitwidths`` entry for its partition (the assignment the server holds eve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,6 +102,22 @@ def node_settings(
         str(node_config.get("local-data", "")),
         str(node_config.get("model-dir", "")),
     )
+
+
+def placed_device(config: ExperimentConfig, ray_gpus: list | None) -> ExperimentConfig:
+    """``config`` with the device the scheduler placed this client on, said outright: in a Ray
+    simulation (``ray_gpus``: the GPU ids Ray gave this actor) a client given no GPU trains on
+    the CPU, whatever GPUs the process can see (Ray hides them today and says it will stop),
+    and ``device: cuda`` without a GPU share is refused; outside Ray (``None``), as configured."""
+    if ray_gpus is None or ray_gpus:
+        return config
+    if config.device == "cuda":
+        raise ConfigError(
+            "device is 'cuda' but Ray gave this client no GPU: give clients a GPU share "
+            "(simulation.py --gpus-per-client 0.25, or flwr run's federation config "
+            "client-resources-num-gpus), or set device to 'auto' or 'cpu'"
+        )
+    return dataclasses.replace(config, device="cpu")
 
 
 def _bitwidth(config: ExperimentConfig, partition: int, declared: Scalar | None) -> int:

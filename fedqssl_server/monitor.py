@@ -6,7 +6,8 @@ the labelled probe set (``probe-samples`` class-stratified train images) and of 
 split are computed once per score, in eval mode. ``knn-accuracy`` is a cosine 20-nearest-
 neighbour majority vote on them; ``global-probe-accuracy`` a 100-epoch linear probe (final
 epoch, test data never used to pick anything). ``global-accuracy`` is that probe for
-self-supervised algorithms and the model's own classifier for supervised ones.
+self-supervised algorithms and the model's own classifier for supervised ones. The loss each
+round (``loss``) is the model's own objective on the test split, for Flower's History.
 """
 
 from __future__ import annotations
@@ -16,11 +17,20 @@ from collections.abc import Callable, Mapping
 import torch
 
 from common.algorithms import Algorithm
-from common.evaluation import GLOBAL_PROBE_EPOCHS, knn_accuracy, linear_probe_accuracy
+from common.config import ExperimentConfig
+from common.evaluation import (
+    GLOBAL_PROBE_EPOCHS,
+    classifier_loss,
+    knn_accuracy,
+    linear_probe_accuracy,
+)
 from common.experiment import ServerData
 from common.models import extract_features
 from common.objectives import objective
 from common.quant import FULL_PRECISION
+from common.training import augmented_epochs, objective_loss
+
+LOSS_IMAGES = 1024  # enough for a stable mean; a few forward passes a round
 
 
 class GlobalMonitor:
@@ -31,12 +41,15 @@ class GlobalMonitor:
         algorithm: Algorithm,
         data: ServerData,
         new_model: Callable[[int], torch.nn.Module],
-        seed: int,
+        config: ExperimentConfig,
     ) -> None:
         self.objective = objective(algorithm.objective)
         self.data = data
         self.new_model = new_model
-        self.seed = seed
+        self.seed = config.seed
+        self.batch_size = config.batch_size
+        self.temperature = config.temperature
+        self.views = self.objective.augmentation(data.spec, config.augmentation)
 
     def model_of(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A full-precision model holding ``state``."""
@@ -56,6 +69,22 @@ class GlobalMonitor:
             extract_features(model.encoder, normalize(test.images)),
             test.labels,
         )
+
+    @torch.no_grad()
+    def loss(self, state: Mapping[str, torch.Tensor]) -> float:
+        """What Flower's History calls the centralized loss: the global model's own training
+        objective, in eval mode, on (at most ``LOSS_IMAGES`` of) the uniform test split: NT-Xent
+        (SimSiam's loss) of two views drawn with the run's seed, or a classifier's
+        cross-entropy, at the run's batch size (NT-Xent's negatives depend on it)."""
+        model = self.model_of(state).eval()
+        test = self.data.probe_test
+        images, labels = test.images[:LOSS_IMAGES], test.labels[:LOSS_IMAGES]
+        if self.objective.supervised:
+            return classifier_loss(model, self.data.spec.normalize(images), labels)
+        device = next(model.parameters()).device
+        batches = augmented_epochs(images, self.views, 1, self.batch_size, self.seed, device)[0]
+        losses = [float(objective_loss(model, *views, self.temperature)) for views in batches]
+        return sum(losses) / len(losses) if losses else float("nan")
 
     def knn(self, state: Mapping[str, torch.Tensor]) -> float:
         """The round's monitor: the global encoder's kNN accuracy."""

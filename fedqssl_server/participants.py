@@ -15,7 +15,7 @@ from flwr.server.client_proxy import ClientProxy
 from common import seeds
 from common.config import ExperimentConfig
 from fedqssl_server.intake import failure_reason
-from fedqssl_server.nodes import NodeRegistry
+from fedqssl_server.nodes import NodeRegistry, read_partition_bindings
 
 LeftOut = list[tuple[str, str]]  # (who, why), in the order found
 
@@ -24,7 +24,9 @@ class Participants(NodeRegistry):
     """The run's nodes: their partition bindings and who is connected this round."""
 
     def __init__(self, config: ExperimentConfig) -> None:
-        super().__init__(config.bitwidths)
+        super().__init__(
+            config.bitwidths, read_partition_bindings(config.partition_bindings, config.num_clients)
+        )
         self.config = config
         self.connected: set[str] = set()
 

@@ -61,6 +61,7 @@ EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
     "local-probe-accuracy": (_fraction, False),
     "untrained-local-accuracy": (_fraction, False),
     "untrained-local-probe-accuracy": (_fraction, False),
+    "local-loss": (_non_negative_number, False),
     "local-model": (lambda value: isinstance(value, str) and len(value) <= 64, False),
     "saved-model": (lambda value: isinstance(value, str) and len(value) <= 1024, False),
 }

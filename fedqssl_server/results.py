@@ -16,9 +16,11 @@ from common.atomic import claim_new_folder
 from common.config import ExperimentConfig
 from common.quant import FULL_PRECISION
 
-# what each client's evaluation reports: its score, the SSL probe's, and both on the initial model
+# what each client's evaluation reports: its score, the SSL probe's, both on the initial model,
+# and the cross-entropy behind its score (the loss Flower's History shows)
 LOCAL_SCORES = (
     "local-accuracy",
+    "local-loss",
     "local-probe-accuracy",
     "untrained-local-accuracy",
     "untrained-local-probe-accuracy",
@@ -138,6 +140,16 @@ def local_record(metrics: Mapping[str, Any], test_examples: int) -> dict[str, An
         "saved-model": metrics.get("saved-model"),  # the device's own copy, where it keeps it
         "test-examples": test_examples,
     }
+
+
+def weighted_loss(local: list[dict]) -> float | None:
+    """The clients' ``local-loss`` weighted by their test examples (Flower's distributed loss),
+    None when no client reported one."""
+    scored = [
+        (c["local-loss"], c["test-examples"]) for c in local if c.get("local-loss") is not None
+    ]
+    examples = sum(n for _, n in scored)
+    return sum(loss * n for loss, n in scored) / examples if examples else None
 
 
 def weight_range(rounds: list[dict]) -> list[float] | None:

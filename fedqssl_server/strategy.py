@@ -48,6 +48,7 @@ from fedqssl_server.results import (
     mean_of,
     round_line,
     run_summary,
+    weighted_loss,
 )
 from fedqssl_server.rounds import AllRefusedError, RoundOutcome, server_round_for
 
@@ -105,7 +106,7 @@ class LowBitStrategy(Strategy):
         self.data = data
         self.algorithm = get_algorithm(config.algorithm)
         self.steps = server_round_for(config, data)
-        self.monitor = GlobalMonitor(self.algorithm, data, self.steps.new_model, config.seed)
+        self.monitor = GlobalMonitor(self.algorithm, data, self.steps.new_model, config)
         self.recorder = recorder
         self.global_state = self.steps.initial_state()
         self.global_payload: list[np.ndarray] | None = None  # its fp32 encoding, made once
@@ -288,11 +289,12 @@ class LowBitStrategy(Strategy):
         else:
             knn = self.monitor.knn(self.global_state)
             metrics = {"knn-accuracy": knn}
+        loss = self.monitor.loss(self.global_state)
         if flower_round > 0:
-            self._end_round(server_round, knn)
+            self._end_round(server_round, knn, loss)
             if server_round < self.config.num_rounds:
                 self._save_checkpoint(server_round)
-        return 1.0 - knn, metrics
+        return loss, metrics
 
     def _save_models(self) -> None:
         """What the run trained, kept in its folder before anything else can fail: the global
@@ -340,8 +342,8 @@ class LowBitStrategy(Strategy):
             "round-seconds": time.perf_counter() - self.round.started,
         }
 
-    def _end_round(self, server_round: int, knn: float) -> None:
-        record = self._round_record(server_round, **{"knn-accuracy": knn})
+    def _end_round(self, server_round: int, knn: float, loss: float) -> None:
+        record = self._round_record(server_round, **{"knn-accuracy": knn, "global-loss": loss})
         log(INFO, "%s", round_line(record, self.config.num_rounds))
         if self.recorder is not None:
             self.recorder.add_round(record)
@@ -426,9 +428,7 @@ class LowBitStrategy(Strategy):
             )
             self.recorder.finish({**summary, "models": models})
             checkpoint.checkpoint_path(self.recorder.output_dir).unlink(missing_ok=True)
-        return (None if mean_local is None else 1 - mean_local), {
-            "local-accuracy": mean_local or 0.0
-        }
+        return weighted_loss(local), {"local-accuracy": mean_local or 0.0}
 
 
 class FedQSSL(LowBitStrategy):

@@ -57,7 +57,7 @@ def score(run: Path, name: str = "global") -> dict[str, float]:
         get_algorithm(config.algorithm),
         server_data(config),
         functools.partial(run_model, config),
-        config.seed,
+        config,
     )
     return monitor.scores({k: v.detach().cpu() for k, v in model.state_dict().items()})
 

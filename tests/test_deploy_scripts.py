@@ -3,9 +3,12 @@ checked as digits before bash could evaluate it, every path and name before it i
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from fedqssl_server.nodes import read_partition_bindings
 
 DEPLOY = Path(__file__).resolve().parents[1] / "scripts" / "deploy"
 
@@ -80,3 +83,50 @@ def test_connect_takes_every_real_address_and_writes_the_connection(tmp_path, ad
     assert completed.returncode == 0, completed.stderr
     config = (tmp_path / "flwr" / "config.toml").read_text()
     assert f'[superlink.lab-1]\naddress = "{address}"\ninsecure = true' in config
+
+
+def fake_flower(tmp_path: Path) -> Path:
+    """A Flower bin folder whose ``flwr supernode register`` answers as Flower's does in JSON
+    mode, with the node id in $FAKE_NODE_ID; and the test's Python for the scripts' own use."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "flower-superlink").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "flwr").write_text(
+        '#!/bin/sh\necho "SuperNode $FAKE_NODE_ID registered successfully."\n'
+        'echo "{\\"success\\": true, \\"node-id\\": $FAKE_NODE_ID}"\n'
+    )
+    for tool in ("flower-superlink", "flwr"):
+        (bin_dir / tool).chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    return bin_dir
+
+
+def register(tmp_path, bin_dir, node_id, *args):
+    return subprocess.run(
+        ["bash", str(DEPLOY / "register.sh"), str(tmp_path / "k.pub"), *args],
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_BIN": str(bin_dir), "FAKE_NODE_ID": str(node_id),
+             "FLWR_HOME": str(tmp_path / "flwr")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_register_binds_each_partition_to_the_node_id_flower_gave_its_key(tmp_path):
+    bin_dir = fake_flower(tmp_path)
+    (tmp_path / "k.pub").write_text("ecdsa-sha2-nistp384 AAAA fake\n")
+    bindings = tmp_path / "bindings.json"
+    for partition, node in ((1, 222), (0, 111)):
+        done = register(tmp_path, bin_dir, node, "--partition", str(partition), "--bindings",
+                        str(bindings))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"partition {partition} -> node {node}" in done.stdout
+    assert read_partition_bindings(str(bindings), 3) == {0: "111", 1: "222"}
+    again = register(tmp_path, bin_dir, 111, "--partition", "2", "--bindings", str(bindings))
+    assert again.returncode != 0 and "node 111 is already bound to partition 0" in again.stderr
+    assert read_partition_bindings(str(bindings), 3) == {0: "111", 1: "222"}  # left as it was
+    lone = register(tmp_path, bin_dir, 333, "--partition", "2")
+    assert lone.returncode == 2 and "give --partition and --bindings together" in lone.stderr
+    bad = register(tmp_path, bin_dir, 333, "--partition", "$(touch PWNED)", "--bindings", "b")
+    assert bad.returncode == 2 and not (tmp_path / "PWNED").exists()

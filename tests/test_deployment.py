@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import simulation
+from common.superlink import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -40,13 +41,8 @@ local-epochs = 1
 batch-size = 64
 round-timeout = {timeout}
 output-dir = "{output}"
+partition-bindings = "{bindings}"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Deployment:
@@ -57,6 +53,7 @@ class Deployment:
         self.keys = base / "keys"
         self.data = base / "data"
         self.address = f"127.0.0.1:{free_port()}"
+        self.bindings = base / "partition-bindings.json"
         self.cli_env = simulation.flower_env(base / "cli")
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -111,7 +108,11 @@ class Deployment:
     def run(self, output: Path, timeout: float, on_round=None) -> tuple[dict, Path]:
         """``flwr run`` of the tiny config; (the run's ``flwr list`` entry, its output folder)."""
         config = self.base / f"{output.name}.toml"
-        config.write_text(RUN_CONFIG.format(timeout=timeout, output=output, data=self.data))
+        config.write_text(
+            RUN_CONFIG.format(
+                timeout=timeout, output=output, data=self.data, bindings=self.bindings
+            )
+        )
         process = subprocess.Popen(
             ["flwr", "run", str(ROOT), CONNECTION, "--run-config", str(config), "--stream"],
             cwd=ROOT, env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -150,8 +151,10 @@ pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """SuperLink (TLS + auth), nodes 0-2 registered and running at 4, 8 and 12 bits on their own
-    folders, plus an unregistered node and a plain-text node that must be refused."""
+    """SuperLink (TLS + auth), nodes 0-2 registered, bound to partitions 0-2 and running at 4, 8
+    and 12 bits on their own folders, plus an unregistered node and a plain-text node that must
+    be refused, and a registered node bound to no partition that claims partition 0 and is
+    online before node 0."""
     base = tmp_path_factory.mktemp("deploy")
     link = Deployment(base)
     try:
@@ -164,7 +167,7 @@ def deployment(tmp_path_factory):
             check=True, capture_output=True,
         )  # fmt: skip
         subprocess.run(
-            ["bash", str(DEPLOY / "make-keys.sh"), str(link.keys), "4"], check=True,
+            ["bash", str(DEPLOY / "make-keys.sh"), str(link.keys), "5"], check=True,
             capture_output=True,
         )  # fmt: skip
         host, port = link.address.rsplit(":", 1)
@@ -195,14 +198,19 @@ def deployment(tmp_path_factory):
         assert connect.returncode == 0, connect.stderr
         for k in range(3):
             registered = link.cli(
-                "bash", str(DEPLOY / "register.sh"), str(link.keys / f"supernode-{k}.pub")
-            )
+                "bash", str(DEPLOY / "register.sh"), str(link.keys / f"supernode-{k}.pub"),
+                "--partition", str(k), "--bindings", str(link.bindings),
+            )  # fmt: skip
             assert registered.returncode == 0, registered.stdout + registered.stderr
+        rogue = link.cli("bash", str(DEPLOY / "register.sh"), str(link.keys / "supernode-4.pub"))
+        assert rogue.returncode == 0, rogue.stdout + rogue.stderr
         link.supernode("intruder", 0, 4, "--key", str(link.keys / "supernode-3"))
         link.supernode("plaintext", 1, 8, "--insecure", "--max-retries", "0")
+        link.supernode("rogue", 0, 4, "--key", str(link.keys / "supernode-4"))
+        wait_for(lambda: link.online_nodes() == 1, 90, "the rogue SuperNode online first")
         for k, bits in enumerate((4, 8, 12)):
             link.supernode(f"node-{k}", k, bits)
-        wait_for(lambda: link.online_nodes() == 3, 90, "three registered SuperNodes online")
+        wait_for(lambda: link.online_nodes() == 4, 90, "four registered SuperNodes online")
         yield link
     finally:
         link.stop_all()
@@ -217,6 +225,13 @@ def test_three_supernodes_with_their_own_bitwidths_and_data_complete_two_rounds(
 ):
     status, output = deployment.run(tmp_path / "healthy", timeout=120)
     assert status["status"] == "finished:completed", status
+    # the rogue, online first and claiming partition 0, is refused by the operator's bindings
+    bindings = json.loads(deployment.bindings.read_text())
+    for record in rounds_of(output):
+        assert any(
+            f"partition 0 is bound to node {bindings['0']} by partition-bindings" in why
+            for why in record["failure-reasons"]
+        ), record["failure-reasons"]
     summary = json.loads((output / "summary.json").read_text())
     assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
     # each device trained on all of its folder (150 images, 20% of each class held out)
@@ -239,7 +254,7 @@ def test_unregistered_and_plain_text_supernodes_are_refused(deployment):
     assert "Failed to activate SuperNode" in deployment.log("intruder")
     assert "No SuperNode found with the given public key" in deployment.log("superlink")
     assert "Connection attempt failed" in deployment.log("plaintext")
-    assert deployment.online_nodes() == 3  # only the registered nodes 0-2 ever came online
+    assert deployment.online_nodes() == 4  # only the registered nodes ever came online
 
 
 def test_a_supernode_killed_mid_run_is_reported_missing_and_the_run_completes(deployment, tmp_path):

@@ -14,8 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from superlinks import superlinks_mentioning
 
 import simulation
+from common.superlink import free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -28,8 +30,12 @@ def flwr_run(tmp_path: Path, *federation: str) -> tuple[subprocess.CompletedProc
     """``flwr run . --stream`` of the tiny run config; (the process, its ``flwr list`` entry,
     its output folder)."""
     output_dir = tmp_path / "out"
-    env = simulation.flower_env(tmp_path / "flwr")
-    before = set(simulation.local_superlinks())
+    # Flower's managed SuperLink, on a port of this test's: the fixed 39091 may serve another
+    # checkout's run (flwr run would then use that SuperLink, and its copy of the app)
+    env = {
+        **simulation.flower_env(tmp_path / "flwr"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+    }
     command = [
         "flwr",
         "run",
@@ -46,8 +52,8 @@ def flwr_run(tmp_path: Path, *federation: str) -> tuple[subprocess.CompletedProc
         found = re.search(r"run (\d{6,})", completed.stdout + completed.stderr)
         assert found, completed.stdout[-3000:] + completed.stderr[-3000:]
         status = simulation.run_status(found.group(1), env)
-    finally:
-        simulation.stop_processes(set(simulation.local_superlinks()) - before)
+    finally:  # started detached, with no pid said: found by this test's own folder
+        stop_processes(superlinks_mentioning(str(tmp_path / "flwr")))
     return completed, status, output_dir
 
 

@@ -1,9 +1,11 @@
 """A deployed SuperNode's own node config: its partition, bitwidth and data location."""
 
+import dataclasses
+
 import pytest
 
 from common.config import ConfigError
-from fedqssl_client.node import node_settings
+from fedqssl_client.node import node_settings, placed_device
 
 RUN = {"dataset": "synthetic", "num-clients": 3, "bitwidths": "4,8,12", "data-dir": ""}
 
@@ -59,3 +61,18 @@ def test_node_config_is_as_strict_as_run_config(node, message):
 
 def test_a_partition_id_as_digits_is_what_flowers_own_simulation_may_send():
     assert node_settings(RUN, {"partition-id": "2", "num-partitions": "3"}).partition_id == 2
+
+
+def test_a_client_placed_without_a_gpu_says_cpu_itself():
+    """Ray hides GPUs from an actor given none today and says it will stop: the client does not
+    rely on it. Given no GPU by Ray it trains on the CPU; ``cuda`` without a share is refused;
+    outside Ray (a SuperNode) and with a GPU share the configured device stands."""
+    settings = node_settings(RUN, {"partition-id": 0, "num-partitions": 3})
+    assert settings.config.device == "auto"
+    assert placed_device(settings.config, []).device == "cpu"
+    assert placed_device(settings.config, None).device == "auto"
+    assert placed_device(settings.config, [0]).device == "auto"
+    cuda = dataclasses.replace(settings.config, device="cuda")
+    assert placed_device(cuda, [0]).device == "cuda"
+    with pytest.raises(ConfigError, match="Ray gave this client no GPU"):
+        placed_device(cuda, [])

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from superlinks import announced_superlink
 from test_resume import differences, without_timings
 from test_simulation import TINY
 
-import simulation
+from common.superlink import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +57,14 @@ def records(folder: Path):
 def kill_during_round_3(tmp_path: Path, folder: Path) -> None:
     """Start the run and SIGKILL its process group, and the SuperLink it started, once round 2
     is recorded: round 3 is under way."""
-    before = set(simulation.local_superlinks())
-    process = subprocess.Popen(
-        command(tmp_path, "--output-dir", str(folder)),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen(
+            command(tmp_path, "--output-dir", str(folder)),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 600
     rounds = folder / "rounds.jsonl"
     try:
@@ -74,8 +75,9 @@ def kill_during_round_3(tmp_path: Path, folder: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        # flwr run's own SuperLink and its ServerApp, as a crash of the machine would
-        simulation.stop_processes(set(simulation.local_superlinks()) - before, signal.SIGKILL)
+        # the SuperLink it started (its own session) and its ServerApp, as a crash would
+        pid, _, _ = announced_superlink((tmp_path / "killed.log").read_text())
+        stop_processes({pid}, signal.SIGKILL)
     assert not (folder / "summary.json").exists()
 
 

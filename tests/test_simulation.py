@@ -11,11 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
+from superlinks import announced_superlink, running
 
 import simulation
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
 from common.plan import algorithm_row, plan_runs, safe_name
+from common.superlink import (
+    SuperLinkError,
+    checked_address,
+    free_port,
+    is_healthy,
+    process_tree,
+    simulation_superlink,
+    stop_processes,
+)
 from fedqssl_server.checkpoint import reuse_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,38 +43,124 @@ batch-size: 64
 """
 
 
-def run_simulation(tmp_path: Path, preset_text: str, *extra: str):
+def start_simulation(tmp_path: Path, preset_text: str, *extra: str) -> subprocess.Popen:
+    """``simulation.py`` on ``preset_text`` in the background, its output in ``tmp_path``."""
+    tmp_path.mkdir(exist_ok=True)
     preset = tmp_path / "tiny.yaml"
     preset.write_text(preset_text)
-    output_dir = tmp_path / "out"
-    before = set(simulation.local_superlinks())
     command = [
         sys.executable,
         str(ROOT / "simulation.py"),
         str(preset),
         "--output-dir",
-        str(output_dir),
+        str(tmp_path / "out"),
         "--flwr-home",
         str(tmp_path / "flwr"),
-        "--keep-superlink",
         *extra,
     ]
+    with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
+        return subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr)
+
+
+def finished_simulation(tmp_path: Path, process: subprocess.Popen, env: dict | None = None):
+    """(the finished command, its run's ``flwr list`` entry, its output folder). A run started
+    with ``--keep-superlink`` is asked its SuperLink, which is then stopped, by its pid; ``env``
+    reaches the SuperLink of a run given ``--superlink``."""
+    # a hang guard only: a tiny run takes about a minute on an idle machine
+    returncode = process.wait(timeout=900)
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    completed = subprocess.CompletedProcess(process.args, returncode, stdout, stderr)
+    kept = "--keep-superlink" in process.args
+    pid, _, home = announced_superlink(completed.stdout) if kept else (None, None, None)
     try:
-        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=480)
         found = re.search(r"run (\d{6,})", completed.stdout)
-        status = (
-            simulation.run_status(found.group(1), simulation.flower_env(tmp_path / "flwr"))
-            if found
-            else None
-        )
+        status = None
+        if found and (kept or env):
+            env = env or simulation.flower_env(home)
+            status = simulation.run_status(found.group(1), env)
     finally:
-        simulation.stop_processes(set(simulation.local_superlinks()) - before)
-    return completed, status, output_dir
+        if pid is not None:
+            stop_processes({pid})
+    return completed, status, tmp_path / "out"
+
+
+def run_simulation(tmp_path: Path, preset_text: str, *extra: str):
+    """``simulation.py`` on ``preset_text``, to the end; as ``finished_simulation``."""
+    process = start_simulation(tmp_path, preset_text, "--keep-superlink", *extra)
+    return finished_simulation(tmp_path, process)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return run_simulation(tmp_path_factory.mktemp("sim"), TINY)
+def side_by_side(tmp_path_factory):
+    """Three users on one machine at once: a SuperLink of their own (started as
+    ``simulation_superlink`` starts one), a tiny run told to use it (``--superlink``), and a
+    comparison of two rows that starts its own. Both runs must finish, neither may stop or
+    reuse the other's SuperLink."""
+    base = tmp_path_factory.mktemp("side-by-side")
+    own_home = base / "own"
+    with simulation_superlink(own_home, simulation.flower_env(own_home)) as own:
+        tiny = start_simulation(base / "tiny", TINY, "--superlink", own.address)
+        comparison_preset = TINY + f"compare: [{', '.join(ALL_ROWS)}]\n"
+        comparison = start_simulation(base / "compare", comparison_preset, "--keep-superlink")
+        tiny_result = finished_simulation(base / "tiny", tiny, own.env)
+        comparison_result = finished_simulation(base / "compare", comparison)
+        own_alive_after = running(own.pid) and is_healthy(own.address)
+    return {
+        "tiny": tiny_result,
+        "comparison": comparison_result,
+        "own": own,
+        "own-alive-after": own_alive_after,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(side_by_side):
+    return side_by_side["tiny"]
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_each_on_its_own_superlink(side_by_side):
+    own = side_by_side["own"]
+    tiny, _, _ = side_by_side["tiny"]
+    comparison, _, _ = side_by_side["comparison"]
+    assert f"==> on the SuperLink at {own.address} (--superlink; left running)" in tiny.stdout
+    assert side_by_side["own-alive-after"]  # a run given --superlink leaves it running
+    pid, address, home = announced_superlink(comparison.stdout)
+    assert pid != own.pid and address != own.address
+    assert home.parent == own.home.parents[2] / "compare" / "flwr" / "superlinks"
+    deadline = time.monotonic() + 60
+    while running(pid):  # stopped, by its pid, with what ran under it
+        assert time.monotonic() < deadline, "the comparison's SuperLink outlived its stop"
+        time.sleep(0.1)
+    assert not running(own.pid)  # and the test's own, at the end of its block
+
+
+def test_a_superlink_address_is_checked_before_anything_starts(tmp_path):
+    for bad in ("localhost", "127.0.0.1:99999", "a b:80", "http://x:1"):
+        with pytest.raises(ValueError, match="give HOST:PORT"):
+            checked_address(bad)
+    assert checked_address("[::1]:9093") == "[::1]:9093"
+    nothing_there = f"127.0.0.1:{free_port()}"
+    with (
+        pytest.raises(SuperLinkError, match="no SuperLink answers there"),
+        simulation_superlink(tmp_path, {}, nothing_there),
+    ):
+        pass
+    assert not (tmp_path / "superlinks").exists()  # nothing of that attempt is left
+
+
+def test_a_process_tree_follows_exactly_the_parent_pid_it_names():
+    """SuperExec names its SuperLink with ``--parent-pid P``: P's tree holds it, a pid whose
+    digits begin P's (23 and 2344) does not."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "--parent-pid", "2344"]
+    )
+    try:
+        assert child.pid in process_tree({2344})
+        assert child.pid not in process_tree({23}) and child.pid not in process_tree({234})
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.slow
@@ -124,26 +220,19 @@ def test_stopping_a_superlink_stops_everything_under_it():
     )
     try:
         deadline = time.monotonic() + 30
-        while len(simulation.process_tree({parent.pid})) < 4:  # bash, its subshell, two sleeps
+        while len(process_tree({parent.pid})) < 4:  # bash, its subshell, two sleeps
             assert time.monotonic() < deadline, "the process tree never started"
             time.sleep(0.05)
-        tree = simulation.process_tree({parent.pid}) - {parent.pid}
-        simulation.stop_processes({parent.pid}, signal.SIGKILL)
+        tree = process_tree({parent.pid}) - {parent.pid}
+        stop_processes({parent.pid}, signal.SIGKILL)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in tree):
+        while any(running(pid) for pid in tree):
             assert time.monotonic() < deadline, "a descendant outlived its stopped parent"
             time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_invalid_preset_is_rejected_before_anything_starts(tmp_path):
@@ -193,10 +282,9 @@ ALL_ROWS = ["fedqssl", "fedavg-full"]
 
 
 @pytest.fixture(scope="module")
-def comparison_run(tmp_path_factory):
+def comparison_run(side_by_side):
     """Two rows on the same tiny partition, 2 rounds, through ``flwr run``."""
-    preset = TINY + f"compare: [{', '.join(ALL_ROWS)}]\n"
-    return run_simulation(tmp_path_factory.mktemp("compare"), preset)
+    return side_by_side["comparison"]
 
 
 @pytest.mark.slow
