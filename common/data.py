@@ -145,12 +145,18 @@ def read_idx(path: str | os.PathLike[str], max_bytes: int = MAX_IDX_BYTES) -> np
                     f"{path}: IDX header declares shape {shape} ({expected} bytes), more than "
                     f"the {max_bytes} bytes one file may hold"
                 )
-            raw = handle.read(expected)
+            raw = bytearray(expected)  # filled in place: the array below is its only copy
+            filled = 0
+            while filled < expected:
+                got = handle.readinto(memoryview(raw)[filled:])
+                if not got:
+                    break
+                filled += got
             extra = handle.read(1)
     except (OSError, EOFError) as error:  # gzip's own errors on a damaged file among them
         raise DatasetFormatError(f"{path}: not a readable IDX file ({error})") from None
-    if len(raw) != expected or extra:
-        found = f"{len(raw)}" if not extra else "more"
+    if filled != expected or extra:
+        found = f"{filled}" if not extra else "more"
         raise DatasetFormatError(
             f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
             f"file has {found}"

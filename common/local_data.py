@@ -141,7 +141,7 @@ def _read_folder(
     if folders:
         return _read_class_folders(path, folders, channels, size)
     if files:
-        return torch.stack([_decode(f, channels, size) for f in _image_files(path)]), None
+        return _decode_all(_image_files(path), channels, size), None
     raise DatasetNotFoundError(f"{path} holds no images; give {LAYOUTS}")
 
 
@@ -158,8 +158,17 @@ def _read_class_folders(
     samples = [(file, int(name)) for name in folders for file in _image_files(path / name)]
     if not samples:
         raise DatasetNotFoundError(f"{path}: its class folders hold no images; give {LAYOUTS}")
-    images = torch.stack([_decode(file, channels, size) for file, _ in samples])
+    images = _decode_all([file for file, _ in samples], channels, size)
     return images, np.array([label for _, label in samples], dtype=np.int64)
+
+
+def _decode_all(files: list[Path], channels: int, size: int) -> torch.Tensor:
+    """Every file decoded straight into one preallocated uint8 (N, C, H, W) array: the folder's
+    images are held once, plus the one being decoded."""
+    images = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
+    for index, file in enumerate(files):
+        images[index] = _decode(file, channels, size)
+    return images
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -218,7 +227,8 @@ def _to_nchw(
     images: np.ndarray | torch.Tensor, channels: int, image_size: int, source: Path
 ) -> torch.Tensor:
     """uint8 (N, C, H, W) at the run's shape; grey <-> RGB converted, sizes never resampled."""
-    images = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):  # shared, not copied, unless numpy cannot write it
+        images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
     if images.dtype != torch.uint8:
         raise DatasetFormatError(
             f"{source}: images must be uint8 0-255, got {images.dtype}; convert them first"
