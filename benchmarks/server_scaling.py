@@ -63,7 +63,7 @@ def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[
 def client_train_seconds(config, data) -> float:
     """Mean seconds of one quickstart client's local training (500 images, E = 1)."""
     from common.experiment import new_model
-    from common.training import fit_local
+    from common.training import fit_local, recipe
 
     images = data.buffer[:500]  # a stand-in for a client's own 500 images
     seconds = []
@@ -74,7 +74,7 @@ def client_train_seconds(config, data) -> float:
             model,
             images,
             data.spec.augmentation(config.augmentation),
-            config.recipe(bits),
+            recipe(config, bits),
             seed=bits,
         )
         seconds.append(time.perf_counter() - start)

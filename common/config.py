@@ -19,10 +19,15 @@ from typing import Any
 import yaml
 
 from common.algorithms import ALGORITHM_NAMES
-from common.data import DATASET_NAMES
-from common.models import MODEL_NAMES
-from common.quant import FP_ACTIVATIONS, FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
-from common.training import LowBitSettings, Recipe
+from common.vocabulary import (
+    DATASET_NAMES,
+    FP_ACTIVATIONS,
+    FULL_PRECISION,
+    MAX_BITS,
+    MIN_BITS,
+    MODEL_NAMES,
+    check_bits,
+)
 
 WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
@@ -136,22 +141,6 @@ class ExperimentConfig:
     def requantize_epochs(self) -> int:
         """Epochs of D_g per re-quantization: ``rq-epochs``, or ``local-epochs`` (``local``)."""
         return self.local_epochs if self.rq_epochs == LOCAL_EPOCHS else int(self.rq_epochs)
-
-    def low_bit_settings(self, bits: int) -> LowBitSettings:
-        """How a model trains at ``bits`` under this config (client training, server fine-tunes)."""
-        return LowBitSettings(bits, self.weight_update, self.grad_rounding, self.save_codes)
-
-    def recipe(self, bits: int, proximal: bool = False) -> Recipe:
-        """How a model trains at ``bits`` under this config: a client's local training
-        (``proximal``: with FedProx's term), or a server fine-tune (its epochs are its views')."""
-        return Recipe(
-            self.low_bit_settings(bits),
-            self.learning_rate,
-            self.temperature,
-            self.batch_size,
-            self.local_epochs,
-            self.proximal_mu if proximal else 0.0,
-        )
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flat scalars for Flower's ``--run-config`` (``bitwidths`` as a string)."""

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from common import seeds
+from common.vocabulary import DATASET_NAMES as DATASET_NAMES
 
-DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
 # (channels, image size, classes) of each dataset: what a device's own images must match
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion-mnist": (1, 28, 10),

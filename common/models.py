@@ -16,8 +16,7 @@ from torch import nn
 
 from common.quant import FULL_PRECISION, QuantAct, QuantConv2d, QuantLinear, set_bitwidth
 from common.saved_codes import max_pool
-
-MODEL_NAMES = ("resnet18", "small_cnn")
+from common.vocabulary import MODEL_NAMES as MODEL_NAMES
 
 
 class BasicBlock(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.algorithms import ALGORITHM_NAMES
 from common.config import ConfigError, ExperimentConfig, read_yaml_mapping
-from common.quant import FULL_PRECISION
+from common.vocabulary import FULL_PRECISION
 
 PLAN_KEYS = ("compare", "sweep", "seeds", "pairs")
 # comparison rows ``<algorithm><suffix>...``: the overrides each suffix adds

@@ -25,30 +25,17 @@ from torch.nn import functional as F
 
 from common import saved_codes
 from common.saved_codes import bounded_activation, mark_recomputable
+from common.vocabulary import FP_ACTIVATIONS as FP_ACTIVATIONS
+from common.vocabulary import FULL_PRECISION as FULL_PRECISION
+from common.vocabulary import MAX_BITS as MAX_BITS
+from common.vocabulary import MIN_BITS as MIN_BITS
+from common.vocabulary import check_bits as check_bits
 
-FULL_PRECISION = 32
-MIN_BITS = 2
-MAX_BITS = 16
 # Largest per-layer compander scale. tanh saturates to 1.0 in float32 near |w| = 9, and atanh(1) is
 # inf, so the scale is capped: weights beyond atanh(MAX_SCALE) ~ 4.95 are clipped to it.
 MAX_SCALE = 0.9999
 
 Rounding = Literal["stochastic", "deterministic"]
-# The nonlinearity of a full-precision (32-bit) model: ReLU (the paper's and DoReFa's convention)
-# or the low-bit clients' clamp(0, 1) without rounding (the control that keeps one nonlinearity).
-FP_ACTIVATIONS = ("relu", "clamp")
-
-
-def check_bits(bits: int) -> int:
-    """Return ``bits`` if it is a supported bitwidth (2..16 or 32), else raise ``ValueError``."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"bitwidth must be an int, got {bits!r}")
-    if bits != FULL_PRECISION and not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"bitwidth {bits} is not supported: use {MIN_BITS}..{MAX_BITS}, "
-            f"or {FULL_PRECISION} for full precision"
-        )
-    return bits
 
 
 def _levels(bits: int) -> int:

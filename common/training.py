@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.batch_augment import BatchedTwoViews, BatchSSLAugmentation
+from common.config import ExperimentConfig
 from common.models import Classifier, SSLModel
 from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
 from common.saved_codes import saving_codes
@@ -273,3 +274,21 @@ def fit_local(
     device = next(model.parameters()).device
     loader = _loader(images, transform, recipe.batch_size, seed, labels, device)
     return fit_batches(model, [loader] * recipe.epochs, recipe, seed)
+
+
+def low_bit_settings(config: ExperimentConfig, bits: int) -> LowBitSettings:
+    """How a model trains at ``bits`` under ``config`` (client training, server fine-tunes)."""
+    return LowBitSettings(bits, config.weight_update, config.grad_rounding, config.save_codes)
+
+
+def recipe(config: ExperimentConfig, bits: int, proximal: bool = False) -> Recipe:
+    """How a model trains at ``bits`` under ``config``: a client's local training
+    (``proximal``: with FedProx's term), or a server fine-tune (its epochs are its views')."""
+    return Recipe(
+        low_bit_settings(config, bits),
+        config.learning_rate,
+        config.temperature,
+        config.batch_size,
+        config.local_epochs,
+        config.proximal_mu if proximal else 0.0,
+    )

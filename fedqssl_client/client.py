@@ -29,7 +29,7 @@ from common.models import extract_features
 from common.objectives import objective
 from common.quant import FULL_PRECISION
 from common.saved_models import save_client_model
-from common.training import Trained, fit_local
+from common.training import Trained, fit_local, recipe
 
 Scalar = bool | bytes | float | int | str
 LOCAL_MODEL = "local-model"
@@ -108,7 +108,7 @@ class LowBitClient(NumPyClient):
                 self.model,
                 self.data.train.images,
                 self.objective.augmentation(self.data.spec, self.config.augmentation),
-                self.config.recipe(self.bits, proximal=self.algorithm.proximal),
+                recipe(self.config, self.bits, proximal=self.algorithm.proximal),
                 seed,
                 labels=self.objective.training_labels(self.data.train),
             )

@@ -48,7 +48,7 @@ from common.batchnorm import recalibrate_batchnorm
 from common.config import ConfigError, ExperimentConfig
 from common.experiment import ServerData, new_model, torch_device
 from common.quant import FULL_PRECISION
-from common.training import augmented_epochs, fit_batches, steps_per_epoch
+from common.training import augmented_epochs, fit_batches, recipe, steps_per_epoch
 from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
 
 StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
@@ -260,11 +260,11 @@ class FedQSSLRound(ServerRound):
         backward whatever ``save-codes`` says (the same numbers, tested; about 1.3x faster)."""
         model = self.new_model(bits)
         model.load_state_dict(state)
-        recipe = self.config.recipe(bits)
-        recipe = dataclasses.replace(
-            recipe, settings=dataclasses.replace(recipe.settings, save_codes=False)
+        server_recipe = recipe(self.config, bits)
+        server_recipe = dataclasses.replace(
+            server_recipe, settings=dataclasses.replace(server_recipe.settings, save_codes=False)
         )
-        trained = fit_batches(model, views, recipe, seed)
+        trained = fit_batches(model, views, server_recipe, seed)
         self.step_counts[phase] = self.step_counts.get(phase, 0) + trained.steps
         return cpu_state(model), trained.last_loss
 

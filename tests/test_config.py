@@ -1,6 +1,8 @@
 """The experiment config: defaults, Flower run-config strings, YAML, and every rejection."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -123,3 +125,14 @@ def test_the_readme_key_table_shows_the_real_defaults():
             expected = defaults[name]
             text = str(expected).lower() if isinstance(expected, bool) else str(expected)
             assert value == text, (name, value, expected)
+
+
+def test_reading_a_config_loads_no_torch():
+    """The config sits at the bottom of the house, over a torch-free vocabulary: the checkpoint
+    reader and the plan/report side of ``simulation.py`` validate configs without torch."""
+    modules = "common.config, common.plan, common.plan_report, fedqssl_server.checkpoint"
+    probe = f"import sys, {modules}; print('torch' in sys.modules)"
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert completed.stdout.strip() == "False", completed.stderr

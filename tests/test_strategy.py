@@ -37,7 +37,7 @@ from common.codec import (
 from common.config import ExperimentConfig
 from common.experiment import new_model, server_data
 from common.quant import FULL_PRECISION, weight_codes
-from common.training import fit_batches, fit_local
+from common.training import fit_batches, fit_local, recipe
 from fedqssl_server import aggregation, monitor, rounds
 from fedqssl_server.aggregation import RunningAverage, average_states, softmax_weights
 from fedqssl_server.results import RunRecorder
@@ -331,7 +331,7 @@ def test_server_fine_tunes_keep_float32_for_backward_whatever_save_codes_says(co
     model.load_state_dict(state)
     seed = seeds.requantize_seed(config.seed, 1, 4)  # the seed requantize gives 4 bits in round 1
     fit_batches(
-        model, server.views_of_buffer(config.requantize_epochs, seed), config.recipe(4), seed
+        model, server.views_of_buffer(config.requantize_epochs, seed), recipe(config, 4), seed
     )
     assert all(torch.equal(fast[k], v.cpu()) for k, v in model.state_dict().items())
 
@@ -449,7 +449,7 @@ def test_streamed_round_equals_dequantizing_every_model_then_averaging(config):
             model,
             data.buffer,
             data.spec.augmentation(config.augmentation),
-            dataclasses.replace(config.recipe(FULL_PRECISION), epochs=config.dequantize_epochs),
+            dataclasses.replace(recipe(config, FULL_PRECISION), epochs=config.dequantize_epochs),
             seed,
         )
         dequantized.append({k: v.detach() for k, v in model.state_dict().items()})
