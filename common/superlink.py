@@ -98,14 +98,13 @@ def _start(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
             str(log),
             "--disable-runtime-dependency-installation",
         ]
-        process = (
-            subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches us, and we stop it
-                command,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        # its own session: a terminal's Ctrl-C reaches this process, whose cleanup stops it
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
         try:
