@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common.batch_augment import BatchSSLAugmentation
-from common.ssl import NORMALIZATION, ssl_augmentation
+from common.learning.augment import NORMALIZATION, ssl_augmentation
+from common.learning.batch_augment import BatchSSLAugmentation
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"fashion-mnist": (1, 28), "cifar10": (3, 32)}

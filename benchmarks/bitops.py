@@ -4,7 +4,7 @@
     python benchmarks/bitops.py --model small_cnn --channels 1 --size 28
 
 Prints a table and writes two bar charts and a JSON file to benchmarks/results/. The formulas are
-in ``common/bitops.py``.
+in ``common/lowbit/bitops.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from common.bitops import layer_shapes, mean_cost, step_cost
-from common.models import build_model
-from common.quant import FULL_PRECISION
+from common.learning.models import build_model
+from common.lowbit.bitops import layer_shapes, mean_cost, step_cost
+from common.vocabulary import FULL_PRECISION
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGURATIONS = {

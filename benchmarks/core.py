@@ -22,15 +22,12 @@ from pathlib import Path
 
 import torch
 
-from common.codec import encode_state, is_quantized, payload_nbytes
-from common.models import build_model, build_ssl_model
-from common.quant import (
-    FULL_PRECISION,
-    SAMPLED_QUANTILES_ABOVE,
-    quantize_gradient,
-    quantized_layers,
-)
-from common.training import LowBitSettings, prepare_model, train_step
+from common.learning.models import build_model, build_ssl_model
+from common.learning.training import LowBitSettings, prepare_model, train_step
+from common.lowbit.layers import quantized_layers
+from common.lowbit.quantizers import SAMPLED_QUANTILES_ABOVE, quantize_gradient
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import encode_state, is_quantized, payload_nbytes
 
 RESULTS = Path(__file__).parent / "results"
 

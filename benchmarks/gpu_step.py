@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from common.config import ExperimentConfig
-from common.experiment import new_model
-from common.quant import FULL_PRECISION, quantize_weight, quantized_layers, weight_codes
-from common.ssl import ssl_augmentation
-from common.training import LowBitSettings, Recipe, fit_local, prepare_model, train_step
+from common.learning.augment import ssl_augmentation
+from common.learning.training import LowBitSettings, Recipe, fit_local, prepare_model, train_step
+from common.lowbit.layers import quantized_layers
+from common.lowbit.quantizers import quantize_weight, weight_codes
+from common.runs.experiment import new_model
+from common.vocabulary import FULL_PRECISION
 
 RESULTS = Path(__file__).parent / "results"
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))

@@ -2,7 +2,7 @@
 
     python benchmarks/local_data_load.py            # writes benchmarks/results/local_data_load.json
 
-Writes N Fashion-MNIST-sized (28 x 28 grey) images in each layout ``common.local_data`` reads
+Writes N Fashion-MNIST-sized (28 x 28 grey) images in each layout ``common.data.local`` reads
 (class folders of PNGs, one ``.npz``, an idx pair) into a temporary folder, then loads each in a
 fresh process (imports done first) and records the wall time of ``load_images`` and the peak
 resident memory it added (VmHWM after minus VmRSS before), beside the images' own bytes
@@ -29,7 +29,7 @@ SIZE = 28
 MEASURE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from common.local_data import load_images
+from common.data.local import load_images
 
 def kib(field):
     for line in open("/proc/self/status"):

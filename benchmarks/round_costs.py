@@ -16,9 +16,9 @@ import json
 import statistics
 from pathlib import Path
 
-from common.codec import is_quantized
 from common.config import ExperimentConfig
-from common.experiment import new_model
+from common.runs.experiment import new_model
+from common.wire.payload import is_quantized
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -43,7 +43,7 @@ MEASURED_SETUP = {
 
 
 def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[tuple[int, list]]:
-    from common.codec import encode_state
+    from common.wire.payload import encode_state
 
     initial = server.initial_state()
     payloads = []
@@ -62,8 +62,8 @@ def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[
 
 def client_train_seconds(config, data) -> float:
     """Mean seconds of one quickstart client's local training (500 images, E = 1)."""
-    from common.experiment import new_model
-    from common.training import fit_local, recipe
+    from common.learning.training import fit_local, recipe
+    from common.runs.experiment import new_model
 
     images = data.buffer[:500]  # a stand-in for a client's own 500 images
     seconds = []
@@ -82,9 +82,9 @@ def client_train_seconds(config, data) -> float:
 
 
 def measure_in_this_process(count: int) -> dict:
-    from common.codec import decode_state, encode_state
     from common.config import ExperimentConfig, read_yaml_mapping
-    from common.experiment import server_data
+    from common.runs.experiment import server_data
+    from common.wire.payload import decode_state, encode_state
     from fedqssl_server.rounds import server_round_for
 
     config = ExperimentConfig.from_mapping({**read_yaml_mapping(PRESET), **MEASURED_SETUP})

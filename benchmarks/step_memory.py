@@ -5,7 +5,7 @@ thread pools), then reset the kernel's peak-RSS mark (``/proc/self/clear_refs``)
 and read the new peak (``VmHWM``) minus the resident size before it. That growth is what a step
 needs beyond the model and optimizer: saved activations, gradients, temporaries. A few more steps
 are timed for the step-time ratio. Every figure is reported as a ratio to the fp32 step measured
-in the same run, beside what ``common/bitops.py`` counts for the same model and batch.
+in the same run, beside what ``common/lowbit/bitops.py`` counts for the same model and batch.
 
     python benchmarks/step_memory.py      # writes benchmarks/results/step_memory.json (Linux)
 """
@@ -44,8 +44,8 @@ def status_kb(field: str) -> int:
 
 def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed: int) -> dict:
     """One fresh measurement; run through ``--one`` so that nothing else shares the process."""
-    from common.models import build_ssl_model
-    from common.training import LowBitSettings, prepare_model, train_step
+    from common.learning.models import build_ssl_model
+    from common.learning.training import LowBitSettings, prepare_model, train_step
 
     torch.manual_seed(0)
     channels, size, batch = CASES[model_name]
@@ -76,10 +76,10 @@ def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed:
 
 
 def counted_activation_ratio(model_name: str, bits: int) -> float:
-    """What ``common/bitops.py`` counts for the step's activations, as a ratio to fp32."""
-    from common.bitops import layer_shapes, step_cost
-    from common.models import build_model
-    from common.quant import FULL_PRECISION
+    """What ``common/lowbit/bitops.py`` counts for the step's activations, as a ratio to fp32."""
+    from common.learning.models import build_model
+    from common.lowbit.bitops import layer_shapes, step_cost
+    from common.vocabulary import FULL_PRECISION
 
     channels, size, batch = CASES[model_name]
     shapes = layer_shapes(build_model(model_name, 4, channels), (channels, size, size))

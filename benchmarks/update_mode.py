@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import load_dataset, stratified_sample
-from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.models import build_ssl_model, extract_features
-from common.quant import FULL_PRECISION
-from common.ssl import NORMALIZATION, TwoViews, normalize_transform, ssl_augmentation
-from common.training import LowBitSettings, prepare_model, train_epoch
+from common.data.datasets import load_dataset
+from common.data.partition import stratified_sample
+from common.learning.augment import NORMALIZATION, TwoViews, normalize_transform, ssl_augmentation
+from common.learning.evaluation import knn_accuracy, linear_probe_accuracy
+from common.learning.models import build_ssl_model, extract_features
+from common.learning.training import LowBitSettings, prepare_model, train_epoch
+from common.vocabulary import FULL_PRECISION
 
 RESULTS = Path(__file__).parent / "results"
 

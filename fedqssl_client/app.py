@@ -10,7 +10,7 @@ import os
 from flwr.client import ClientApp
 from flwr.common import Context
 
-from common.experiment import client_data
+from common.runs.experiment import client_data
 from fedqssl_client.client import LowBitClient, torch_threads
 from fedqssl_client.node import node_settings, placed_device
 

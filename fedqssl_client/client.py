@@ -13,7 +13,16 @@ from flwr.common import ArrayRecord, RecordDict
 
 from common import seeds
 from common.algorithms import get_algorithm
-from common.codec import (
+from common.config import ConfigError, ExperimentConfig
+from common.data.datasets import ImageData
+from common.learning.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_linear_probe
+from common.learning.models import extract_features
+from common.learning.objectives import objective
+from common.learning.training import Trained, fit_local, recipe
+from common.runs.experiment import ClientData, client_data, new_model
+from common.runs.saved_models import save_client_model
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import (
     PayloadError,
     decode_state,
     encode_state,
@@ -21,15 +30,6 @@ from common.codec import (
     payload_bits,
     payload_nbytes,
 )
-from common.config import ConfigError, ExperimentConfig
-from common.data import ImageData
-from common.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_linear_probe
-from common.experiment import ClientData, client_data, new_model
-from common.models import extract_features
-from common.objectives import objective
-from common.quant import FULL_PRECISION
-from common.saved_models import save_client_model
-from common.training import Trained, fit_local, recipe
 
 Scalar = bool | bytes | float | int | str
 LOCAL_MODEL = "local-model"

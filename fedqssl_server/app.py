@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import server_data
+from common.runs.experiment import server_data
 from fedqssl_server.checkpoint import resume_point
 from fedqssl_server.restore import checked_checkpoint
 from fedqssl_server.results import RunRecorder, default_output_dir

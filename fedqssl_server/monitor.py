@@ -18,17 +18,17 @@ import torch
 
 from common.algorithms import Algorithm
 from common.config import ExperimentConfig
-from common.evaluation import (
+from common.learning.evaluation import (
     GLOBAL_PROBE_EPOCHS,
     classifier_loss,
     knn_accuracy,
     linear_probe_accuracy,
 )
-from common.experiment import ServerData
-from common.models import extract_features
-from common.objectives import objective
-from common.quant import FULL_PRECISION
-from common.training import augmented_epochs, objective_loss
+from common.learning.models import extract_features
+from common.learning.objectives import objective
+from common.learning.training import augmented_epochs, objective_loss
+from common.runs.experiment import ServerData
+from common.vocabulary import FULL_PRECISION
 
 LOSS_IMAGES = 1024  # enough for a stable mean; a few forward passes a round
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.codec import PayloadError, decode_state
 from common.config import ExperimentConfig
-from common.experiment import run_model
-from common.quant import FULL_PRECISION
+from common.runs.experiment import run_model
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import PayloadError, decode_state
 from fedqssl_server.checkpoint import Checkpoint, CheckpointError, load
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from common.algorithms import Algorithm
 from common.atomic import claim_new_folder
 from common.config import ExperimentConfig
-from common.quant import FULL_PRECISION
+from common.vocabulary import FULL_PRECISION
 
 # what each client's evaluation reports: its score, the SSL probe's, both on the initial model,
 # and the cross-entropy behind its score (the loss Flower's History shows)

@@ -44,11 +44,11 @@ import torch
 
 from common import seeds
 from common.algorithms import get_algorithm
-from common.batchnorm import recalibrate_batchnorm
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import ServerData, new_model, torch_device
-from common.quant import FULL_PRECISION
-from common.training import augmented_epochs, fit_batches, recipe, steps_per_epoch
+from common.learning.batchnorm import recalibrate_batchnorm
+from common.learning.training import augmented_epochs, fit_batches, recipe, steps_per_epoch
+from common.runs.experiment import ServerData, new_model, torch_device
+from common.vocabulary import FULL_PRECISION
 from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
 
 StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]

@@ -30,11 +30,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from common.algorithms import get_algorithm
-from common.codec import encode_state, payload_nbytes
 from common.config import ExperimentConfig
-from common.experiment import ServerData
-from common.quant import FULL_PRECISION
-from common.saved_models import save_run_models
+from common.runs.experiment import ServerData
+from common.runs.saved_models import save_run_models
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import encode_state, payload_nbytes
 from fedqssl_server import checkpoint
 from fedqssl_server.intake import Accepted, failed, take_replies
 from fedqssl_server.monitor import GlobalMonitor
@@ -298,7 +298,8 @@ class LowBitStrategy(Strategy):
 
     def _save_models(self) -> None:
         """What the run trained, kept in its folder before anything else can fail: the global
-        model (full precision) and each bitwidth's downlink as sent (``common.saved_models``)."""
+        model (full precision) and each bitwidth's downlink as sent
+        (``common.runs.saved_models``)."""
         if self.recorder is not None:
             self.saved_models = save_run_models(
                 self.recorder.output_dir, self._global_payload(), self.downlink

@@ -25,12 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.data import ImageData, load_dataset, stratified_sample
-from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.experiment import DatasetSpec
-from common.models import build_ssl_model, extract_features
-from common.quant import FULL_PRECISION, set_bitwidth
-from common.training import LowBitSettings, Recipe, augmented_epochs, fit_batches
+from common.data.datasets import ImageData, load_dataset
+from common.data.partition import stratified_sample
+from common.learning.evaluation import knn_accuracy, linear_probe_accuracy
+from common.learning.models import build_ssl_model, extract_features
+from common.learning.training import LowBitSettings, Recipe, augmented_epochs, fit_batches
+from common.lowbit.layers import set_bitwidth
+from common.runs.experiment import DatasetSpec
+from common.vocabulary import FULL_PRECISION
 
 
 def stratified(data: ImageData, size: int, seed: int, stream: int) -> ImageData:

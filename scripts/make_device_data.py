@@ -9,7 +9,7 @@ OUT/device-K/       device K's share, used whole by ``supernode.sh --local-data 
 OUT/server/buffer/  the server buffer D_g, unlabelled (run config ``buffer-dir``)
 OUT/server/probe/   train/ and test/ labelled sets for the global score (run config ``probe-dir``)
 
-The split is the one simulation uses (``common.data.make_partition``) under the same seed.
+The split is the one simulation uses (``common.data.partition.make_partition``) under the same seed.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.data import DATASET_NAMES, ImageData, load_dataset, make_partition
-from common.experiment import ExperimentData, capped
-from common.local_data import save_images
+from common.data.datasets import ImageData, load_dataset
+from common.data.local import save_images
+from common.data.partition import make_partition
+from common.runs.experiment import ExperimentData, capped
+from common.vocabulary import DATASET_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
-from common.experiment import DatasetSpec, run_model, server_data
-from common.local_data import load_images
-from common.models import extract_features
-from common.saved_models import MODELS_FOLDER, load_model
+from common.data.local import load_images
+from common.learning.models import extract_features
+from common.runs.experiment import DatasetSpec, run_model, server_data
+from common.runs.saved_models import MODELS_FOLDER, load_model
 from fedqssl_server.monitor import GlobalMonitor
 
 

@@ -11,12 +11,13 @@ from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import Code, EvaluateRes, RecordDict, Status
 
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
-from common.codec import decode_state, payload_bits
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import new_model, server_data
-from common.models import extract_features
-from common.quant import FULL_PRECISION, QuantAct
-from common.training import augmented_epochs, objective_loss
+from common.learning.models import extract_features
+from common.learning.training import augmented_epochs, objective_loss
+from common.lowbit.layers import QuantAct
+from common.runs.experiment import new_model, server_data
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import decode_state, payload_bits
 from fedqssl_client.client import LOCAL_MODEL, LowBitClient
 from fedqssl_server.aggregation import apply_update, sample_weights
 from fedqssl_server.monitor import LOSS_IMAGES

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from common.batch_augment import (
+from common.learning.augment import NORMALIZATION, normalize_transform, ssl_augmentation
+from common.learning.batch_augment import (
     BatchedTwoViews,
     BatchSSLAugmentation,
     adjust_brightness,
@@ -20,8 +21,7 @@ from common.batch_augment import (
     adjust_hue,
     adjust_saturation,
 )
-from common.ssl import NORMALIZATION, normalize_transform, ssl_augmentation
-from common.training import augmented_epochs
+from common.learning.training import augmented_epochs
 
 FMNIST = NORMALIZATION["fashion-mnist"]
 CIFAR = NORMALIZATION["cifar10"]

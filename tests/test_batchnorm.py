@@ -9,11 +9,11 @@ import torch
 from test_algorithms import federate, tiny_config
 
 from common.algorithms import get_algorithm
-from common.batchnorm import recalibrate_batchnorm
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import server_data
-from common.models import build_ssl_model
-from common.plan import algorithm_row
+from common.learning.batchnorm import recalibrate_batchnorm
+from common.learning.models import build_ssl_model
+from common.runs.experiment import server_data
+from common.runs.plan import algorithm_row
 from fedqssl_server.results import row_label
 from fedqssl_server.rounds import server_round_for
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from common.bitops import layer_shapes, mean_cost, step_cost
-from common.models import build_model
-from common.quant import QuantAct, QuantConv2d, QuantLinear
+from common.learning.models import build_model
+from common.lowbit.bitops import layer_shapes, mean_cost, step_cost
+from common.lowbit.layers import QuantAct, QuantConv2d, QuantLinear
 
 
 def two_layer_model():

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_algorithms import federate, tiny_config
 
-from common import training
-from common.codec import decode_state, encode_state
 from common.config import ConfigError, ExperimentConfig
-from common.experiment import server_data
-from common.models import build_ssl_model
-from common.training import LowBitSettings, Recipe, fit_batches, steps_per_epoch
+from common.learning import training
+from common.learning.models import build_ssl_model
+from common.learning.training import LowBitSettings, Recipe, fit_batches, steps_per_epoch
+from common.runs.experiment import server_data
+from common.wire.payload import decode_state, encode_state
 from fedqssl_server.rounds import BufferOnlyRound, fedqssl_server_steps, server_round_for
 
 

@@ -9,20 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec import (
-    MAX_MAGNITUDE,
-    PayloadError,
-    check_plausible,
-    decode_state,
-    encode_state,
-    is_quantized,
-    pack_bits,
-    packed_size,
-    payload_bits,
-    unpack_bits,
-)
-from common.models import build_model
-from common.quant import FULL_PRECISION, quantize_weight, weight_codes
+from common.learning.models import build_model
+from common.lowbit.quantizers import quantize_weight, weight_codes
+from common.vocabulary import FULL_PRECISION
+from common.wire.packing import pack_bits, packed_size, unpack_bits
+from common.wire.payload import PayloadError, decode_state, encode_state, is_quantized, payload_bits
+from fedqssl_server.intake import MAX_MAGNITUDE, check_plausible
 
 
 @settings(max_examples=200, deadline=None)

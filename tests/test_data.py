@@ -11,16 +11,15 @@ import pytest
 import torch
 from torchvision import datasets
 
-from common import data
-from common.data import (
+from common.data import datasets as loaders
+from common.data.datasets import (
     DatasetFormatError,
     DatasetNotFoundError,
-    dirichlet_partition,
     load_dataset,
-    make_partition,
     make_synthetic,
     read_idx,
 )
+from common.data.partition import dirichlet_partition, make_partition
 
 
 def write_idx(path, array, compress):
@@ -31,7 +30,7 @@ def write_idx(path, array, compress):
 
 @pytest.fixture
 def no_system_fashion_mnist(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nothing-here")
+    monkeypatch.setattr(loaders, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nothing-here")
 
 
 @pytest.mark.parametrize("compress", [True, False])

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import simulation
-from common.superlink import free_port
+from common.runs import launcher
+from common.runs.superlink import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -54,11 +54,11 @@ class Deployment:
         self.data = base / "data"
         self.address = f"127.0.0.1:{free_port()}"
         self.bindings = base / "partition-bindings.json"
-        self.cli_env = simulation.flower_env(base / "cli")
+        self.cli_env = launcher.flower_env(base / "cli")
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        env = simulation.flower_env(self.base / f"home-{name}")
+        env = launcher.flower_env(self.base / f"home-{name}")
         log = open(self.base / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -128,7 +128,7 @@ class Deployment:
                 on_round(int(re.search(r"round (\d+)/2: ", line).group(1)))
         process.wait(timeout=60)
         assert run_id, "".join(lines)[-3000:]
-        return simulation.run_status(run_id, self.cli_env, CONNECTION), output
+        return launcher.run_status(run_id, self.cli_env, CONNECTION), output
 
 
 def wait_for(condition, seconds: float, what: str) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from superlinks import superlinks_mentioning
 
-import simulation
-from common.superlink import free_port, stop_processes
+from common.runs import launcher
+from common.runs.superlink import free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -33,7 +33,7 @@ def flwr_run(tmp_path: Path, *federation: str) -> tuple[subprocess.CompletedProc
     # Flower's managed SuperLink, on a port of this test's: the fixed 39091 may serve another
     # checkout's run (flwr run would then use that SuperLink, and its copy of the app)
     env = {
-        **simulation.flower_env(tmp_path / "flwr"),
+        **launcher.flower_env(tmp_path / "flwr"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
     }
     command = [
@@ -51,7 +51,7 @@ def flwr_run(tmp_path: Path, *federation: str) -> tuple[subprocess.CompletedProc
         )
         found = re.search(r"run (\d{6,})", completed.stdout + completed.stderr)
         assert found, completed.stdout[-3000:] + completed.stderr[-3000:]
-        status = simulation.run_status(found.group(1), env)
+        status = launcher.run_status(found.group(1), env)
     finally:  # started detached, with no pid said: found by this test's own folder
         stop_processes(superlinks_mentioning(str(tmp_path / "flwr")))
     return completed, status, output_dir
@@ -95,4 +95,4 @@ def test_the_app_bundle_holds_what_nodes_run_and_nothing_else(tmp_path):
     names = zipfile.ZipFile(fab).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"common", "fedqssl_client", "fedqssl_server", "pyproject.toml", ".info"}
-    assert "fedqssl_server/strategy.py" in names and "common/codec.py" in names
+    assert "fedqssl_server/strategy.py" in names and "common/wire/payload.py" in names

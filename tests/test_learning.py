@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import ImageData, load_dataset, stratified_sample
-from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.models import build_ssl_model, extract_features
-from common.quant import FULL_PRECISION
-from common.ssl import NORMALIZATION, normalize_transform, ssl_augmentation
-from common.training import LowBitSettings, Recipe, fit_local
+from common.data.datasets import ImageData, load_dataset
+from common.data.partition import stratified_sample
+from common.learning.augment import NORMALIZATION, normalize_transform, ssl_augmentation
+from common.learning.evaluation import knn_accuracy, linear_probe_accuracy
+from common.learning.models import build_ssl_model, extract_features
+from common.learning.training import LowBitSettings, Recipe, fit_local
+from common.vocabulary import FULL_PRECISION
 
 pytestmark = pytest.mark.slow
 

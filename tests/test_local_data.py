@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_algorithms import federate, tiny_config
 
-from common import experiment
 from common.config import ConfigError
-from common.data import DatasetFormatError, DatasetNotFoundError, ImageData, make_synthetic
-from common.experiment import ClientData, DatasetSpec, client_data, server_data
-from common.local_data import load_images, local_train_test, save_images
+from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, make_synthetic
+from common.data.local import load_images, local_train_test, save_images
+from common.runs import experiment
+from common.runs.experiment import ClientData, DatasetSpec, client_data, server_data
 from fedqssl_client.app import client_fn
 from fedqssl_client.client import LowBitClient
 from fedqssl_server.strategy import strategy_for

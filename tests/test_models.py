@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.models import build_model, build_ssl_model, extract_features, linear_probe
-from common.quant import QuantAct, QuantConv2d, QuantLinear
+from common.learning.models import build_model, build_ssl_model, extract_features, linear_probe
+from common.lowbit.layers import QuantAct, QuantConv2d, QuantLinear
 
 
 def test_resnet18_is_the_cifar_variant_with_correct_downsampling():

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.codec import PayloadError, decode_state, encode_update, payload_nbytes
-from common.qsgd import (
+from common.lowbit.qsgd import (
     num_buckets,
     qsgd_decode,
     qsgd_encode,
     qsgd_expected_levels,
     qsgd_levels,
 )
+from common.wire.payload import PayloadError, decode_state, encode_update, payload_nbytes
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 

@@ -8,23 +8,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.quant import (
-    FULL_PRECISION,
-    MAX_SCALE,
+from common.lowbit.layers import (
     QuantAct,
     QuantConv2d,
     QuantLinear,
-    check_bits,
-    codes_to_weight,
     project_weights_,
+    set_bitwidth,
+    set_fp_activation,
+)
+from common.lowbit.quantizers import (
+    MAX_SCALE,
+    codes_to_weight,
     quantile_centres,
     quantize_activation,
     quantize_gradient,
     quantize_weight,
-    set_bitwidth,
-    set_fp_activation,
     weight_codes,
 )
+from common.vocabulary import FULL_PRECISION, check_bits
 
 low_bits = st.integers(min_value=2, max_value=16)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from common import report
+from common.runs import report
 
 
 def summary(global_acc, local_acc, ratio=0.25, floor=(0.4, 0.7)):

@@ -12,7 +12,7 @@ from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import Context, RecordDict
 
 from common.config import ExperimentConfig
-from common.experiment import server_data
+from common.runs.experiment import server_data
 from fedqssl_client.client import LowBitClient
 from fedqssl_server import checkpoint
 from fedqssl_server.app import server_fn

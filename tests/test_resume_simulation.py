@@ -14,7 +14,7 @@ from superlinks import announced_superlink
 from test_resume import differences, without_timings
 from test_simulation import TINY
 
-from common.superlink import stop_processes
+from common.runs.superlink import stop_processes
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import saved_codes
-from common.models import build_classifier, build_ssl_model
-from common.quant import FULL_PRECISION, quantize_activation
-from common.saved_codes import saving_codes
-from common.training import objective_loss
+from common.learning.models import build_classifier, build_ssl_model
+from common.learning.training import objective_loss
+from common.lowbit import saved_codes
+from common.lowbit.quantizers import quantize_activation
+from common.lowbit.saved_codes import saving_codes
+from common.vocabulary import FULL_PRECISION
 
 
 def loss_and_grads(model, views, use_codes: bool):

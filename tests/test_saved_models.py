@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_algorithms import federate, tiny_config
 
-from common.codec import decode_state, payload_bits
-from common.experiment import server_data
-from common.local_data import save_images
-from common.models import extract_features
-from common.saved_models import SavedModelError, load_model, load_probe, read_payload
+from common.data.local import save_images
+from common.learning.models import extract_features
+from common.runs.experiment import server_data
+from common.runs.saved_models import SavedModelError, load_model, load_probe, read_payload
+from common.wire.payload import decode_state, payload_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import use_model

@@ -16,8 +16,9 @@ from superlinks import announced_superlink, running
 import simulation
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
-from common.plan import algorithm_row, plan_runs, safe_name
-from common.superlink import (
+from common.runs import launcher
+from common.runs.plan import algorithm_row, plan_runs, safe_name
+from common.runs.superlink import (
     SuperLinkError,
     checked_address,
     free_port,
@@ -76,8 +77,8 @@ def finished_simulation(tmp_path: Path, process: subprocess.Popen, env: dict | N
         found = re.search(r"run (\d{6,})", completed.stdout)
         status = None
         if found and (kept or env):
-            env = env or simulation.flower_env(home)
-            status = simulation.run_status(found.group(1), env)
+            env = env or launcher.flower_env(home)
+            status = launcher.run_status(found.group(1), env)
     finally:
         if pid is not None:
             stop_processes({pid})
@@ -98,7 +99,7 @@ def side_by_side(tmp_path_factory):
     reuse the other's SuperLink."""
     base = tmp_path_factory.mktemp("side-by-side")
     own_home = base / "own"
-    with simulation_superlink(own_home, simulation.flower_env(own_home)) as own:
+    with simulation_superlink(own_home, launcher.flower_env(own_home)) as own:
         tiny = start_simulation(base / "tiny", TINY, "--superlink", own.address)
         comparison_preset = TINY + f"compare: [{', '.join(ALL_ROWS)}]\n"
         comparison = start_simulation(base / "compare", comparison_preset, "--keep-superlink")
@@ -255,25 +256,6 @@ def refused_before_start(*argv: str) -> subprocess.CompletedProcess:
     return completed
 
 
-def test_gpus_per_client_without_a_gpu_is_refused_not_run_on_the_cpu(tmp_path, monkeypatch):
-    """No silent CPU fallback: GPUs asked for and none seen is an error before anything starts;
-    with one, every run's device is cuda (a client that sees none then fails loudly)."""
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(simulation.ConfigError, match="torch sees no GPU"):
-        simulation.require_gpu({}, 0.25)
-    with pytest.raises(simulation.ConfigError, match="contradicts device: cpu"):
-        simulation.require_gpu({"device": "cpu"}, 0.25)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    values: dict = {}
-    simulation.require_gpu(values, 0.25)
-    assert values == {"device": "cuda"}
-    cpu = {"device": "cpu"}
-    simulation.require_gpu(cpu, 0.0)
-    assert cpu == {"device": "cpu"}
-
-
 # Two rows through real Flower, each a different kind: Fed-QSSL's server on low-bit SSL clients,
 # and a full-precision supervised classifier (its own score and the SSL probe's table); every
 # algorithm and row federates in process in tests/test_algorithms.py, where the rest are covered
@@ -330,7 +312,7 @@ def test_comparison_runs_its_rows_end_to_end_and_tabulates(comparison_run):
 def plan_of(tmp_path, preset_text, *argv):
     preset = tmp_path / "plan.yaml"
     preset.write_text(preset_text)
-    parser_args = simulation.parse_args([str(preset), *argv])
+    parser_args = simulation.build_parser().parse_args([str(preset), *argv])
     return simulation.plan_from(parser_args)
 
 
@@ -390,16 +372,22 @@ def test_bad_plans_are_rejected_with_the_reason(tmp_path, extra, argv, message):
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_preset_is_a_valid_plan(tmp_path, preset):
-    plan = simulation.plan_from(simulation.parse_args([str(preset)]))
+    plan = simulation.plan_from(simulation.build_parser().parse_args([str(preset)]))
     runs = plan_runs(plan, tmp_path)
     assert runs and all(config.num_clients == len(config.bitwidths) for _, _, config in runs)
 
 
 def test_a_preset_by_bare_name_and_an_output_dir_that_is_a_file(tmp_path):
-    assert simulation.parse_args(["quickstart"]).preset == ROOT / "configs" / "quickstart.yaml"
-    assert simulation.parse_args(["fmnist-learning.yaml"]).preset.name == "fmnist-learning.yaml"
+    assert (
+        simulation.build_parser().parse_args(["quickstart"]).preset
+        == ROOT / "configs" / "quickstart.yaml"
+    )
+    assert (
+        simulation.build_parser().parse_args(["fmnist-learning.yaml"]).preset.name
+        == "fmnist-learning.yaml"
+    )
     with pytest.raises(SystemExit):
-        simulation.parse_args(["no-such-preset"])
+        simulation.build_parser().parse_args(["no-such-preset"])
     a_file = tmp_path / "taken"
     a_file.write_text("")
     completed = refused_before_start("quickstart", "--output-dir", str(a_file))
@@ -443,7 +431,7 @@ def test_resume_refuses_a_missing_folder_or_one_without_this_plans_runs(tmp_path
     # a comparison folder holding seed 0 may be resumed with more seeds
     (tmp_path / "other" / "fedqssl" / "seed-0").mkdir(parents=True)
     (tmp_path / "other" / "fedqssl" / "seed-0" / "config.json").write_text("{}")
-    assert simulation.has_runs(tmp_path / "other")
+    assert launcher.has_runs(tmp_path / "other")
 
 
 def test_a_new_run_never_writes_over_a_folder_it_does_not_own(tmp_path):

@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from common.ssl import (
-    NORMALIZATION,
-    TwoViews,
-    normalize_transform,
-    nt_xent_loss,
-    simsiam_loss,
-    ssl_augmentation,
-)
+from common.learning.augment import NORMALIZATION, TwoViews, normalize_transform, ssl_augmentation
+from common.learning.losses import nt_xent_loss, simsiam_loss
 
 
 def reference_nt_xent(z1, z2, temperature):

@@ -27,17 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import seeds
-from common.codec import (
-    decode_state,
-    encode_state,
-    is_quantized,
-    packed_size,
-    payload_bits,
-)
 from common.config import ExperimentConfig
-from common.experiment import new_model, server_data
-from common.quant import FULL_PRECISION, weight_codes
-from common.training import fit_batches, fit_local, recipe
+from common.learning.training import fit_batches, fit_local, recipe
+from common.lowbit.quantizers import weight_codes
+from common.runs.experiment import new_model, server_data
+from common.vocabulary import FULL_PRECISION
+from common.wire.packing import packed_size
+from common.wire.payload import decode_state, encode_state, is_quantized, payload_bits
 from fedqssl_server import aggregation, monitor, rounds
 from fedqssl_server.aggregation import RunningAverage, average_states, softmax_weights
 from fedqssl_server.results import RunRecorder
@@ -223,7 +219,7 @@ def test_server_rounds_import_neither_flower_nor_the_codec():
     for module in (rounds, aggregation, monitor):
         source = Path(module.__file__).read_text()
         assert "flwr" not in source, module
-    assert "common.codec" not in Path(rounds.__file__).read_text()
+    assert "common.wire.payload" not in Path(rounds.__file__).read_text()
 
 
 def test_round_outcome_does_not_depend_on_arrival_order(config):
@@ -322,7 +318,8 @@ def test_server_fine_tunes_keep_float32_for_backward_whatever_save_codes_says(co
     fast = server.requantize(1, state, {4})[4]
     entered = []
     monkeypatch.setattr(
-        "common.training.saving_codes", lambda: entered.append(1) or pytest.fail("codes path")
+        "common.learning.training.saving_codes",
+        lambda: entered.append(1) or pytest.fail("codes path"),
     )
     server.requantize(1, state, {4})
     assert not entered

@@ -5,10 +5,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from common.evaluation import knn_accuracy, linear_probe_accuracy
-from common.models import build_classifier, build_ssl_model
-from common.quant import quantize_weight, quantized_layers, weight_codes
-from common.training import (
+from common.learning.evaluation import knn_accuracy, linear_probe_accuracy
+from common.learning.models import build_classifier, build_ssl_model
+from common.learning.training import (
     LowBitSettings,
     Proximal,
     Recipe,
@@ -18,6 +17,8 @@ from common.training import (
     train_epoch,
     train_step,
 )
+from common.lowbit.layers import quantized_layers
+from common.lowbit.quantizers import quantize_weight, weight_codes
 
 
 def batch(seed=0, n=16):

@@ -1,6 +1,6 @@
 """A run's trained models on disk, and the one way to load them back.
 
-Each model is stored as the wire format carries it (``common.codec``: header, packed codes,
+Each model is stored as the wire format carries it (``common.wire.payload``: header, packed codes,
 floats, ints; a downlink exactly as it was sent, the global model as its float32 payload) in a
 NumPy ``.npz`` read with ``allow_pickle=False``, so loading a model file cannot run code. Files
 are written atomically (``common.atomic``): a run killed while saving leaves the old file or the
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from common.atomic import write_npz_atomically
-from common.codec import PayloadError, decode_state, payload_bits
 from common.config import ExperimentConfig
-from common.evaluation import LinearProbe
-from common.experiment import run_model
-from common.models import linear_probe
+from common.learning.evaluation import LinearProbe
+from common.learning.models import linear_probe
+from common.runs.experiment import run_model
+from common.wire.payload import PayloadError, decode_state, payload_bits
 
 MODELS_FOLDER = "models"
 PAYLOAD_KEYS = ("header", "codes", "floats", "ints")  # the codec's four arrays, in order

@@ -20,16 +20,11 @@ import functools
 from typing import Literal
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from common import saved_codes
-from common.saved_codes import bounded_activation, mark_recomputable
-from common.vocabulary import FP_ACTIVATIONS as FP_ACTIVATIONS
-from common.vocabulary import FULL_PRECISION as FULL_PRECISION
-from common.vocabulary import MAX_BITS as MAX_BITS
-from common.vocabulary import MIN_BITS as MIN_BITS
-from common.vocabulary import check_bits as check_bits
+from common.lowbit import saved_codes
+from common.lowbit.saved_codes import bounded_activation, mark_recomputable
+from common.vocabulary import FULL_PRECISION
 
 # Largest per-layer compander scale. tanh saturates to 1.0 in float32 near |w| = 9, and atanh(1) is
 # inf, so the scale is capped: weights beyond atanh(MAX_SCALE) ~ 4.95 are clipped to it.
@@ -221,125 +216,3 @@ def _round_between(
     else:
         pick_upper = torch.rand(values.numel(), generator=generator, device=values.device) < frac
     return torch.where(pick_upper, upper, lower)
-
-
-# ---------------------------------------------------------------- layers
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
-
-
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose forward pass uses ``bits``-bit weights (bias stays float32).
-
-    At low bits its output is recomputed in backward instead of saved (``common.saved_codes``).
-    """
-
-    bits: int = FULL_PRECISION
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = quantize_weight(self.weight, self.bits)
-        out = self._conv_forward(x, weight, self.bias)
-        if self.bits != FULL_PRECISION:
-            frozen_bias = _detached(self.bias)
-            mark_recomputable(out, lambda y, w: self._conv_forward(y, w, frozen_bias), x, weight)
-        return out
-
-
-class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward pass uses ``bits``-bit weights (bias stays float32).
-
-    At low bits its output is recomputed in backward instead of saved (``common.saved_codes``).
-    """
-
-    bits: int = FULL_PRECISION
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = quantize_weight(self.weight, self.bits)
-        out = F.linear(x, weight, self.bias)
-        if self.bits != FULL_PRECISION:
-            frozen_bias = _detached(self.bias)
-            mark_recomputable(out, lambda y, w: F.linear(y, w, frozen_bias), x, weight)
-        return out
-
-
-class QuantAct(nn.Module):
-    """Bounded, ``bits``-bit activation (``quantize_activation``); ReLU at 32 bits unless
-    ``full_precision`` says clamp."""
-
-    bits: int = FULL_PRECISION
-    full_precision: str = "relu"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(x, self.bits, self.full_precision)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, full_precision={self.full_precision}"
-
-
-QUANT_LAYERS = (QuantConv2d, QuantLinear)
-
-
-def set_bitwidth(model: nn.Module, bits: int) -> nn.Module:
-    """Set the weight and activation bitwidth of every quantized layer of ``model``; returns it."""
-    check_bits(bits)
-    for module in model.modules():
-        if isinstance(module, (*QUANT_LAYERS, QuantAct)):
-            module.bits = bits
-    return model
-
-
-def set_fp_activation(model: nn.Module, name: str) -> nn.Module:
-    """Set the 32-bit nonlinearity (``FP_ACTIVATIONS``) of every activation of ``model``."""
-    if name not in FP_ACTIVATIONS:
-        raise ValueError(f"fp-activation {name!r} is not one of {', '.join(FP_ACTIVATIONS)}")
-    for module in model.modules():
-        if isinstance(module, QuantAct):
-            module.full_precision = name
-    return model
-
-
-def quantized_layers(model: nn.Module) -> list[QuantConv2d | QuantLinear]:
-    """Every conv and linear layer of ``model`` (the layers with codes)."""
-    return [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
-
-
-@torch.no_grad()
-def quantize_weight_grads_(
-    model: nn.Module,
-    bits: int,
-    rounding: Rounding = "stochastic",
-    generator: torch.Generator | None = None,
-) -> None:
-    """Quantile-quantize, in place, the weight gradient of every quantized layer at ``bits + 2``.
-
-    The paper gives gradients two more bits than weights. Biases and BatchNorm stay float32.
-    """
-    if bits == FULL_PRECISION:
-        return
-    for layer in quantized_layers(model):
-        if layer.weight.grad is not None:
-            layer.weight.grad.copy_(
-                quantize_gradient(layer.weight.grad, bits + 2, rounding, generator)
-            )
-
-
-@torch.no_grad()
-def project_weights_(
-    model: nn.Module,
-    bits: int,
-    rounding: Rounding = "stochastic",
-    generator: torch.Generator | None = None,
-) -> None:
-    """Put every quantized layer's stored weights on its ``bits``-bit grid: w <- Q(w).
-
-    This is the paper's update ``w_{t+1} = Q(w_t - lr * g_Q)`` when called after each optimizer
-    step (stochastic rounding: unbiased in the companded domain), and the initial projection of a
-    model that starts on the grid (deterministic).
-    """
-    if bits == FULL_PRECISION:
-        return
-    for layer in quantized_layers(model):
-        codes, scale = weight_codes(layer.weight, bits, rounding, generator)
-        layer.weight.copy_(codes_to_weight(codes, scale, bits))

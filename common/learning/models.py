@@ -1,9 +1,10 @@
 """Feature extractors (CIFAR ResNet-18, a small CNN), SimCLR/SimSiam heads, classifiers, probes.
 
-All convolutions and linear layers are quantized layers (``common.quant``): one ``set_bitwidth``
-call moves a whole model between bitwidths. The input image is never activation-quantized (it is
-already 8-bit data, and signed after normalization); activations are quantized after every
-nonlinearity of the backbone and the heads, where DoReFa's bounded [0, 1] activation replaces ReLU.
+All convolutions and linear layers are quantized layers (``common.lowbit.layers``): one
+``set_bitwidth`` call moves a whole model between bitwidths. The input image is never
+activation-quantized (it is already 8-bit data, and signed after normalization); activations are
+quantized after every nonlinearity of the backbone and the heads, where DoReFa's bounded [0, 1]
+activation replaces ReLU.
 The projection and prediction outputs stay unquantized because the losses normalize them.
 """
 
@@ -14,8 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common.quant import FULL_PRECISION, QuantAct, QuantConv2d, QuantLinear, set_bitwidth
-from common.saved_codes import max_pool
+from common.lowbit.layers import QuantAct, QuantConv2d, QuantLinear, set_bitwidth
+from common.lowbit.saved_codes import max_pool
+from common.vocabulary import FULL_PRECISION
 from common.vocabulary import MODEL_NAMES as MODEL_NAMES
 
 

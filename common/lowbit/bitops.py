@@ -13,9 +13,9 @@ output elements x s x batch), and weight gradients (count x g). BatchNorm, biase
 elementwise work are left out, as in the paper's accounting.
 
 What this counts is the paper's model of low-bit hardware, **not what this PyTorch code does**:
-here only the weight gradients are quantized (quantile grid, s + 2 bits); the error signals
-between layers stay float32 and every operation runs in float32 arithmetic. What backward keeps
-of the activations is their codes (``common.saved_codes``), so measured step memory falls below
+here only the weight gradients are quantized (quantile grid, s + 2 bits); the error signals between
+layers stay float32 and every operation runs in float32 arithmetic. What backward keeps of the
+activations is their codes (``common.lowbit.saved_codes``), so measured step memory falls below
 fp32, but it also holds float32 gradients and one layer's recomputed output at a time: measured
 against this counter in docs/BENCHMARKS.md ("Memory of a training step").
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.quant import FULL_PRECISION, QuantConv2d, QuantLinear
+from common.lowbit.layers import QuantConv2d, QuantLinear
+from common.vocabulary import FULL_PRECISION
 
 IMAGE_BITS = 8
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from common.models import linear_probe
-from common.quant import FULL_PRECISION, quantize_weight_grads_
+from common.learning.models import linear_probe
+from common.lowbit.layers import quantize_weight_grads_
+from common.vocabulary import FULL_PRECISION
 
 # Final-epoch probe lengths: the server's global probe on its labelled probe set, and a client's
 # local probe on its own labelled share (a few hundred images, at its bitwidth, on the device).

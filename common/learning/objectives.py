@@ -1,8 +1,9 @@
 """What a client trains for: SimCLR, SimSiam or supervised, each knowing its model, augmentation,
 inputs and how it is scored. The one place the self-supervised / supervised difference lives.
 
-- SimCLR: encoder + projection head, two augmented views per image, NT-Xent (``common.training``
-  picks the loss from the model), scored by a linear probe on the frozen encoder;
+- SimCLR: encoder + projection head, two augmented views per image, NT-Xent
+  (``common.learning.training`` picks the loss from the model), scored by a linear probe on the
+  frozen encoder;
 - SimSiam: the same with a predictor head and SimSiam's loss;
 - supervised (FedAvg, FedProx, FedPAQ): encoder + linear head, one lightly augmented view and
   its label, cross-entropy; scored by its own classifier (and, to compare methods rather than
@@ -16,10 +17,10 @@ from typing import Protocol
 
 import torch
 
-from common.data import ImageData
-from common.evaluation import classifier_accuracy, classifier_loss
-from common.models import Classifier, SSLModel, build_classifier, build_ssl_model
-from common.training import Augmentation
+from common.data.datasets import ImageData
+from common.learning.evaluation import classifier_accuracy, classifier_loss
+from common.learning.models import Classifier, SSLModel, build_classifier, build_ssl_model
+from common.learning.training import Augmentation
 
 PROJECTION_DIM = 128
 

@@ -21,12 +21,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.batch_augment import BatchedTwoViews, BatchSSLAugmentation
 from common.config import ExperimentConfig
-from common.models import Classifier, SSLModel
-from common.quant import FULL_PRECISION, Rounding, project_weights_, quantize_weight_grads_
-from common.saved_codes import saving_codes
-from common.ssl import Labelled, TwoViews, nt_xent_loss, simsiam_loss
+from common.learning.augment import Labelled, TwoViews
+from common.learning.batch_augment import BatchedTwoViews, BatchSSLAugmentation
+from common.learning.losses import nt_xent_loss, simsiam_loss
+from common.learning.models import Classifier, SSLModel
+from common.lowbit.layers import project_weights_, quantize_weight_grads_
+from common.lowbit.quantizers import Rounding
+from common.lowbit.saved_codes import saving_codes
+from common.vocabulary import FULL_PRECISION
 
 # Per-image torchvision transforms, or SimCLR's augmentations a batch at a time.
 Augmentation = nn.Module | BatchSSLAugmentation
@@ -36,9 +39,9 @@ Augmentation = nn.Module | BatchSSLAugmentation
 class LowBitSettings:
     """How a client trains: its bitwidth, the weight-update rule and the gradient rounding.
 
-    ``save_codes`` keeps what backward needs as low-bit codes (``common.saved_codes``: the same
-    numbers, less memory, one recomputed layer output each); off, autograd keeps float32 tensors
-    (the reference path, faster where memory is no object).
+    ``save_codes`` keeps what backward needs as low-bit codes (``common.lowbit.saved_codes``: the
+    same numbers, less memory, one recomputed layer output each); off, autograd keeps float32
+    tensors (the reference path, faster where memory is no object).
     """
 
     bits: int = FULL_PRECISION

@@ -16,28 +16,21 @@ import torch
 
 from common import seeds
 from common.algorithms import get_algorithm
-from common.batch_augment import BatchSSLAugmentation
 from common.config import ExperimentConfig
-from common.data import (
-    DATASET_SHAPES,
-    DatasetFormatError,
-    ImageData,
-    Partition,
-    load_dataset,
-    make_partition,
-    stratified_sample,
-)
-from common.local_data import load_images, local_train_test
-from common.models import Classifier, SSLModel
-from common.objectives import objective
-from common.quant import set_fp_activation
-from common.ssl import (
+from common.data.datasets import DATASET_SHAPES, DatasetFormatError, ImageData, load_dataset
+from common.data.local import load_images, local_train_test
+from common.data.partition import Partition, make_partition, stratified_sample
+from common.learning.augment import (
     NORMALIZATION,
     normalize_transform,
     ssl_augmentation,
     supervised_augmentation,
 )
-from common.training import Augmentation
+from common.learning.batch_augment import BatchSSLAugmentation
+from common.learning.models import Classifier, SSLModel
+from common.learning.objectives import objective
+from common.learning.training import Augmentation
+from common.lowbit.layers import set_fp_activation
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ dispatch overhead of a crop, a flip and a jitter per image costs more than the s
 Here every sample still gets its own random parameters, but the work is a few batched ops:
 one ``affine_grid``/``grid_sample`` for crop + flip + resize, per-sample factors for the jitter.
 
-Where it differs from ``common.ssl.ssl_augmentation`` (same distributions otherwise):
+Where it differs from ``common.learning.augment.ssl_augmentation`` (same distributions otherwise):
 - the crop box is continuous (sub-pixel offsets and sizes) where torchvision rounds it to whole
   pixels, and it is resampled bilinearly without antialiasing (crops only ever enlarge here);
 - the colour-jitter order (brightness, contrast, saturation, hue) is drawn once per batch, where

@@ -16,7 +16,7 @@ every low-bit training step) three rules apply, through PyTorch's ``saved_tensor
 3. a quantized layer's output (marked by ``mark_recomputable``) is not saved at all: backward
    recomputes it from the layer's saved input codes and weight (one extra conv or matmul per
    layer, the price of the memory), and a quantized weight is saved as its codes and scale and
-   decoded again (``common.quant.quantize_weight``).
+   decoded again (``common.lowbit.quantizers.quantize_weight``).
 
 Outside the context (evaluation, full precision) nothing is marked and nothing changes. The
 numbers are those of the float32 path: ``tests/test_saved_codes.py`` compares losses and every

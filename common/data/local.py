@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.data import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
+from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LAYOUTS = (

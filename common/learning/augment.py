@@ -1,44 +1,11 @@
-"""Self-supervised objectives (NT-Xent for SimCLR, SimSiam's negative cosine), augmentations and
-the datasets that apply them."""
+"""Per-image augmentations (torchvision v2), normalization, and the datasets that apply them;
+the batched GPU-friendly pipeline is ``common.learning.batch_augment``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchvision.transforms import v2
-
-
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent (InfoNCE) loss for two views; row i of ``z1`` and ``z2`` is a positive pair.
-
-    Each of the 2N embeddings is classified against the other 2N - 1 by cosine similarity over
-    ``temperature``; the loss is the mean cross-entropy of picking its positive.
-    """
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"views must be matching (N, D) tensors, got {z1.shape} and {z2.shape}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
-
-
-def simsiam_loss(
-    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
-) -> torch.Tensor:
-    """SimSiam: symmetric negative cosine between predictions and stop-gradient projections."""
-    return (
-        -(
-            F.cosine_similarity(p1, z2.detach(), dim=1).mean()
-            + F.cosine_similarity(p2, z1.detach(), dim=1).mean()
-        )
-        / 2
-    )
-
 
 # Per-channel statistics of the training sets, used to normalize inputs.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from common.quant import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
+from common.vocabulary import FULL_PRECISION, MAX_BITS, MIN_BITS, check_bits
 
 DEFAULT_BUCKET_SIZE = 512
 

@@ -25,6 +25,9 @@ ROW_SUFFIXES = {
 }
 
 
+RunSpec = tuple[str, int, ExperimentConfig]  # (row, seed, config) of one run of a plan
+
+
 @dataclass
 class Plan:
     """What to run: the base config, rows (name -> config overrides) and seeds."""
@@ -151,7 +154,7 @@ def run_config(plan: Plan, row: str, seed: int, output_dir: Path) -> ExperimentC
     return ExperimentConfig.from_mapping(values)
 
 
-def plan_runs(plan: Plan, output_dir: Path) -> list[tuple[str, int, ExperimentConfig]]:
+def plan_runs(plan: Plan, output_dir: Path) -> list[RunSpec]:
     """Every (row, seed, config) of the plan; one run's results go straight to ``output_dir``.
     Each row's folder is its name made safe (``safe_name``); two rows whose names become the
     same folder are refused."""

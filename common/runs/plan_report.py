@@ -1,7 +1,7 @@
 """What finished runs print and write: a run's summary lines, a plan's comparison or sweep.
 
 Reads the runs' ``summary.json`` files (no Flower, no torch); the tables and plots themselves
-are ``common/report.py``'s.
+are ``common/runs/report.py``'s.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from common import report
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
-from common.plan import Plan
+from common.runs import report
+from common.runs.plan import Plan
 
 
 def read_summary(output_dir: Path) -> dict | None:

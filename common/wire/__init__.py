@@ -1,0 +1,2 @@
+"""What travels between server and clients: bit-packed integer codes (``packing``) and the
+payload format of a model (``payload``). Free of Flower."""
