@@ -1,43 +1,18 @@
 """Weights and weighted sums of model states: the arithmetic of every server round, free of Flower.
 
 ``RunningAverage`` folds one state at a time (an online softmax over log-weights), so a server
-holds O(1) states however many clients report; ``average_states`` is the all-at-once reference
-it equals up to float rounding.
+holds O(1) states however many clients report; the tests hold the all-at-once reference it
+equals up to float rounding (``tests/reference_math.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
-
-
-def softmax_weights(losses: Sequence[float], temperature: float = 1.0) -> np.ndarray:
-    """``p_k = exp(-L_k / T) / sum_j exp(-L_j / T)``, computed stably."""
-    scores = -np.asarray(losses, dtype=np.float64) / temperature
-    if not np.isfinite(scores).all():
-        raise ValueError(f"de-quantization losses must be finite, got {list(losses)}")
-    weights = np.exp(scores - scores.max())
-    return weights / weights.sum()
-
-
-def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
-    """Weighted average of floating tensors; integer buffers (BatchNorm counters) take the max."""
-    if not states or len(states) != len(weights):
-        raise ValueError("need one weight per state, and at least one state")
-    averaged: State = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            averaged[name] = sum(
-                float(w) * s[name].double() for s, w in zip(states, weights, strict=True)
-            ).to(first.dtype)
-        else:
-            averaged[name] = torch.stack([s[name] for s in states]).max(dim=0).values
-    return averaged
 
 
 class RunningAverage:
@@ -45,8 +20,7 @@ class RunningAverage:
 
     ``a_k`` is a log-weight (``-L_DQ / T`` for Fed-QSSL, ``log n_k`` for sample weights); the
     running maximum of the ``a_k`` keeps every exponent <= 0 (online softmax), and the sums are
-    rescaled when it grows. Integer buffers (BatchNorm counters) take the maximum, as in
-    ``average_states``, whose result this equals up to float rounding.
+    rescaled when it grows. Integer buffers (BatchNorm counters) take the maximum.
     """
 
     def __init__(self) -> None:
@@ -92,14 +66,6 @@ class RunningAverage:
         }
 
 
-def sample_weights(examples: Sequence[int]) -> np.ndarray:
-    """FedAvg's weights ``n_k / sum_j n_j``."""
-    counts = np.asarray(examples, dtype=np.float64)
-    if len(counts) == 0 or (counts < 0).any() or counts.sum() <= 0:
-        raise ValueError(f"sample counts must be >= 0 with a positive sum, got {list(examples)}")
-    return counts / counts.sum()
-
-
 def add_update(current: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> State:
     """``current + update`` for floating tensors; integer tensors (sent as values, not
     differences) take the update's."""
@@ -109,16 +75,6 @@ def add_update(current: Mapping[str, torch.Tensor], update: Mapping[str, torch.T
         else update[name]
         for name, tensor in current.items()
     }
-
-
-def apply_update(
-    current: Mapping[str, torch.Tensor],
-    updates: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[float],
-) -> State:
-    """``current + sum_k w_k update_k``; integer tensors take the maximum, as in
-    ``average_states``."""
-    return add_update(current, average_states(updates, weights))
 
 
 def log_weight(weight: float) -> float:

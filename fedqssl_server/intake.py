@@ -1,6 +1,7 @@
-"""A round's fit replies at the Flower boundary: each checked (metrics, claims, payload) and
-decoded once to be sure, then set aside to be decoded again when the server round reaches it,
-so a round holds one decoded model at a time. What cannot be used becomes a reason."""
+"""A round's replies at the Flower boundary, checked in one place: fit replies (metrics, claims,
+payload) decoded once to be sure, then set aside to be decoded again when the server round
+reaches it, so a round holds one decoded model at a time; evaluation replies (metrics, the
+node's partition and bitwidth, once each). What cannot be used becomes a reason."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from collections.abc import Callable, Collection, Mapping
 from typing import NamedTuple
 
 import torch
-from flwr.common import FitRes, Parameters, parameters_to_ndarrays
+from flwr.common import EvaluateRes, FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 from common.wire.payload import PayloadError, decode_state, payload_nbytes
 from fedqssl_server.nodes import NodeRegistry
-from fedqssl_server.replies import FIT_METRICS, reply_problem
+from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
 
 # The largest magnitude a float tensor of a received model may hold. Trained weights, BatchNorm
 # statistics and biases of these models are orders of magnitude below it; a value beyond it can only
@@ -118,6 +119,30 @@ def take_replies(
             nodes.bind(client.cid, taken.key)
             accepted[taken.key] = taken
     return [accepted[key] for key in sorted(accepted)], left_out
+
+
+def evaluation_replies(
+    results: list[tuple[ClientProxy, EvaluateRes]], nodes: NodeRegistry, max_examples: int
+) -> tuple[list[EvaluateRes], list[tuple[str, str]]]:
+    """The final evaluation's replies: the usable ones (metrics of the right types, from the
+    node bound to the partition they name, at its bitwidth, one per partition) and the others
+    as (who, why)."""
+    usable: list[EvaluateRes] = []
+    refused = []
+    for client, reply in results:
+        problem = reply_problem(
+            reply.metrics, reply.num_examples, EVALUATE_METRICS, max_examples
+        ) or nodes.evaluation_problem(
+            client.cid,
+            reply.metrics["partition-id"],
+            reply.metrics["bitwidth"],
+            {r.metrics["partition-id"] for r in usable},
+        )
+        if problem is None:
+            usable.append(reply)
+        else:
+            refused.append((client.cid, problem))
+    return usable, refused
 
 
 def _decoded(parameters: Parameters, bits: int, template: Mapping[str, torch.Tensor]) -> dict:

@@ -23,7 +23,9 @@ Then, once per round:
    with s-bit operations; the baselines: w_G itself, which the codec rounds onto the s-bit grid).
 
 A received model whose L_DQ is not finite (it diverged on D_g), or whose weight is 0 (a client
-reporting no training examples), is refused; the round goes on without it.
+reporting no training examples), is refused; the round goes on without it. ``run`` returns the
+refusals with the outcome (no global model when every model was refused): the strategy's round
+ledger decides what too few usable models mean.
 
 Every fine-tune counts its optimizer steps by phase (``dequantize``, ``requantize``,
 ``finetune``, ``buffer``): the server's budget, recorded beside the clients' in every round.
@@ -65,26 +67,26 @@ def cpu_state(model: torch.nn.Module) -> State:
     return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
 
-class AllRefusedError(ValueError):
-    """Every received model of a round was refused by the server step (reasons in ``refused``)."""
+@dataclass(frozen=True)
+class ClientOutcome:
+    """What the server step made of one received model: its weight p_k, its de-quantization
+    loss L_DQ_k (None where the algorithm has none) and the optimizer steps that took."""
 
-    def __init__(self, refused: Mapping[int, str]) -> None:
-        super().__init__("; ".join(refused.values()))
-        self.refused = dict(refused)
+    weight: float
+    dq_loss: float | None
+    dq_steps: int
 
 
 @dataclass
 class RoundOutcome:
-    """What one server round produced. Lists follow ``keys``: the received clients that count,
-    sorted; ``refused`` says why others do not. ``requantized`` holds one model per bitwidth, as
-    states: the strategy encodes them for the downlink."""
+    """What one server round produced, by client key (its partition), in key order: the received
+    models that count (``clients``) and why the others do not (``refused``). ``global_state`` is
+    None when every model was refused; ``requantized`` holds one model per bitwidth, as states:
+    the strategy encodes them for the downlink."""
 
-    global_state: State
-    keys: list[int]
-    weights: list[float]
-    requantized: dict[int, State]
-    dq_losses: list[float | None] = field(default_factory=list)
-    dq_steps: list[int] = field(default_factory=list)
+    global_state: State | None
+    clients: dict[int, ClientOutcome]
+    requantized: dict[int, State] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # the server's optimizer steps by phase
     seconds: dict[str, float] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
@@ -156,7 +158,8 @@ class ServerRound:
         bitwidths: Iterable[int],
     ) -> RoundOutcome:
         """The round: dequantize and weigh each client in key order (not arrival order),
-        folding it into the weighted sum at once, then aggregate and requantize."""
+        folding it into the weighted sum at once, then aggregate and requantize. Models refused
+        on the way are in the outcome's ``refused``; when none is left there is no global model."""
         start = time.perf_counter()
         self.step_counts = {}
         bitwidths = self.round_bitwidths = set(bitwidths)  # what this round re-quantizes for
@@ -179,7 +182,7 @@ class ServerRound:
             kept[key] = (loss, weight, dq_steps)
             total.add(state, weight)
         if not kept:
-            raise AllRefusedError(refused)
+            return RoundOutcome(global_state=None, clients={}, refused=refused)
         after_dequantize = time.perf_counter()
         global_state = self.aggregate(current, total, server_round)
         if self.config.bn_recalibrate != "none":
@@ -188,13 +191,14 @@ class ServerRound:
         requantized = self.requantize(server_round, global_state, bitwidths)
         if self.config.bn_recalibrate == "all":
             requantized = {bits: self.recalibrated(s, bits) for bits, s in requantized.items()}
+        weights = normalized([weight for _, weight, _ in kept.values()]).tolist()
         return RoundOutcome(
             global_state=global_state,
-            keys=list(kept),
-            weights=normalized([weight for _, weight, _ in kept.values()]).tolist(),
+            clients={
+                key: ClientOutcome(weight, loss, steps)
+                for (key, (loss, _, steps)), weight in zip(kept.items(), weights, strict=True)
+            },
             requantized=requantized,
-            dq_losses=[loss for loss, _, _ in kept.values()],
-            dq_steps=[steps for _, _, steps in kept.values()],
             steps=dict(self.step_counts),
             seconds={
                 "dequantize": after_dequantize - start,
@@ -220,9 +224,10 @@ class UpdateRound(ServerRound):
         return add_update(current, total.result(current))
 
 
-class FedQSSLRound(ServerRound):
-    """Fed-QSSL's server on its buffer D_g: de-quantization by full-precision fine-tuning,
-    softmax(-L_DQ) weights, re-quantization by s-bit fine-tuning."""
+class BufferRound(ServerRound):
+    """What the rounds that train on the server's buffer D_g share: the check that D_g gives an
+    optimizer step, seeded views of D_g, a fine-tune counted by phase, and re-quantization by
+    s-bit fine-tuning (``finetuned_downlinks``)."""
 
     def __init__(self, config: ExperimentConfig, data: ServerData) -> None:
         super().__init__(config, data)
@@ -268,6 +273,30 @@ class FedQSSLRound(ServerRound):
         self.step_counts[phase] = self.step_counts.get(phase, 0) + trained.steps
         return cpu_state(model), trained.last_loss
 
+    def finetuned_downlinks(
+        self, server_round: int, global_state: State, bitwidths: Iterable[int]
+    ) -> dict[int, State]:
+        """For each bitwidth s, w_G fine-tuned on D_g with s-bit operations (``rq-epochs``),
+        so that the client at s receives an s-bit model shaped by the server's data (the
+        paper's re-quantization)."""
+        seed = functools.partial(seeds.requantize_seed, self.config.seed, server_round)
+        return {
+            bits: self.train_on(
+                global_state,
+                bits,
+                self.views_of_buffer(self.config.requantize_epochs, seed(bits)),
+                seed(bits),
+                "requantize",
+            )[0]
+            for bits in sorted(set(bitwidths))
+        }
+
+
+class FedQSSLRound(BufferRound):
+    """Fed-QSSL's server on its buffer D_g (the paper's Algorithm 1, server side):
+    de-quantization by full-precision fine-tuning, softmax(-L_DQ) weights, re-quantization by
+    s-bit fine-tuning."""
+
     def views(self, server_round: int) -> list:
         """D_g augmented once for the round: every client's de-quantization trains on these."""
         return self.views_of_buffer(self.config.dequantize_epochs, self.round_seed(server_round))
@@ -286,41 +315,21 @@ class FedQSSLRound(ServerRound):
             return 0.0
         return -loss / self.config.dq_temperature
 
-    def requantize(self, server_round, global_state, bitwidths):
-        """For each bitwidth s, w_G fine-tuned on D_g with s-bit operations (``rq-epochs``),
-        so that the client at s receives an s-bit model shaped by the server's data."""
-        seed = functools.partial(seeds.requantize_seed, self.config.seed, server_round)
-        return {
-            bits: self.train_on(
-                global_state,
-                bits,
-                self.views_of_buffer(self.config.requantize_epochs, seed(bits)),
-                seed(bits),
-                "requantize",
-            )[0]
-            for bits in sorted(set(bitwidths))
-        }
+    requantize = BufferRound.finetuned_downlinks
 
 
-class FineTuneRound(FedQSSLRound):
+class FineTuneRound(BufferRound):
     """The ``fedsimclr-ft`` control: the buffer's extra training without Fed-QSSL's weighting.
     FedAvg's weights and no per-client de-quantization; the average is fine-tuned once in full
     precision on D_g (``dq-epochs``) and re-quantized by fine-tuning as Fed-QSSL does."""
-
-    def views(self, server_round):
-        return None
-
-    def dequantize(self, state, views, server_round):
-        return state, None
-
-    def weigh(self, loss, examples, total_examples):
-        return ServerRound.weigh(self, loss, examples, total_examples)
 
     def aggregate(self, current, total, server_round):
         """w_G: the weighted average, fine-tuned in full precision on D_g."""
         seed = self.round_seed(server_round)
         views = self.views_of_buffer(self.config.dequantize_epochs, seed)
         return self.train_on(total.result(current), FULL_PRECISION, views, seed, "finetune")[0]
+
+    requantize = BufferRound.finetuned_downlinks
 
 
 def fedqssl_server_steps(
@@ -334,17 +343,12 @@ def fedqssl_server_steps(
     )
 
 
-class BufferOnlyRound(FedQSSLRound):
+class BufferOnlyRound(BufferRound):
     """The ``buffer-only`` control: what D_g alone teaches. Clients do not train and what they
-    send back is ignored; each round the server trains the global model in full precision on
-    D_g for the steps Fed-QSSL's server would take in that round (``fedqssl_server_steps``), and
-    every bitwidth's downlink is that model rounded by the codec, scored as the others are."""
-
-    def views(self, server_round):
-        return None
-
-    def dequantize(self, state, views, server_round):
-        return state, None
+    send back is ignored (uniform weights); each round the server trains the global model in
+    full precision on D_g for the steps Fed-QSSL's server would take in that round
+    (``fedqssl_server_steps``), and every bitwidth's downlink is that model rounded by the
+    codec, scored as the others are."""
 
     def weigh(self, loss, examples, total_examples):
         return 0.0
@@ -358,9 +362,6 @@ class BufferOnlyRound(FedQSSLRound):
         epochs = self.views_of_buffer(-(-budget // self.steps_per_epoch), seed)
         batches = list(itertools.islice(itertools.chain.from_iterable(epochs), budget))
         return self.train_on(current, FULL_PRECISION, [batches], seed, "buffer")[0]
-
-    def requantize(self, server_round, global_state, bitwidths):
-        return ServerRound.requantize(self, server_round, global_state, bitwidths)
 
 
 ROUNDS: dict[str, type[ServerRound]] = {

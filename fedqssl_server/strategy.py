@@ -1,17 +1,18 @@
-"""The Flower strategies: ``FedQSSL`` and the baselines, thin glue around ``rounds``.
+"""The Flower strategy ``FedQSSL``: thin glue around a round's ledger and its server steps.
 
-Every algorithm's strategy is the same Flower glue (``LowBitStrategy``); what it does with what
-clients send is its ``ServerRound`` (``fedqssl_server/rounds.py``), chosen by the algorithm's row
-in ``common/algorithms.py``. The codec is called here only, at the Flower boundary: payloads are
-decoded on the way in and each bitwidth's model is encoded on the way out.
+Fed-QSSL and every baseline run through the same Flower glue; what the server does with what
+clients send is the algorithm's ``ServerRound`` (``fedqssl_server/rounds.py``), chosen by its row
+in ``common/algorithms.py``. A round's bookkeeping (replies by partition, refusals, the
+``min-fit-clients`` rule, the record) is its ``RoundLedger`` (``fedqssl_server/ledger.py``). The
+codec is called here only, at the Flower boundary: payloads are decoded on the way in
+(``intake``) and each bitwidth's model is encoded on the way out.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -36,31 +37,19 @@ from common.runs.saved_models import save_run_models
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import encode_state, payload_nbytes
 from fedqssl_server import checkpoint
-from fedqssl_server.intake import Accepted, failed, take_replies
+from fedqssl_server.intake import evaluation_replies, failed, take_replies
+from fedqssl_server.ledger import RoundLedger
 from fedqssl_server.monitor import GlobalMonitor
 from fedqssl_server.participants import Participants
-from fedqssl_server.replies import EVALUATE_METRICS, reply_problem
 from fedqssl_server.results import (
     RunRecorder,
-    client_record,
-    fit_record,
     local_record,
     mean_of,
     round_line,
     run_summary,
     weighted_loss,
 )
-from fedqssl_server.rounds import AllRefusedError, RoundOutcome, server_round_for
-
-
-@dataclass
-class RoundInProgress:
-    """What one round's callbacks (configure_fit, aggregate_fit, evaluate) hand each other."""
-
-    started: float = field(default_factory=time.perf_counter)
-    sent_bytes: dict[str, int] = field(default_factory=dict)  # node -> downlink bytes
-    left_out: list[tuple[str, str]] = field(default_factory=list)  # (who, why), before fit
-    record: dict = field(default_factory=dict)  # what the round adds to rounds.jsonl
+from fedqssl_server.rounds import server_round_for
 
 
 class RoundFailedError(RuntimeError):
@@ -68,9 +57,9 @@ class RoundFailedError(RuntimeError):
     model as a result."""
 
 
-class LowBitStrategy(Strategy):
-    """Packed low-bit models both ways, one downlink per bitwidth, for the algorithm that
-    ``algorithm`` (a subclass) or the config names.
+class FedQSSL(Strategy):
+    """Fed-QSSL's Flower strategy, which runs every baseline the config's ``algorithm`` names
+    too: packed low-bit models both ways, one downlink per bitwidth.
 
     The contract with clients:
 
@@ -87,21 +76,14 @@ class LowBitStrategy(Strategy):
       and a model the server round refuses (L_DQ not finite). The round goes on without it; a
       round left with fewer than ``min-fit-clients`` models fails the run (``RoundFailedError``).
 
-    Rounds are numbered as the run counts them: a run resumed from round R's checkpoint
-    (``restore``) calls Flower's round 1 round R + 1. After the last round every client scores
-    its own model (local accuracy) and the server writes the summary.
+    Rounds are numbered as the run counts them (``run_round``): a run resumed from round R's
+    checkpoint (``restore``) calls Flower's round 1 round R + 1. After the last round every
+    client scores its own model (local accuracy) and the server writes the summary.
     """
-
-    algorithm_name: str | None = None  # set by the named strategies below
 
     def __init__(
         self, config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
     ) -> None:
-        if self.algorithm_name is not None and config.algorithm != self.algorithm_name:
-            raise ValueError(
-                f"{type(self).__name__} runs {self.algorithm_name}, but the config says "
-                f"{config.algorithm}: use strategy_for(config, ...)"
-            )
         self.config = config
         self.data = data
         self.algorithm = get_algorithm(config.algorithm)
@@ -115,7 +97,7 @@ class LowBitStrategy(Strategy):
         self.nodes = Participants(config)
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.downlink: dict[int, list[np.ndarray]] = {}
-        self.round = RoundInProgress()
+        self.ledger = self._new_ledger(0)
         self.final_scores: dict[str, float] = {}
         self.saved_models: dict[str, str] = {}  # name -> file in the run folder
         self.untrained_scores: dict[str, float] = {}
@@ -133,6 +115,15 @@ class LowBitStrategy(Strategy):
     def remaining_rounds(self) -> int:
         """The rounds Flower still has to run (all of them unless resumed)."""
         return self.config.num_rounds - self.round_offset
+
+    def run_round(self, flower_round: int) -> int:
+        """Flower's round number as the run counts it (after the rounds of a resumed run)."""
+        return flower_round + self.round_offset
+
+    def _new_ledger(self, server_round: int) -> RoundLedger:
+        return RoundLedger(
+            server_round, self.config.min_fit_clients, self.config.num_clients, self.fp32_bytes
+        )
 
     # ------------------------------------------------------------ the global model
 
@@ -164,16 +155,17 @@ class LowBitStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """One ``FitIns`` per sampled client, each with its own bitwidth's model."""
-        server_round += self.round_offset
-        self.round = RoundInProgress()
+        server_round = self.run_round(server_round)
+        self.ledger = self._new_ledger(server_round)
         # once there are downlinks each node needs its own bitwidth's: know who is who first
-        sampled, self.round.left_out = self.nodes.sample(
+        sampled, left_out = self.nodes.sample(
             client_manager, server_round, know_all=bool(self.downlink)
         )
+        self.ledger.left_out_by_sampling(left_out)
         instructions = []
         for client in sampled:
             payload = self._payload_for(self.nodes.partition_of.get(client.cid))
-            self.round.sent_bytes[client.cid] = payload_nbytes(payload)
+            self.ledger.sent_bytes[client.cid] = payload_nbytes(payload)
             # a fresh FitIns per client: each carries its own model
             instructions.append(
                 (client, FitIns(ndarrays_to_parameters(payload), {"server-round": server_round}))
@@ -187,9 +179,13 @@ class LowBitStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Decode and check every reply, run the algorithm's server round on the usable ones,
-        and encode its model for each bitwidth (the downlink of the next round)."""
-        server_round += self.round_offset
-        ordered, refused_replies = take_replies(
+        and encode its model for each bitwidth (the downlink of the next round). Below
+        ``min-fit-clients`` usable models the round is recorded and the run fails."""
+        server_round = self.run_round(server_round)
+        if self.ledger.server_round != server_round:  # no configure_fit for it: nothing sampled
+            self.ledger = self._new_ledger(server_round)
+        ledger = self.ledger
+        accepted, refused = take_replies(
             results,
             self.nodes,
             self.nodes.connected,
@@ -197,80 +193,38 @@ class LowBitStrategy(Strategy):
             self.algorithm.sends_updates,
             self.config.max_client_examples,
         )
-        for _, reason in refused_replies:
-            log(WARNING, "round %s: %s, left out", server_round, reason)
-        left_out = [*self.round.left_out, *failed(failures), *refused_replies]
-        sent = len(results) + len(failures) + len(self.round.left_out)
-        self._require_enough(server_round, ordered, sent, left_out)
-        outcome: RoundOutcome | None = None
-        try:
+        for _, why in refused:
+            log(WARNING, "round %s: %s, left out", server_round, why)
+        ledger.take(accepted, [*failed(failures), *refused], len(results) + len(failures))
+        outcome = None
+        if ledger.shortfall() is None:
             outcome = self.steps.run(
                 server_round,
                 self.global_state,
-                {item.key: item.decode for item in ordered},
-                {item.key: item.result.num_examples for item in ordered},
+                ledger.decoders(),
+                ledger.examples(),
                 self.nodes.bitwidths_seen(),
             )
-            refused = outcome.refused
-        except AllRefusedError as error:
-            refused = error.refused
-        client_of = {item.key: item.client.cid for item in ordered}
-        for key, reason in refused.items():
-            log(WARNING, "round %s: %s", server_round, reason)
-            left_out.append((client_of[key], reason))
-        ordered = [item for item in ordered if item.key not in refused]
-        self._require_enough(server_round, ordered, sent, left_out)
-        assert outcome is not None  # every model refused leaves none: the round failed above
+            for why in outcome.refused.values():
+                log(WARNING, "round %s: %s", server_round, why)
+            ledger.drop(outcome.refused)
+        problem = ledger.shortfall()
+        if outcome is None or outcome.global_state is None or problem is not None:
+            self._fail_round(problem or f"round {server_round}: every model was refused")
         self._set_global(outcome.global_state)
         self.downlink = {
             bits: encode_state(state, bits) for bits, state in outcome.requantized.items()
         }
-        self._record_fit(ordered, outcome, left_out)
+        ledger.close_fit(outcome)
         return ndarrays_to_parameters(self._global_payload()), {}
 
-    def _require_enough(
-        self, server_round: int, usable: list[Accepted], sent: int, left_out: list[tuple[str, str]]
-    ) -> None:
-        """Fail the round (recorded, then ``RoundFailedError``) below min-fit-clients models."""
-        if len(usable) >= self.config.min_fit_clients:
-            return
-        message = (
-            f"round {server_round}: {len(usable)} of {sent} clients returned a usable model, "
-            f"fewer than min-fit-clients ({self.config.min_fit_clients}); first failure: "
-            f"{left_out[0][1] if left_out else 'none reported'}"
-        )
-        self._record_fit(usable, None, left_out)
+    def _fail_round(self, problem: str) -> NoReturn:
+        """Record the round with its ``error``, then fail the run (``RoundFailedError``): a run
+        with too few usable models must not report an untrained model as a result."""
+        self.ledger.close_fit(None)
         if self.recorder is not None:
-            self.recorder.add_round(self._round_record(server_round, error=message))
-        raise RoundFailedError(message)
-
-    def _record_fit(
-        self, ordered: list[Accepted], outcome: RoundOutcome | None, left_out: list[tuple[str, str]]
-    ) -> None:
-        """The round's record of fit (``results.fit_record``), with what the server measured of
-        each usable client: bytes each way, L_DQ and weight."""
-        clients = [
-            client_record(
-                item.result.metrics,
-                item.result.num_examples,
-                **{
-                    "uplink-bytes": item.uplink_bytes,
-                    "downlink-bytes": self.round.sent_bytes.get(item.client.cid),
-                    "dq-loss": None if outcome is None else outcome.dq_losses[index],
-                    "dequantize-steps": None if outcome is None else outcome.dq_steps[index],
-                    "weight": None if outcome is None else outcome.weights[index],
-                },
-            )
-            for index, item in enumerate(ordered)
-        ]
-        self.round.record = fit_record(
-            clients,
-            left_out,
-            self.config.num_clients,
-            self.fp32_bytes,
-            {} if outcome is None else outcome.seconds,
-            {} if outcome is None else outcome.steps,
-        )
+            self.recorder.add_round(self.ledger.record(error=problem))
+        raise RoundFailedError(problem)
 
     # ------------------------------------------------------------ evaluation
 
@@ -279,7 +233,7 @@ class LowBitStrategy(Strategy):
         the global model beside the untrained floor: the same scores of the initial model (the
         seed's weights every client starts from). Every round but the last ends with a
         checkpoint."""
-        flower_round, server_round = server_round, server_round + self.round_offset
+        flower_round, server_round = server_round, self.run_round(server_round)
         if flower_round > 0 and server_round == self.config.num_rounds:
             self._save_models()
             self.final_scores = self.monitor.scores(self.global_state)
@@ -334,17 +288,8 @@ class LowBitStrategy(Strategy):
             checkpoint.checkpoint_path(self.recorder.output_dir),
         )
 
-    def _round_record(self, server_round: int, **values) -> dict:
-        """The round's record for ``rounds.jsonl``: what fit gathered, its seconds, ``values``."""
-        return {
-            **self.round.record,
-            "round": server_round,
-            **values,
-            "round-seconds": time.perf_counter() - self.round.started,
-        }
-
     def _end_round(self, server_round: int, knn: float, loss: float) -> None:
-        record = self._round_record(server_round, **{"knn-accuracy": knn, "global-loss": loss})
+        record = self.ledger.record(**{"knn-accuracy": knn, "global-loss": loss})
         log(INFO, "%s", round_line(record, self.config.num_rounds))
         if self.recorder is not None:
             self.recorder.add_round(record)
@@ -353,7 +298,7 @@ class LowBitStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """After the last round, every connected client scores its own re-quantized model."""
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         if server_round != self.config.num_rounds:
             return []
         client_manager.wait_for(1)
@@ -381,23 +326,10 @@ class LowBitStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """The clients' local scores and their means, then the run's summary."""
-        usable = []
-        for client, reply in results:
-            problem = reply_problem(
-                reply.metrics, reply.num_examples, EVALUATE_METRICS, self.config.max_client_examples
-            ) or self.nodes.evaluation_problem(
-                client.cid,
-                reply.metrics["partition-id"],
-                reply.metrics["bitwidth"],
-                {r.metrics["partition-id"] for r in usable},
-            )
-            if problem is None:
-                usable.append(reply)
-                continue
-            log(
-                WARNING, "evaluation: client %s sent a bad reply: %s, left out", client.cid, problem
-            )
-            failures = [*failures, RuntimeError(f"client {client.cid}: {problem}")]
+        usable, refused = evaluation_replies(results, self.nodes, self.config.max_client_examples)
+        for who, why in refused:
+            log(WARNING, "evaluation: client %s sent a bad reply: %s, left out", who, why)
+        failures = [*failures, *(RuntimeError(f"client {who}: {why}") for who, why in refused)]
         local = sorted(
             (local_record(r.metrics, r.num_examples) for r in usable),
             key=lambda c: c["partition-id"],
@@ -432,76 +364,8 @@ class LowBitStrategy(Strategy):
         return weighted_loss(local), {"local-accuracy": mean_local or 0.0}
 
 
-class FedQSSL(LowBitStrategy):
-    """Fed-QSSL (the paper's Algorithm 1): each received model is de-quantized by a
-    full-precision fine-tune on the server's buffer D_g, weighted by softmax(-L_DQ), averaged,
-    and re-quantized by an s-bit fine-tune on D_g for every bitwidth s (``FedQSSLRound``)."""
-
-    algorithm_name = "fedqssl"
-
-
-class FedSimCLR(LowBitStrategy):
-    """Fed-SimCLR: low-bit SimCLR clients, sample-weighted averaging, rounding to each grid."""
-
-    algorithm_name = "fedsimclr"
-
-
-class FedSimCLRFineTune(LowBitStrategy):
-    """The buffer control: Fed-SimCLR whose average is fine-tuned on D_g and re-quantized by
-    fine-tuning, as Fed-QSSL does, without per-client de-quantization or its weights."""
-
-    algorithm_name = "fedsimclr-ft"
-
-
-class BufferOnly(LowBitStrategy):
-    """The buffer-only control: no client trains; the server trains the global model on D_g
-    for Fed-QSSL's server budget each round (``BufferOnlyRound``)."""
-
-    algorithm_name = "buffer-only"
-
-
-class FedSimSiam(LowBitStrategy):
-    """Fed-SimSiam: low-bit SimSiam clients, sample-weighted averaging."""
-
-    algorithm_name = "fedsimsiam"
-
-
-class LowBitFedAvg(LowBitStrategy):
-    """FedAvg with low-bit supervised clients (the paper's baseline)."""
-
-    algorithm_name = "fedavg"
-
-
-class LowBitFedProx(LowBitStrategy):
-    """FedProx with low-bit supervised clients (``proximal-mu``)."""
-
-    algorithm_name = "fedprox"
-
-
-class FedPAQ(LowBitStrategy):
-    """FedPAQ: low-bit supervised clients send QSGD-coded updates; the server adds their
-    sample-weighted mean to the global model."""
-
-    algorithm_name = "fedpaq"
-
-
-STRATEGIES: dict[str, type[LowBitStrategy]] = {
-    cls.algorithm_name: cls
-    for cls in (
-        FedQSSL,
-        FedSimCLR,
-        FedSimCLRFineTune,
-        BufferOnly,
-        FedSimSiam,
-        LowBitFedAvg,
-        LowBitFedProx,
-        FedPAQ,
-    )
-}
-
-
 def strategy_for(
     config: ExperimentConfig, data: ServerData, recorder: RunRecorder | None = None
-) -> LowBitStrategy:
-    """The named strategy of ``config.algorithm``."""
-    return STRATEGIES[get_algorithm(config.algorithm).name](config, data, recorder)
+) -> FedQSSL:
+    """The strategy of a run: ``FedQSSL`` with ``config.algorithm``'s server steps."""
+    return FedQSSL(config, data, recorder)

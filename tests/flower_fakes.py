@@ -1,5 +1,9 @@
-"""Stand-ins for Flower's client proxies and client manager: drive a strategy without Flower."""
+"""Stand-ins for Flower's client proxies and client manager, and clients' fit results: drive a
+strategy without Flower."""
 
+from pathlib import Path
+
+import torch
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -9,6 +13,9 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+
+from common.runs.experiment import new_model
+from common.wire.payload import encode_state
 
 
 class FakeProxy:
@@ -67,3 +74,27 @@ def drive(strategy, clients, manager, rounds, evaluate_at_end=True):
         )
         evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), loss, count, metrics)))
     strategy.aggregate_evaluate(rounds, evaluations, [])
+
+
+def fit_result(config, bits, seed, partition_id=0):
+    """A client's fit reply: the initial model, perturbed by ``seed``, encoded at ``bits``."""
+    model = new_model(config, bits, 1, 10)  # seeds torch with config.seed: reseed after it
+    torch.manual_seed(seed)
+    for parameter in model.parameters():  # make every client's model different
+        parameter.data.add_(0.01 * torch.randn_like(parameter))
+    payload = encode_state(model.state_dict(), bits)
+    metrics = {"bitwidth": bits, "partition-id": partition_id, "loss": 1.0}
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(payload), 10, metrics)
+
+
+def three_results(config, proxies):
+    """Fit results of three clients at 4, 8 and 4 bits."""
+    return [
+        (proxy, fit_result(config, bits, index, index))
+        for index, (proxy, bits) in enumerate(zip(proxies, (4, 8, 4), strict=True))
+    ]
+
+
+def config_dir(config):
+    """The run's output folder."""
+    return Path(config.output_dir)

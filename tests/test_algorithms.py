@@ -4,24 +4,18 @@ step and the evaluation each algorithm is defined by."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flower_fakes import FakeManager, FakeProxy, drive
-from flwr.common import Code, EvaluateRes, RecordDict, Status
+from helpers import federate, losses_of, tiny_config, weights_of
 
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
-from common.config import ConfigError, ExperimentConfig
+from common.config import ExperimentConfig
 from common.learning.models import extract_features
-from common.learning.training import augmented_epochs, objective_loss
 from common.lowbit.layers import QuantAct
 from common.runs.experiment import new_model, server_data
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import decode_state, payload_bits
-from fedqssl_client.client import LOCAL_MODEL, LowBitClient
-from fedqssl_server.aggregation import apply_update, sample_weights
-from fedqssl_server.monitor import LOSS_IMAGES
-from fedqssl_server.results import RunRecorder, row_label
+from fedqssl_client.client import LOCAL_MODEL
 from fedqssl_server.rounds import (
     BufferOnlyRound,
     FedQSSLRound,
@@ -30,48 +24,7 @@ from fedqssl_server.rounds import (
     UpdateRound,
     server_round_for,
 )
-from fedqssl_server.strategy import STRATEGIES, strategy_for
-
-
-def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):
-    return ExperimentConfig.from_mapping(
-        {
-            "algorithm": algorithm,
-            "dataset": "synthetic",
-            "model-width": 8,
-            "num-clients": 2,
-            "bitwidths": bitwidths,
-            "num-rounds": 2,
-            "dirichlet-beta": 1.0,
-            "buffer-ratio": 0.1,
-            "batch-size": 32,
-            "max-samples-per-client": 64,
-            "output-dir": str(tmp_path / algorithm),
-            **extra,
-        }
-    )
-
-
-def federate(config, client_data=None, model_dirs=None):
-    """Run ``config.num_rounds`` rounds in process; (strategy, clients). ``client_data``: each
-    client's own ClientData (default: its partition); ``model_dirs``: where each keeps its
-    personalized model (default: nowhere)."""
-    recorder = RunRecorder(config, Path(config.output_dir))
-    strategy = strategy_for(config, server_data(config), recorder)
-    proxies = [FakeProxy(str(k)) for k in range(config.num_clients)]
-    clients = {
-        p.cid: LowBitClient(
-            config,
-            int(p.cid),
-            config.bitwidths[int(p.cid)],
-            RecordDict(),
-            None if client_data is None else client_data[int(p.cid)],
-            "" if model_dirs is None else model_dirs[int(p.cid)],
-        )
-        for p in proxies
-    }
-    drive(strategy, clients, FakeManager(proxies), config.num_rounds)
-    return strategy, clients
+from fedqssl_server.strategy import FedQSSL, strategy_for
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
@@ -123,19 +76,6 @@ def test_fedpaq_at_two_and_three_bits_keeps_its_global_model_usable(tmp_path):
     assert_usable_global_model(strategy)
 
 
-def test_sample_weights_and_update_application():
-    assert np.allclose(sample_weights([10, 30]), [0.25, 0.75])
-    with pytest.raises(ValueError, match="positive sum"):
-        sample_weights([0, 0])
-    current = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(3)}
-    updates = [
-        {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(4)},
-        {"w": torch.tensor([-2.0, 4.0]), "n": torch.tensor(5)},
-    ]
-    new = apply_update(current, updates, [0.75, 0.25])
-    assert torch.allclose(new["w"], torch.tensor([2.0, 2.0])) and int(new["n"]) == 5
-
-
 @pytest.mark.parametrize(
     ("algorithm", "server"),
     [
@@ -152,11 +92,9 @@ def test_sample_weights_and_update_application():
 def test_each_algorithm_gets_its_server_step(tmp_path, algorithm, server):
     config = tiny_config(tmp_path, algorithm)
     assert type(server_round_for(config, server_data(config))) is server
-    # and its strategy, named for it (``from fedqssl_server import FedQSSL``)
+    # one Flower strategy runs them all (``from fedqssl_server import FedQSSL``), by the config
     strategy = strategy_for(config, server_data(config))
-    assert strategy.algorithm_name == algorithm and type(strategy) is STRATEGIES[algorithm]
-    with pytest.raises(ValueError, match=r"runs fedqssl, but the config says"):
-        STRATEGIES["fedqssl"](tiny_config(tmp_path, "fedavg"), server_data(config))
+    assert type(strategy) is FedQSSL and type(strategy.steps) is server
 
 
 def test_fedpaq_at_full_precision_with_one_client_reproduces_its_model_exactly(tmp_path):
@@ -176,11 +114,11 @@ def test_averaging_server_weights_by_samples_and_rounds_the_downlink(tmp_path):
     base = server.initial_state()
     states = {0: base, 1: {k: v + 1 if v.is_floating_point() else v for k, v in base.items()}}
     outcome = server.run(1, base, states, {0: 30, 1: 10}, {4})
-    assert outcome.weights == pytest.approx([0.75, 0.25], abs=1e-15)
+    assert weights_of(outcome) == pytest.approx([0.75, 0.25], abs=1e-15)
     name = next(k for k, v in base.items() if v.is_floating_point())
     assert torch.allclose(outcome.global_state[name], base[name] + 0.25)
     # the round's model for 4 bits is the average itself: the codec rounds it onto the grid
-    assert outcome.requantized[4] is outcome.global_state and outcome.dq_losses == [None, None]
+    assert outcome.requantized[4] is outcome.global_state and losses_of(outcome) == [None, None]
 
 
 def test_supervised_local_accuracy_uses_the_clients_own_trained_model(tmp_path):
@@ -227,58 +165,3 @@ def test_fp_activation_reaches_every_model_the_run_builds():
     relu.eval(), clamp.eval()
     with torch.no_grad():
         assert not torch.allclose(relu.encoder(images), clamp.encoder(images))
-
-
-def test_full_precision_rows_are_labelled_and_unknown_algorithms_rejected():
-    def config(**values):
-        return ExperimentConfig.from_mapping({"num-clients": 2, **values})
-
-    fedqssl = get_algorithm("fedqssl")
-    assert row_label(fedqssl, config(bitwidths="32,32")) == "Fed-QSSL (Full)"
-    assert row_label(fedqssl, config(bitwidths="4,32")) == "Fed-QSSL"
-    uniform = config(bitwidths="32", **{"dq-weighting": "uniform"})
-    assert row_label(fedqssl, uniform) == "Fed-QSSL (Full, uniform p_k)"
-    clamp = config(bitwidths="32", **{"fp-activation": "clamp"})
-    assert row_label(get_algorithm("fedsimclr"), clamp) == "Fed-SimCLR (Full, clamp)"
-    with pytest.raises(ConfigError, match="algorithm: 'fedsgd' is not one of fedqssl"):
-        ExperimentConfig.from_mapping({"algorithm": "fedsgd"})
-
-
-@pytest.mark.parametrize("algorithm", ["fedsimclr", "fedavg"])
-def test_flower_gets_losses_not_one_minus_an_accuracy(tmp_path, algorithm):
-    """The server's centralized loss is the global model's own objective on the test split
-    (NT-Xent of seeded views, or a classifier's cross-entropy), recorded as ``global-loss``; a
-    client's is the cross-entropy of the model its local accuracy scores; Flower's distributed
-    loss is their mean weighted by test examples."""
-    config = tiny_config(tmp_path, algorithm)
-    strategy, clients = federate(config)
-    monitor = strategy.monitor
-    loss, _ = strategy.evaluate(0, None)
-    assert loss == monitor.loss(strategy.global_state)  # deterministic: the run's seed
-    model = monitor.model_of(strategy.global_state).eval()
-    test = monitor.data.probe_test
-    images, labels = test.images[:LOSS_IMAGES], test.labels[:LOSS_IMAGES]
-    with torch.no_grad():
-        if algorithm == "fedavg":
-            logits = model(monitor.data.spec.normalize(images))
-            expected = float(torch.nn.functional.cross_entropy(logits, labels))
-        else:
-            views = monitor.views
-            batches = augmented_epochs(images, views, 1, config.batch_size, config.seed)[0]
-            losses = [float(objective_loss(model, a, b, config.temperature)) for a, b in batches]
-            expected = float(np.mean(losses))
-    assert loss == pytest.approx(expected, rel=1e-5)
-    knn = json.loads(Path(config.output_dir, "rounds.jsonl").read_text().splitlines()[-1])
-    assert knn["global-loss"] > 0 and abs(knn["global-loss"] - (1 - knn["knn-accuracy"])) > 1e-6
-
-    replies = []
-    for cid, client in clients.items():
-        client_loss, examples, metrics = client.evaluate(strategy.downlink[client.bits], {})
-        assert client_loss == metrics["local-loss"] > 0
-        assert client_loss != pytest.approx(1 - metrics["local-accuracy"])
-        reply = EvaluateRes(Status(Code.OK, ""), client_loss, examples, metrics)
-        replies.append((FakeProxy(cid), reply))
-    distributed, _ = strategy.aggregate_evaluate(config.num_rounds, replies, [])
-    counts = [r.num_examples for _, r in replies]
-    losses = [r.loss for _, r in replies]
-    assert distributed == pytest.approx(np.average(losses, weights=counts))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_algorithms import federate, tiny_config
+from helpers import federate, tiny_config
 
 from common.algorithms import get_algorithm
 from common.config import ConfigError, ExperimentConfig

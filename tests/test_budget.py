@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import federate, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_algorithms import federate, tiny_config
 
 from common.config import ConfigError, ExperimentConfig
 from common.learning import training

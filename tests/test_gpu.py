@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_simulation import TINY, run_simulation
+from simulations import TINY, run_simulation
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import Context, RecordDict
+from helpers import federate, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_algorithms import federate, tiny_config
 
 from common.config import ConfigError
 from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, make_synthetic

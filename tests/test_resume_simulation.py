@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import differences, without_timings
+from simulations import TINY
 from superlinks import announced_superlink
-from test_resume import differences, without_timings
-from test_simulation import TINY
 
 from common.runs.superlink import stop_processes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_algorithms import federate, tiny_config
+from helpers import federate, tiny_config
 
 from common.data.local import save_images
 from common.learning.models import extract_features

@@ -1,87 +1,18 @@
 """Checkpoints and resumption, in process: a run interrupted after round R and resumed equals the
 uninterrupted run; a changed config, a damaged checkpoint and a finished run are handled."""
 
-import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_fakes import FakeManager, FakeProxy, drive
-from flwr.common import Context, RecordDict
+from flower_fakes import FakeManager, drive
+from helpers import differences, federation, start, tiny, without_timings
 
 from common.config import ExperimentConfig
-from common.runs.experiment import server_data
-from fedqssl_client.client import LowBitClient
 from fedqssl_server import checkpoint
-from fedqssl_server.app import server_fn
 from fedqssl_server.checkpoint import CheckpointError, resume_point
-from fedqssl_server.restore import checked_checkpoint
-from fedqssl_server.results import RunRecorder, knn_curve
-from fedqssl_server.strategy import strategy_for
-
-
-def tiny(tmp_path, name, **extra):
-    return ExperimentConfig.from_mapping(
-        {
-            "dataset": "synthetic",
-            "model-width": 4,
-            "num-clients": 3,
-            "bitwidths": "2,4,8",
-            "num-rounds": 4,
-            "dirichlet-beta": 1.0,
-            "buffer-ratio": 0.05,
-            "batch-size": 16,
-            "max-samples-per-client": 32,
-            "probe-samples": 100,
-            "output-dir": str(tmp_path / name),
-            **extra,
-        }
-    )
-
-
-def federation(config, ids):
-    """Nodes with the given ids (node k holds partition k) and their in-process clients."""
-    clients = {
-        cid: LowBitClient(config, k, config.bitwidths[k], RecordDict()) for k, cid in enumerate(ids)
-    }
-    proxies = [FakeProxy(cid, clients[cid].get_properties({})) for cid in ids]
-    return clients, proxies
-
-
-def start(config):
-    return strategy_for(config, server_data(config), RunRecorder(config, Path(config.output_dir)))
-
-
-def without_timings(value):
-    """A record with every wall-clock figure dropped (they differ run to run; nothing else may)."""
-    if isinstance(value, dict):
-        return {
-            k: without_timings(v)
-            for k, v in value.items()
-            if not k.endswith("seconds") and k != "server-seconds"
-        }
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def differences(a, b, path: str = "") -> list[str]:
-    """Where two records differ, as ``path: a != b`` lines (so a failure says what differed)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            d
-            for k in sorted(set(a) | set(b))
-            for d in differences(a.get(k), b.get(k), f"{path}.{k}")
-        ]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return [
-            d
-            for i, (x, y) in enumerate(zip(a, b, strict=True))
-            for d in differences(x, y, f"{path}[{i}]")
-        ]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"[:300]]
+from fedqssl_server.results import knn_curve
 
 
 def outputs(config):
@@ -210,78 +141,6 @@ def test_a_checkpoint_holds_no_pickle_and_is_replaced_atomically(tmp_path):
     assert (loaded.round, loaded.partition_bits, loaded.records) == (3, {0: 4}, [{"round": 1}])
     assert np.array_equal(loaded.downlink[4][0], np.arange(3, dtype=np.uint8))
     assert np.array_equal(loaded.global_state["w"], state["w"])
-
-
-@pytest.fixture
-def interrupted(tmp_path):
-    """A 4-round run stopped after round 2: its config and checkpoint."""
-    config = tiny(tmp_path, "run", **{"algorithm": "fedsimclr"})
-    clients, proxies = federation(config, ["a", "b", "c"])
-    drive(start(config), clients, FakeManager(proxies), 2, evaluate_at_end=False)
-    return config, checkpoint.checkpoint_path(config.output_dir)
-
-
-def rewritten(path, **changes):
-    saved = checkpoint.load(path)
-    for key, value in changes.items():
-        setattr(saved, key, value(saved) if callable(value) else value)
-    checkpoint.save(saved, path)
-
-
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"round": 7}, r"round 7 is outside this run's rounds 0..3"),
-        (
-            {"global_state": lambda s: {**s.global_state, "extra.weight": np.zeros(2, np.float32)}},
-            r"tensors differ from this run's \(missing \[\], extra \['extra.weight'\]\)",
-        ),
-        (
-            {
-                "global_state": lambda s: {
-                    k: v[..., :1] if v.ndim == 4 else v for k, v in s.global_state.items()
-                }
-            },
-            r"has shape \(4, 1, 3, 1\), the model \(4, 1, 3, 3\)",
-        ),
-        (
-            {
-                "global_state": lambda s: {
-                    k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
-                    for k, v in s.global_state.items()
-                }
-            },
-            r"holds non-finite values",
-        ),
-        ({"downlink": lambda s: {4: s.downlink[2], 8: s.downlink[8]}}, r"4-bit downlink does not"),
-        ({"downlink": lambda s: {**s.downlink, 12: s.downlink[8]}}, r"holds a 12-bit downlink"),
-        ({"records": lambda s: s.records[:1]}, r"records are of rounds \[1\], not 1..2"),
-        ({"records": [{"round": 1}, "x"]}, r"records are of rounds \[1, None\]"),
-        ({"partition_bits": {0: 32}}, r"partition 0 at 32 bits is not a partition of this run"),
-    ],
-)
-def test_a_checkpoint_unfit_for_the_run_is_refused_before_any_record_is_touched(
-    interrupted, changes, message
-):
-    config, path = interrupted
-    rewritten(path, **changes)
-    folder = Path(config.output_dir)
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    resumed = dataclasses.replace(config, resume=True)
-    with pytest.raises(CheckpointError, match=message):
-        checked_checkpoint(path, resumed)
-    context = Context(0, 0, {}, RecordDict(), resumed.to_run_config())
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} cannot continue this run"):
-        server_fn(context)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing changed
-
-
-def test_a_checkpoint_of_another_model_is_refused_and_a_good_one_accepted(interrupted):
-    config, path = interrupted
-    assert checked_checkpoint(path, config).round == 2
-    wider = dataclasses.replace(config, model_width=8)
-    with pytest.raises(CheckpointError, match="has shape"):
-        checked_checkpoint(path, wider)
 
 
 @pytest.mark.parametrize("meta", [b"[1, 2]", b'{"round": 1, "records": []}', b'{"round": "1"}'])
