@@ -5,7 +5,7 @@
 #
 # 1. the tests that need a GPU, or train on it when there is one: clients sharing one GPU at
 #    fractional --gpus-per-client under Ray (tests/test_gpu.py), every algorithm federated in
-#    process on CUDA (tests/test_algorithms.py, tests/test_strategy.py);
+#    process on CUDA (tests/test_algorithms.py, tests/test_strategy.py, tests/test_rounds.py);
 # 2. the CUDA step check and low-bit / fp32 step ratios (benchmarks/gpu_step.py);
 # 3. the quickstart at 0.25 GPU a client: round times, per-client GPU peak memory and the server's
 #    per-phase split (benchmarks/round_costs.py -> benchmarks/results/gpu_round_costs_*.json);
@@ -18,7 +18,7 @@ out=${OUT_DIR:-results/gpu-check}
 "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     "gpu_check: torch sees no GPU on this machine; run it where there is one")'
 
-"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_algorithms.py tests/test_strategy.py
+"$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_algorithms.py tests/test_strategy.py tests/test_rounds.py
 "$python" benchmarks/gpu_step.py
 "$python" simulation.py --gpus-per-client 0.25 --output-dir "$out/quickstart"
 "$python" benchmarks/round_costs.py "$out/quickstart" \

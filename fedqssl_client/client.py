@@ -1,5 +1,7 @@
-"""The Flower client of every algorithm: low-bit local training at the device's own bitwidth,
-packed codes both ways (models, or FedPAQ's QSGD-coded updates)."""
+"""The Flower client of every algorithm: low-bit local training at the device's own bitwidth
+(the paper's Algorithm 1, lines 3-8: E epochs of ``w <- Q(w - lr * g_Q)`` at s_k bits), packed
+codes both ways (models, or FedPAQ's QSGD-coded updates), and after the last round the local
+linear probe on the frozen encoder (line 16)."""
 
 from __future__ import annotations
 

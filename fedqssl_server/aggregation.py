@@ -1,5 +1,9 @@
 """Weights and weighted sums of model states: the arithmetic of every server round, free of Flower.
 
+Fed-QSSL's aggregation is ``w_G = sum_k p_k w'_k`` with ``p_k = exp(-L_DQ_k) / sum_j
+exp(-L_DQ_j)`` (the paper's Algorithm 1, line 13, and the formula after it); FedAvg's is the
+same sum with ``p_k = |D_k| / |D|`` (equation 1's weights).
+
 ``RunningAverage`` folds one state at a time (an online softmax over log-weights), so a server
 holds O(1) states however many clients report; the tests hold the all-at-once reference it
 equals up to float rounding (``tests/reference_math.py``).

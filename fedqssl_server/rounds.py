@@ -1,4 +1,6 @@
-"""One server round of every algorithm as the paper's named steps, free of Flower and the codec.
+"""One server round of every algorithm as the paper's named steps (Algorithm 1, lines 10-14:
+collect, de-quantize on D_g, aggregate with DQ-loss weights, re-quantize per bitwidth), free of
+Flower and the codec.
 
 ``ServerRound.run`` takes the decoded states the clients sent (or functions that decode them, so
 one is held at a time) and returns the new global model and one model per bitwidth for the

@@ -3,8 +3,10 @@ what a server round gave each client."""
 
 from pathlib import Path
 
+import numpy as np
 from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import RecordDict
+from PIL import Image
 
 from common.config import ExperimentConfig
 from common.runs.experiment import server_data
@@ -125,3 +127,14 @@ def federation(config, ids):
 
 def start(config):
     return strategy_for(config, server_data(config), RunRecorder(config, Path(config.output_dir)))
+
+
+def plotted(path: Path) -> np.ndarray:
+    """The pixels of a plot the code wrote, asserted to be a PNG that decodes and holds a
+    drawing (more than 1% of its pixels not background white), not an empty canvas."""
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] >= 100 and pixels.shape[1] >= 100, pixels.shape
+    assert (pixels < 250).any(axis=2).mean() > 0.01, f"{path} is a blank canvas"
+    return pixels

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from helpers import plotted
 
 from common.runs import report
 
@@ -61,12 +62,16 @@ def test_mean_spread_edge_cases():
     assert report.percent([0.5931]) == "59.31"
 
 
-def test_plots_are_pngs(tmp_path):
+def test_plots_draw_their_rows(tmp_path):
+    """Each plot decodes and holds a drawing, and other numbers draw another picture."""
     rows = [report.Row(str(b), [summary(0.4 + b / 10, 0.7)], [0]) for b in (0.1, 0.5, 1.0)]
-    report.plot_comparison(rows, tmp_path / "c.png", "t")
-    report.plot_sweep(rows, "dirichlet-beta", tmp_path / "s.png", "t")
-    for name in ("c.png", "s.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lower = [report.Row(str(b), [summary(0.2, 0.3)], [0]) for b in (0.1, 0.5, 1.0)]
+    for name, rows_drawn in (("c", rows), ("c-lower", lower)):
+        report.plot_comparison(rows_drawn, tmp_path / f"{name}.png", "t")
+        report.plot_sweep(rows_drawn, "dirichlet-beta", tmp_path / f"s-{name}.png", "t")
+    for name in ("c", "s-c"):
+        drawn, other = plotted(tmp_path / f"{name}.png"), plotted(tmp_path / f"{name}-lower.png")
+        assert drawn.shape != other.shape or (drawn != other).any(), name
 
 
 def test_a_single_score_table_has_one_value_and_one_paired_gain_column():

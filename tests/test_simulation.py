@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import plotted
 from simulations import ROOT, TINY, finished_simulation, run_simulation, start_simulation
 from superlinks import announced_superlink, running
 
@@ -140,7 +141,7 @@ def test_simulation_finishes_and_writes_results(tiny_run):
             assert str(output_dir.parent) not in record.read_text(), record.name
     assert 'output-dir = "."' in (output_dir / "run_config.toml").read_text()
     for plot in ("accuracy.png", "bytes.png"):
-        assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        plotted(output_dir / plot)
 
 
 @pytest.mark.slow
@@ -246,7 +247,7 @@ def test_comparison_runs_its_rows_end_to_end_and_tabulates(comparison_run):
     assert "## Every row under the SSL probe" in table and "## Per seed" in table
     assert "## Global kNN monitor" in table
     assert 0 <= floor["knn-accuracy"] == first_ssl["untrained-knn-accuracy"] <= 1
-    assert (output_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plotted(output_dir / "comparison.png")
 
 
 def plan_of(tmp_path, preset_text, *argv):

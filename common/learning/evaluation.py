@@ -1,4 +1,6 @@
-"""Scoring models: kNN accuracy (cheap monitor), a linear probe, a classifier's accuracy and loss.
+"""Scoring models: kNN accuracy (cheap monitor), a linear probe (the paper's post-training step,
+Algorithm 1 line 16: each client freezes the encoder and trains a linear classifier on its own
+labels), a classifier's accuracy and loss.
 
 Features come from the encoder in eval mode, computed once, so BatchNorm statistics cannot drift
 while the probe trains. The probe trains a fixed number of epochs and reports the *final* epoch's
@@ -77,9 +79,23 @@ def train_linear_probe(
     batch_size: int = 256,
     seed: int = 0,
 ) -> LinearProbe:
-    """A ``bits``-bit linear classifier trained ``epochs`` on frozen features (standardized
-    with the training set's statistics). At low bitwidth its weight gradients are quantile-
-    quantized at ``bits + 2``, as in local training."""
+    """A linear probe on frozen features (Algorithm 1 line 16, post-training).
+
+    Args:
+        train_features: (N, D) features of the labelled images.
+        train_labels: (N,) their classes.
+        num_classes: the classifier's outputs.
+        bits: the probe's bitwidth: a low-bit client's probe has its weight gradients
+            quantile-quantized at ``bits + 2``, as in local training.
+        epochs: full passes; the probe of the final epoch is returned (nothing is selected).
+        learning_rate: Adam's step size.
+        batch_size: features per step.
+        seed: seeds the initial weights and the batch order.
+
+    Returns:
+        ``LinearProbe``: the layer and the training set's feature mean and std it standardizes
+        with.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mean = train_features.mean(dim=0)
@@ -111,7 +127,8 @@ def linear_probe_accuracy(
     batch_size: int = 256,
     seed: int = 0,
 ) -> float:
-    """Train a probe (``train_linear_probe``) and return its final-epoch test accuracy."""
+    """Train a probe (``train_linear_probe``, same arguments) on the train features and return
+    its final-epoch accuracy on ``test_features`` / ``test_labels``, in [0, 1]."""
     probe = train_linear_probe(
         train_features, train_labels, num_classes, bits, epochs, learning_rate, batch_size, seed
     )

@@ -1,5 +1,6 @@
-"""Self-supervised objectives: NT-Xent for SimCLR (the paper's local objective, section 3),
-SimSiam's negative cosine."""
+"""Self-supervised objectives: NT-Xent for SimCLR (the paper's contrastive local objective
+L_CL,k, with cosine similarity and temperature tau) and SimSiam's negative cosine (its
+L_siam,k)."""
 
 from __future__ import annotations
 

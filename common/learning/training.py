@@ -1,4 +1,5 @@
-"""Low-bit local training: one step, one epoch and one call, for every objective and bitwidth.
+"""Low-bit local training (the paper's Algorithm 1, lines 3-8): one step, one epoch and one call,
+for every objective and bitwidth.
 
 A step at ``bits`` < 32: forward with ``bits``-bit weights and activations, backward, quantile-
 quantize each quantized layer's weight gradient at ``bits + 2`` bits, optimizer step, and, for the
@@ -264,13 +265,26 @@ def fit_local(
     seed: int,
     labels: torch.Tensor | None = None,
 ) -> Trained:
-    """Train ``model`` on uint8 ``images`` for ``recipe.epochs``: each epoch's mean loss, the
-    steps taken.
+    """Train ``model`` in place: the one training loop of clients (local training, Algorithm 1
+    lines 3-8) and server (de- and re-quantization), for every algorithm.
 
-    The one training loop of clients (local training) and server (de- and re-quantization), for
-    every algorithm: two augmented views per image for an SSL model, one view and its label (from
-    ``labels``) for a classifier. Batches are augmented as they are drawn (``augmented_epochs``
-    draws the same ones ahead, to share them).
+    Two augmented views per image for an SSL model, one view and its label for a classifier.
+    Batches are augmented as they are drawn (``augmented_epochs`` draws the same ones ahead, to
+    share them among the server's fine-tunes).
+
+    Args:
+        model: an ``SSLModel`` or ``Classifier`` at its bitwidth (``set_bitwidth``).
+        images: uint8 images (N, C, H, W).
+        transform: the augmentation of the objective (two views, or one).
+        recipe: epochs, batch size, optimizer and the low-bit settings.
+        seed: seeds the batch order and the augmentation (and stochastic rounding).
+        labels: the class of each image, for a classifier only.
+
+    Returns:
+        ``Trained``: each epoch's mean loss, the last one, and the optimizer steps taken.
+
+    Raises:
+        ValueError: labels given to an SSL model, or none to a classifier.
     """
     if isinstance(model, Classifier) != (labels is not None):
         raise ValueError("a Classifier trains on labels, an SSL model without: pass labels iff")

@@ -87,8 +87,17 @@ def save_client_model(
 
 
 def load_probe(path: str | os.PathLike[str]) -> LinearProbe:
-    """The local probe head saved with a device's model (``save_client_model``), at the
-    model's bitwidth; ``SavedModelError`` if the file holds none."""
+    """The local probe head saved with a device's model (``save_client_model``).
+
+    Args:
+        path: a device's ``client-K.npz``.
+
+    Returns:
+        ``LinearProbe`` at the model's bitwidth, with the feature statistics it was trained on.
+
+    Raises:
+        SavedModelError: the file holds no probe head (a supervised device's model).
+    """
     bits = payload_bits(read_payload(path))
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -101,9 +110,20 @@ def load_probe(path: str | os.PathLike[str]) -> LinearProbe:
 
 
 def load_model(path: str | os.PathLike[str], config: ExperimentConfig) -> torch.nn.Module:
-    """The saved model at ``path`` as the run's model class at the bitwidth it was saved at (a
-    downlink at its clients' bitwidth, the global model at 32), in eval mode. ``config`` is the
-    run's (its folder's ``config.json``)."""
+    """A model a run kept, ready to score or embed.
+
+    Args:
+        path: a ``models/*.npz`` file of a run folder (the global model, a bitwidth's downlink)
+            or a device's ``client-K.npz``.
+        config: the run's config (its folder's ``config.json``): model, width, dataset shape.
+
+    Returns:
+        The run's model class at the bitwidth the file was saved at (a downlink at its
+        clients' bitwidth, the global model at 32), in eval mode.
+
+    Raises:
+        SavedModelError: the file is not a saved model, or does not fit the run's model.
+    """
     payload = read_payload(path)
     model = run_model(config, payload_bits(payload))
     try:

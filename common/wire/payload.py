@@ -169,11 +169,23 @@ def decode_state(
     expect_bits: int | None = None,
     template: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict a payload carries; ``PayloadError`` for anything malformed.
+    """The state dict a payload carries. Every size is checked against the header before
+    anything is allocated, so any bytes a peer sends end in a ``PayloadError`` at worst.
 
-    ``expect_bits`` and ``template`` (e.g. the receiver's own state dict) make a payload whose
-    bitwidth, tensor names or shapes differ from the receiver's an error too. Every size is
-    checked against the header before anything is allocated.
+    Args:
+        arrays: the four payload arrays (``encode_state``'s or ``encode_update``'s output, as
+            Flower delivers them).
+        expect_bits: the bitwidth the receiver expects (a client's partition's), or None.
+        template: the receiver's own state dict: names, shapes and dtypes the payload must
+            match, or None.
+
+    Returns:
+        The tensors by name, on the CPU: quantized weights decoded from their codes (exactly
+        the weights the sender's forward pass used), every other tensor as sent.
+
+    Raises:
+        PayloadError: a malformed payload (header, sizes, codes, padding), or one whose
+            bitwidth, names or shapes differ from ``expect_bits`` / ``template``.
     """
     header_array, codes_buffer, floats, ints = _check_arrays(arrays)
     header = _parse_header(header_array)
