@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from common.config import ConfigError
+from common.runs.checkpoint import CheckpointError
 from common.runs.launcher import (
     APP_DIR,
     announce,
@@ -38,7 +39,6 @@ from common.runs.launcher import (
 from common.runs.plan import Plan, make_plan, preset_path
 from common.runs.plan_report import print_summary, write_report
 from common.runs.superlink import SuperLinkError, checked_address, simulation_superlink
-from fedqssl_server.checkpoint import CheckpointError
 
 CONFIGS = APP_DIR / "configs"
 

@@ -1,8 +1,8 @@
-"""Fed-QSSL's server: its Flower-free round steps, the ``FedQSSL`` strategy (and the baselines'),
-and the ServerApp.
+"""Fed-QSSL's server: its Flower-free round steps and books, the ``FedQSSL`` strategy (which runs
+the baselines too), and the ServerApp.
 
-``from fedqssl_server import FedQSSL`` loads the strategy (and torch) on first use only, so the
-package's torch-free readers (``fedqssl_server.checkpoint``) stay light."""
+``from fedqssl_server import FedQSSL`` loads the strategy (and Flower and torch) on first use
+only, so importing one of the package's light modules (``replies``, ``nodes``) stays light."""
 
 from __future__ import annotations
 

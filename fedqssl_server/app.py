@@ -10,9 +10,9 @@ from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from common.config import ConfigError, ExperimentConfig
+from common.runs.checkpoint import resume_point
 from common.runs.experiment import server_data
-from fedqssl_server.checkpoint import resume_point
-from fedqssl_server.restore import checked_checkpoint
+from common.runs.restore import checked_checkpoint
 from fedqssl_server.results import RunRecorder, default_output_dir
 from fedqssl_server.strategy import strategy_for
 

@@ -32,11 +32,11 @@ from flwr.server.strategy import Strategy
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
+from common.runs import checkpoint
 from common.runs.experiment import ServerData
 from common.runs.saved_models import save_run_models
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import encode_state, payload_nbytes
-from fedqssl_server import checkpoint
 from fedqssl_server.intake import evaluation_replies, failed, take_replies
 from fedqssl_server.ledger import RoundLedger
 from fedqssl_server.monitor import GlobalMonitor

@@ -10,8 +10,8 @@ from flower_fakes import FakeManager, drive
 from helpers import differences, federation, start, tiny, without_timings
 
 from common.config import ExperimentConfig
-from fedqssl_server import checkpoint
-from fedqssl_server.checkpoint import CheckpointError, resume_point
+from common.runs import checkpoint
+from common.runs.checkpoint import CheckpointError, resume_point
 from fedqssl_server.results import knn_curve
 
 

@@ -130,7 +130,7 @@ def test_the_readme_key_table_shows_the_real_defaults():
 def test_reading_a_config_loads_no_torch():
     """The config sits at the bottom of the house, over a torch-free vocabulary: the checkpoint
     reader and the plan/report side of ``simulation.py`` validate configs without torch."""
-    modules = "common.config, common.runs.plan, common.runs.plan_report, fedqssl_server.checkpoint"
+    modules = "common.config, common.runs.plan, common.runs.plan_report, common.runs.checkpoint"
     probe = f"import sys, {modules}; print('torch' in sys.modules)"
     completed = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120

@@ -9,8 +9,8 @@ import pytest
 
 from common.config import ConfigError, ExperimentConfig
 from common.runs import launcher
+from common.runs.checkpoint import ResumePoint
 from common.runs.plan import make_plan
-from fedqssl_server.checkpoint import ResumePoint
 
 TINY = "dataset: synthetic\nnum-clients: 2\nbitwidths: [4, 8]\nnum-rounds: 1\n"
 

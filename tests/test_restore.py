@@ -1,5 +1,5 @@
 """A checkpoint checked whole against the run before anything is touched
-(fedqssl_server.restore), through the ServerApp as a resumed run meets it."""
+(common.runs.restore), through the ServerApp as a resumed run meets it."""
 
 import dataclasses
 import re
@@ -11,10 +11,10 @@ from flower_fakes import FakeManager, drive
 from flwr.common import Context, RecordDict
 from helpers import federation, start, tiny
 
-from fedqssl_server import checkpoint
+from common.runs import checkpoint
+from common.runs.checkpoint import CheckpointError
+from common.runs.restore import checked_checkpoint
 from fedqssl_server.app import server_fn
-from fedqssl_server.checkpoint import CheckpointError
-from fedqssl_server.restore import checked_checkpoint
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import simulation
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
 from common.runs import launcher
+from common.runs.checkpoint import reuse_problem
 from common.runs.plan import algorithm_row, plan_runs, safe_name
 from common.runs.superlink import (
     SuperLinkError,
@@ -29,7 +30,6 @@ from common.runs.superlink import (
     simulation_superlink,
     stop_processes,
 )
-from fedqssl_server.checkpoint import reuse_problem
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
+from common.runs.checkpoint import ResumePoint, resume_point, reuse_problem
 from common.runs.plan import Plan, RunSpec, plan_runs
+from common.runs.restore import checked_checkpoint
 from common.runs.superlink import SuperLink
-from fedqssl_server.checkpoint import ResumePoint, resume_point, reuse_problem
-from fedqssl_server.restore import checked_checkpoint
 
 # the Flower app: the folder of pyproject.toml, which ``flwr run`` builds and ships
 APP_DIR = Path(__file__).resolve().parents[2]

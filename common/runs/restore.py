@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig
+from common.runs.checkpoint import Checkpoint, CheckpointError, load
 from common.runs.experiment import run_model
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import PayloadError, decode_state
-from fedqssl_server.checkpoint import Checkpoint, CheckpointError, load
 
 
 def model_template(config: ExperimentConfig) -> dict[str, torch.Tensor]:
