@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,10 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from step_memory import MALLOC_ENV, ROOT, status_kb  # the sibling script (run as a script)
+
+from common.memory import peak_resident_mb, reset_peak, resident_mb
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "configs" / "quickstart.yaml"
+# glibc keeps freed heap memory resident, so a peak RSS would count the allocator's history;
+# with a fixed mmap threshold every tensor over 64 KiB is its own mapping, returned on free
+# (it also makes every large allocation fault its pages afresh: the timings are pessimistic)
+MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 # the 10-client quickstart every recorded result of this benchmark measured (its other keys are
 # the preset's)
 MEASURED_SETUP = {
@@ -101,14 +108,14 @@ def measure_in_this_process(count: int) -> dict:
         for key, (bits, arrays) in enumerate(payloads)
     }
     examples = dict.fromkeys(received, 500)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status_kb("VmRSS")
+    reset_peak()
+    before = resident_mb()
     start = time.perf_counter()
     outcome = server.run(1, current, received, examples, set(config.bitwidths))
     downlink = {bits: encode_state(state, bits) for bits, state in outcome.requantized.items()}
     seconds = time.perf_counter() - start
     del downlink
-    growth_mb = (status_kb("VmHWM") - before) / 1024
+    growth_mb = peak_resident_mb() - before
     return {
         "clients": count,
         "server_seconds": seconds,

@@ -1,10 +1,11 @@
-"""Peak memory growth of one training step, low-bit against fp32, with and without saved codes.
+"""Peak memory of local training as a device runs it: low-bit against fp32, per allocator.
 
-Each measurement runs in a fresh process: build the model, take one warm-up step (Adam's state,
-thread pools), then reset the kernel's peak-RSS mark (``/proc/self/clear_refs``), take one step
-and read the new peak (``VmHWM``) minus the resident size before it. That growth is what a step
-needs beyond the model and optimizer: saved activations, gradients, temporaries. A few more steps
-are timed for the step-time ratio. Every figure is reported as a ratio to the fp32 step measured
+Each measurement is a fresh process with the environment a user gives it (no allocator variables
+set from outside): it sets its allocator as a client does (``common.memory.configure_allocator``:
+``lean`` gives freed memory back, ``fast`` is glibc's default), builds the model, resets the
+kernel's peak-RSS mark and trains 3 SimCLR steps with the default settings. The growth of the
+peak over the built model (optimizer state included) is what those steps needed; more steps are
+timed for the step time. Every figure is a ratio to the fp32 step of the same allocator, measured
 in the same run, beside what ``common/lowbit/bitops.py`` counts for the same model and batch.
 
     python benchmarks/step_memory.py      # writes benchmarks/results/step_memory.json (Linux)
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,25 +25,24 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {  # model -> (channels, image size, batch size)
-    "small_cnn": (1, 28, 256),
-    "resnet18": (3, 32, 64),
+CASES = {  # model -> (channels, image size, batch size): the quickstart's batch; ResNet-18 at 32
+    "small_cnn": (1, 28, 128),
+    "resnet18": (3, 32, 32),
 }
-# glibc keeps freed heap memory resident, so a peak RSS would count the allocator's history;
-# with a fixed mmap threshold every tensor over 64 KiB is its own mapping, returned on free.
-MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-VARIANTS = [(32, False), (4, False), (4, True), (8, True), (12, True), (8, False), (12, False)]
+MEASURED_STEPS = 3
+# (bits, save_codes): fp32, then the default low-bit path (codes saved) and float32 saved
+VARIANTS = [(32, False), (4, True), (4, False), (8, True), (12, True)]
+ALLOCATORS = ("fast", "lean")
+GOAL = 0.6  # issue 27: a 4-bit step's peak growth <= 0.6x fp32's, in the process users run
 
 
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed: int) -> dict:
+def measure_in_this_process(
+    model_name: str, bits: int, save_codes: bool, allocator: str, timed: int
+) -> dict:
     """One fresh measurement; run through ``--one`` so that nothing else shares the process."""
+    from common.memory import configure_allocator, peak_resident_mb, reset_peak, resident_mb
+
+    applied = configure_allocator(allocator, in_simulation=False)
     from common.learning.models import build_ssl_model
     from common.learning.training import LowBitSettings, prepare_model, train_step
 
@@ -55,11 +54,11 @@ def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     views = [torch.randn(batch, channels, size, size) for _ in range(2)]
     generator = torch.Generator().manual_seed(0)
-    train_step(model, *views, optimizer, settings, generator=generator)  # warm-up
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = status_kb("VmRSS")
-    train_step(model, *views, optimizer, settings, generator=generator)
-    growth_mb = (status_kb("VmHWM") - before) / 1024
+    reset_peak()
+    before = resident_mb()
+    for _ in range(MEASURED_STEPS):
+        train_step(model, *views, optimizer, settings, generator=generator)
+    growth_mb = peak_resident_mb() - before
     seconds = []
     for _ in range(timed):
         start = time.perf_counter()
@@ -69,6 +68,7 @@ def measure_in_this_process(model_name: str, bits: int, save_codes: bool, timed:
         "model": model_name,
         "bits": bits,
         "save_codes": save_codes,
+        "allocator": applied,
         "batch": batch,
         "growth_mb": growth_mb,
         "step_s": statistics.median(seconds) if seconds else None,
@@ -92,58 +92,90 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def measured(model_name: str, bits: int, save_codes: bool, allocator: str, timed: int) -> dict:
+    """One measurement in a fresh process with the caller's environment, unchanged."""
+    one = f"{model_name},{bits},{int(save_codes)},{allocator}"
+    command = [sys.executable, __file__, "--one", one, "--timed-steps", str(timed)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="small_cnn,resnet18")
     parser.add_argument("--timed-steps", type=int, default=3)
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # model,bits,save_codes: one measurement
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # model,bits,save_codes,allocator
     args = parser.parse_args()
     if args.one:
-        model_name, bits, save_codes = args.one.split(",")
-        row = measure_in_this_process(model_name, int(bits), save_codes == "1", args.timed_steps)
+        model_name, bits, save_codes, allocator = args.one.split(",")
+        row = measure_in_this_process(
+            model_name, int(bits), save_codes == "1", allocator, args.timed_steps
+        )
         print(json.dumps(row))
         return
     rows = []
     for model_name in args.models.split(","):
-        for bits, save_codes in VARIANTS:
-            one = f"{model_name},{bits},{int(save_codes)}"
-            command = [
-                sys.executable,
-                __file__,
-                "--one",
-                one,
-                "--timed-steps",
-                str(args.timed_steps),
-            ]
-            output = subprocess.run(
-                command, check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV
-            )
-            row = json.loads(output.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            step = _ratio(row["step_s"])
-            print(f"{one}: growth {row['growth_mb']:.0f} MB, step {step} s", flush=True)
+        for allocator in ALLOCATORS:
+            for bits, save_codes in VARIANTS:
+                row = measured(model_name, bits, save_codes, allocator, args.timed_steps)
+                rows.append(row)
+                print(
+                    f"{model_name} {allocator} {bits}-bit codes={save_codes}: growth "
+                    f"{row['growth_mb']:.0f} MB, step {_ratio(row['step_s'])} s",
+                    flush=True,
+                )
+
+    def fp32_of(row: dict, allocator: str) -> dict:
+        return next(
+            r
+            for r in rows
+            if r["model"] == row["model"] and r["bits"] == 32 and r["allocator"] == allocator
+        )
+
     for row in rows:
-        full = next(r for r in rows if r["model"] == row["model"] and r["bits"] == 32)
+        full, fast_full = fp32_of(row, row["allocator"]), fp32_of(row, "fast")
         row["growth_vs_fp32"] = row["growth_mb"] / full["growth_mb"]
-        timed = row["step_s"] is not None and full["step_s"] is not None
-        row["step_time_vs_fp32"] = row["step_s"] / full["step_s"] if timed else None
+        row["step_time_vs_fp32"] = row["step_s"] / full["step_s"]
+        row["step_time_vs_fast_fp32"] = row["step_s"] / fast_full["step_s"]
         row["counted_activations_vs_fp32"] = counted_activation_ratio(row["model"], row["bits"])
+    headline = {
+        f"{row['model']}-{row['allocator']}": row["growth_vs_fp32"]
+        for row in rows
+        if row["bits"] == 4 and row["save_codes"]
+    }
     RESULTS.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
     path = RESULTS / "step_memory.json"
-    measured = {row["model"] for row in rows}
-    if path.exists():  # keep the other models' rows of an earlier run
-        earlier = json.loads(path.read_text())["rows"]
-        rows = [row for row in earlier if row["model"] not in measured] + rows
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print("\n| model | bits | saved as | growth MB | / fp32 | counted / fp32 | step time / fp32 |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    path.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/step_memory.py",
+                "headline": "4-bit peak growth / fp32, default settings, per model and allocator",
+                "goal": f"<= {GOAL} in the process users run",
+                "result": headline,
+                "machine": {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "device": "cpu",
+                    "date": time.strftime("%Y-%m-%d"),
+                },
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        "\n| model | allocator | bits | saved as | growth MB | / fp32 | counted / fp32 "
+        "| step s | / fp32 (same allocator) | / fp32 (fast) |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         saved = "codes" if row["save_codes"] else "float32"
         print(
-            f"| {row['model']} (batch {row['batch']}) | {row['bits']} | {saved} | "
-            f"{row['growth_mb']:.0f} | {row['growth_vs_fp32']:.2f} | "
-            f"{row['counted_activations_vs_fp32']:.2f} | {_ratio(row['step_time_vs_fp32'])} |"
+            f"| {row['model']} (batch {row['batch']}) | {row['allocator']} | {row['bits']} | "
+            f"{saved} | {row['growth_mb']:.0f} | {row['growth_vs_fp32']:.2f} | "
+            f"{row['counted_activations_vs_fp32']:.2f} | {row['step_s']:.3f} | "
+            f"{row['step_time_vs_fp32']:.2f} | {row['step_time_vs_fast_fp32']:.2f} |"
         )
     print(f"\nwritten to {path}")
 

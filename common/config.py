@@ -35,6 +35,10 @@ AUGMENTATIONS = ("batched", "per-image")
 MAX_SEED = 2**31
 DQ_WEIGHTINGS = ("softmax", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
+# how a client process's allocator treats freed memory (common.memory): lean gives it back (a
+# low-bit step then peaks below an fp32 one, at about twice the step time), fast keeps glibc's
+# default; auto is lean on a deployed device (a SuperNode) and fast in a Ray simulation
+ALLOCATORS = ("auto", "lean", "fast")
 # BatchNorm statistics re-estimated on D_g after aggregation: of the global model, or of it and
 # of each bitwidth's downlink
 BN_RECALIBRATIONS = ("none", "global", "all")
@@ -92,6 +96,7 @@ class ExperimentConfig:
     probe_samples: int = 200
     seed: int = 0
     device: str = "auto"
+    allocator: str = "auto"
     output_dir: str = ""
     resume: bool = False
 
@@ -281,6 +286,7 @@ def _validate(config: ExperimentConfig) -> None:
     _one_of(config, "dq_weighting", DQ_WEIGHTINGS)
     _one_of(config, "bn_recalibrate", BN_RECALIBRATIONS)
     _one_of(config, "device", DEVICES)
+    _one_of(config, "allocator", ALLOCATORS)
     for key in (
         "model_width",
         "num_clients",

@@ -1,4 +1,5 @@
-"""The ClientApp: a LowBitClient from the run config, this node's config and its state.
+"""The ClientApp: a LowBitClient from the run config, this node's config and its state, in a
+process whose allocator the run config's ``allocator`` sets (``common.memory``).
 
 A SuperNode started with ``--node-config "... local-data=/path"`` trains on that folder, whole;
 otherwise on its partition of the run's dataset."""
@@ -10,6 +11,7 @@ import os
 from flwr.client import ClientApp
 from flwr.common import Context
 
+from common.memory import configure_allocator
 from common.runs.experiment import client_data
 from fedqssl_client.client import LowBitClient, torch_threads
 from fedqssl_client.node import node_settings, placed_device
@@ -28,7 +30,9 @@ def client_fn(context: Context):
     """This node's client for this message (Flower builds one per call)."""
     node = node_settings(context.run_config, context.node_config)
     torch_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the num-cpus
-    config = placed_device(node.config, ray_gpu_ids())
+    gpu_ids = ray_gpu_ids()
+    configure_allocator(node.config.allocator, in_simulation=gpu_ids is not None)
+    config = placed_device(node.config, gpu_ids)
     data = client_data(config, node.partition_id, node.local_data)
     return LowBitClient(
         config, node.partition_id, node.bits, context.state, data, node.model_folder()

@@ -21,6 +21,7 @@ from common.learning.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_li
 from common.learning.models import extract_features
 from common.learning.objectives import objective
 from common.learning.training import Trained, fit_local, recipe
+from common.memory import allocator_mode, peak_resident_mb, reset_peak
 from common.runs.experiment import ClientData, client_data, new_model
 from common.runs.saved_models import save_client_model
 from common.vocabulary import FULL_PRECISION
@@ -103,6 +104,7 @@ class LowBitClient(NumPyClient):
         on_gpu = next(self.model.parameters()).is_cuda
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
+        reset_peak()  # the round's peak resident memory, not the process's history
         start = time.perf_counter()
         trained_steps = Trained([], 0)  # buffer-only: the server trains, the device does not
         if self.algorithm.local_training:
@@ -137,6 +139,8 @@ class LowBitClient(NumPyClient):
                     "payload-bytes": payload_nbytes(payload),
                     "train-seconds": time.perf_counter() - start,
                     "torch-threads": torch.get_num_threads(),
+                    **({"peak-rss-mb": peak} if (peak := peak_resident_mb()) is not None else {}),
+                    "allocator": allocator_mode(),
                     **(
                         {"gpu-peak-mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}
                     ),

@@ -35,12 +35,17 @@ def _fraction(value: object) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0  # type: ignore[operator]
 
 
+def _allocator_mode(value: object) -> bool:
+    return value in ("lean", "fast")
+
+
 _RULES: dict[Check, str] = {
     _is_int: "an int",
     _is_number: "a finite number",
     _non_negative_int: "an int >= 0",
     _non_negative_number: "a finite number >= 0",
     _fraction: "a number in [0, 1]",
+    _allocator_mode: "lean or fast",
 }
 
 # key -> (check, required)
@@ -53,6 +58,8 @@ FIT_METRICS: dict[str, tuple[Check, bool]] = {
     "train-seconds": (_non_negative_number, False),
     "torch-threads": (_non_negative_int, False),
     "gpu-peak-mb": (_non_negative_number, False),
+    "peak-rss-mb": (_non_negative_number, False),
+    "allocator": (_allocator_mode, False),
 }
 EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
     "partition-id": (_non_negative_int, True),

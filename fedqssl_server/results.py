@@ -34,6 +34,8 @@ FIT_RECORD_KEYS = (
     "train-seconds",
     "torch-threads",
     "gpu-peak-mb",
+    "peak-rss-mb",
+    "allocator",
 )
 
 

@@ -58,12 +58,11 @@ def federate(config, client_data=None, model_dirs=None):
 
 
 def without_timings(value):
-    """A record with every wall-clock figure dropped (they differ run to run; nothing else may)."""
+    """A record with every measured figure dropped: wall-clock seconds and resident memory
+    (``*-mb``) differ run to run; nothing else may."""
     if isinstance(value, dict):
         return {
-            k: without_timings(v)
-            for k, v in value.items()
-            if not k.endswith("seconds") and k != "server-seconds"
+            k: without_timings(v) for k, v in value.items() if not k.endswith(("seconds", "-mb"))
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]
