@@ -1,15 +1,13 @@
 """Run Fed-QSSL and its baselines on Flower's Ray simulation backend; print or tabulate results.
 
     python simulation.py                                  # configs/quickstart.yaml (CPU, ~3 min)
-    python simulation.py --set num-rounds=5 --set bitwidths=4,8,12
     python simulation.py configs/fmnist-table1.yaml       # Table 1 at CPU scale: every algorithm
     python simulation.py --compare fedqssl,fedsimclr --seeds 0,1,2
-    python simulation.py --sweep dirichlet-beta=0.05,0.1,0.5,1.0
+    python simulation.py --sweep dirichlet-beta=0.05,0.1,0.5,1.0 --ray-address HEAD:6379
 
-A comparison (``compare:`` or ``--compare``) runs each row on the same partition, bitwidths and
-seeds and writes ``comparison.md``/``.json``/``.png``; a sweep does the same over one key's values;
-``<algorithm>-full`` runs every client at 32 bits. Each command runs on a SuperLink of its own
-(``common.runs.launcher``, ``common.runs.superlink``), stopped by its pid at the end.
+A comparison runs each row on the same partition, bitwidths and seeds and writes
+``comparison.md``/``.json``/``.png``; a sweep does the same over one key's values. Each command
+runs on a SuperLink of its own, stopped by its pid at the end (``common.runs.launcher``).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from common.runs.checkpoint import CheckpointError
 from common.runs.launcher import (
     APP_DIR,
     announce,
+    checked_ray_address,
     checked_runs,
     chosen_output_dir,
     flower_env,
@@ -79,6 +78,8 @@ common/config.py (ExperimentConfig); a wrong key or value is refused before anyt
     add("--superlink", metavar="HOST:PORT",
         help="run on this running simulation SuperLink (flower-superlink --insecure "
         "--simulation) instead of starting one on a free port for this command")
+    add("--ray-address", metavar="HOST:PORT", help="run the clients on this running Ray cluster "
+        "(ray start --head), not a Ray of the run's own; README: On a Ray cluster")
     add("--keep-superlink", action="store_true",
         help="leave the SuperLink this command started running afterwards, with its Flower "
         "home (the command prints both), for flwr list / flwr log")
@@ -118,12 +119,13 @@ def main() -> int:
         output_dir = chosen_output_dir(plan, args.resume, args.output_dir)
         runs, points = checked_runs(plan, output_dir, bool(args.resume))
         superlink_address = checked_address(args.superlink) if args.superlink else None
+        ray_address = checked_ray_address(args.ray_address, args.superlink)
     except CheckpointError as error:
         return refuse(f"cannot resume: {error}")
     except (ConfigError, OSError, ValueError, yaml.YAMLError) as error:
         return refuse(f"invalid configuration: {error}")
     flwr_home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or APP_DIR / ".flwr").resolve()
-    env = flower_env(flwr_home)
+    env = flower_env(flwr_home, ray_address)
     if shutil.which("flwr", path=env["PATH"]) is None:
         return refuse("flwr not found: run `bash scripts/setup.sh` and use .venv/bin/python")
     started = time.perf_counter()

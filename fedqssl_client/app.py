@@ -26,6 +26,16 @@ def ray_gpu_ids() -> list | None:
     return ray.get_gpu_ids() if ray.is_initialized() else None
 
 
+def ray_node() -> str:
+    """The id of the Ray node this actor runs on ("" outside a Ray simulation): on a cluster of
+    several, each round's record says where a client's work went."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def client_fn(context: Context):
     """This node's client for this message (Flower builds one per call)."""
     node = node_settings(context.run_config, context.node_config)
@@ -34,9 +44,11 @@ def client_fn(context: Context):
     configure_allocator(node.config.allocator, in_simulation=gpu_ids is not None)
     config = placed_device(node.config, gpu_ids)
     data = client_data(config, node.partition_id, node.local_data)
-    return LowBitClient(
+    client = LowBitClient(
         config, node.partition_id, node.bits, context.state, data, node.model_folder()
-    ).to_client()
+    )
+    client.ray_node = ray_node()
+    return client.to_client()
 
 
 app = ClientApp(client_fn=client_fn)

@@ -70,6 +70,7 @@ class LowBitClient(NumPyClient):
                 "algorithm (fedqssl, fedsimclr, fedsimsiam)"
             )
         self.model = new_model(config, bits, *self._shape())
+        self.ray_node = ""  # the Ray node it trains on, in a Ray simulation (set by client_fn)
 
     def _shape(self) -> tuple[int, int]:
         return self.data.spec.channels, self.data.spec.num_classes
@@ -141,6 +142,7 @@ class LowBitClient(NumPyClient):
                     "torch-threads": torch.get_num_threads(),
                     **({"peak-rss-mb": peak} if (peak := peak_resident_mb()) is not None else {}),
                     "allocator": allocator_mode(),
+                    **({"ray-node": self.ray_node} if self.ray_node else {}),
                     **(
                         {"gpu-peak-mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}
                     ),

@@ -35,6 +35,10 @@ def _fraction(value: object) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0  # type: ignore[operator]
 
 
+def _hex_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.isalnum()
+
+
 def _allocator_mode(value: object) -> bool:
     return value in ("lean", "fast")
 
@@ -46,6 +50,7 @@ _RULES: dict[Check, str] = {
     _non_negative_number: "a finite number >= 0",
     _fraction: "a number in [0, 1]",
     _allocator_mode: "lean or fast",
+    _hex_id: "an id of at most 64 letters and digits",
 }
 
 # key -> (check, required)
@@ -60,6 +65,7 @@ FIT_METRICS: dict[str, tuple[Check, bool]] = {
     "gpu-peak-mb": (_non_negative_number, False),
     "peak-rss-mb": (_non_negative_number, False),
     "allocator": (_allocator_mode, False),
+    "ray-node": (_hex_id, False),
 }
 EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {
     "partition-id": (_non_negative_int, True),

@@ -36,6 +36,7 @@ FIT_RECORD_KEYS = (
     "gpu-peak-mb",
     "peak-rss-mb",
     "allocator",
+    "ray-node",
 )
 
 

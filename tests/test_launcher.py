@@ -2,6 +2,7 @@
 plan's results go, what is refused before Flower starts, and the order runs take."""
 
 import json
+import socket
 import tomllib
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from common.config import ConfigError, ExperimentConfig
 from common.runs import launcher
 from common.runs.checkpoint import ResumePoint
 from common.runs.plan import make_plan
+from common.runs.superlink import free_port
 
 TINY = "dataset: synthetic\nnum-clients: 2\nbitwidths: [4, 8]\nnum-rounds: 1\n"
 
@@ -101,3 +103,22 @@ def test_gpus_per_client_without_a_gpu_is_refused_not_run_on_the_cpu(tmp_path, m
     cpu = {"device": "cpu"}
     launcher.require_gpu(cpu, 0.0)
     assert cpu == {"device": "cpu"}
+
+
+def test_a_ray_address_is_checked_before_flower_starts_and_reaches_rays_init(tmp_path):
+    assert launcher.checked_ray_address(None) is None
+    with pytest.raises(ConfigError, match="give HOST:PORT"):
+        launcher.checked_ray_address("localhost")
+    with pytest.raises(ConfigError, match=r"no Ray cluster answers there .*ray start --head"):
+        launcher.checked_ray_address(f"127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="drop --superlink"):
+        launcher.checked_ray_address("127.0.0.1:6379", superlink="127.0.0.1:9093")
+    with socket.socket() as listening:  # something answers: the address is taken as given
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert launcher.checked_ray_address(address) == address
+    assert launcher.flower_env(tmp_path, address)["RAY_ADDRESS"] == address
+    assert launcher.flower_env(tmp_path).get("RAY_ADDRESS") == launcher.os.environ.get(
+        "RAY_ADDRESS"
+    )  # without --ray-address the caller's environment stands

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,38 @@ OFFLINE_ENV = {
 }
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment ``flwr`` runs in: offline, its state in ``flwr_home``, this venv first."""
+def flower_env(flwr_home: Path, ray_address: str | None = None) -> dict[str, str]:
+    """The environment ``flwr`` runs in: offline, its state in ``flwr_home``, this venv first.
+    With ``ray_address`` the simulation joins that running Ray cluster: Flower's Ray backend
+    calls ``ray.init()``, which connects to ``RAY_ADDRESS`` (the SuperLink started here, and the
+    simulation under it, inherit this environment)."""
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     return env
+
+
+def checked_ray_address(address: str | None, superlink: str | None = None) -> str | None:
+    """``address`` (HOST:PORT of a Ray cluster's head, as ``ray start --head --port`` printed
+    it) if its head answers (None if none is given); ``ConfigError`` naming the fix otherwise,
+    and with ``superlink``: a running SuperLink's simulation has its own Ray already."""
+    if address is None:
+        return None
+    if superlink is not None:
+        raise ConfigError("--ray-address needs a SuperLink of this command: drop --superlink")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: give HOST:PORT of the cluster's head")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(
+            f"--ray-address {address}: no Ray cluster answers there ({error}); start one with "
+            f"`ray start --head --port={port}` on that machine (and `ray start --address="
+            f"{address}` on every other), or drop --ray-address for a Ray of this run's own"
+        ) from None
+    return address
 
 
 def toml_value(value: bool | int | float | str) -> str:
