@@ -17,7 +17,7 @@ here only the weight gradients are quantized (quantile grid, s + 2 bits); the er
 layers stay float32 and every operation runs in float32 arithmetic. What backward keeps of the
 activations is their codes (``common.lowbit.saved_codes``), so measured step memory falls below
 fp32, but it also holds float32 gradients and one layer's recomputed output at a time: measured
-against this counter in docs/BENCHMARKS.md ("Memory of a training step").
+against this counter in docs/BENCHMARKS.md ("Memory a device really needs").
 """
 
 from __future__ import annotations
