@@ -58,11 +58,13 @@ def federate(config, client_data=None, model_dirs=None):
 
 
 def without_timings(value):
-    """A record with every measured figure dropped: wall-clock seconds and resident memory
-    (``*-mb``) differ run to run; nothing else may."""
+    """A record with every measured figure dropped: wall-clock seconds, resident memory
+    (``*-mb``) and the Ray node a client ran on differ run to run; nothing else may."""
     if isinstance(value, dict):
         return {
-            k: without_timings(v) for k, v in value.items() if not k.endswith(("seconds", "-mb"))
+            k: without_timings(v)
+            for k, v in value.items()
+            if not k.endswith(("seconds", "-mb")) and k != "ray-node"
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]
