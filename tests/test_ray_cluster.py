@@ -47,9 +47,10 @@ def alive_nodes(address: str) -> int:
     return int(completed.stdout.split()[-1]) if completed.returncode == 0 else 0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """(address, nodes) of a head and a worker node on loopback; stopped, folders removed."""
+    """(address, nodes) of a head and a worker node on loopback, shared by this module's tests
+    (the one that kills the worker runs last); stopped, folders removed."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     folders = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")]
