@@ -1,5 +1,6 @@
 """Quantizers: grids, exact codes, straight-through gradients, unbiasedness, Lemma 1's shape."""
 
+import contextlib
 import itertools
 import math
 
@@ -18,11 +19,14 @@ from common.lowbit.layers import (
 )
 from common.lowbit.quantizers import (
     MAX_SCALE,
+    _centres_of_sorted,
+    _round_between,
     codes_to_weight,
     quantile_centres,
     quantize_activation,
     quantize_gradient,
     quantize_weight,
+    quantizing_once,
     weight_codes,
 )
 from common.vocabulary import FULL_PRECISION, check_bits
@@ -257,3 +261,123 @@ def test_sampled_quantiles_cost_little_accuracy_on_a_large_layer():
         )
         errors[name] = float(((quantized - grad) ** 2).mean())
     assert errors["sampled"] < 1.15 * errors["exact"], errors
+
+
+# ------------------------------------------------ the fused kernels against the plain formulas
+
+
+def bits_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns: equal only if every value is the same float (-0 != 0)."""
+    return tensor.contiguous().view(torch.int32)
+
+
+def plain_weight_codes(weight, bits, rounding, generator):
+    """The module docstring's formulas, one out-of-place operation each (the code before it
+    shared tanh between scale and codes and rounded in place)."""
+    levels = (1 << bits) - 1
+    scale = torch.tanh(weight).abs().max().clamp(max=MAX_SCALE)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = (torch.tanh(weight) / (2 * safe_scale) + 0.5).clamp(0.0, 1.0) * levels
+    if rounding == "deterministic":
+        rounded = torch.round(unit)
+    else:
+        floor = torch.floor(unit)
+        noise = torch.rand(unit.shape, generator=generator)
+        rounded = floor + (noise < (unit - floor)).float()
+    return rounded.clamp(0, levels), scale
+
+
+def plain_round_between(values, centres, bracket, rounding, generator):
+    """Each value to its lower or upper centre, as the paper writes it (the code before it)."""
+    lower, upper = centres[bracket], centres[bracket + 1]
+    gap = upper - lower
+    frac = ((values - lower) / torch.where(gap > 0, gap, torch.ones_like(gap))).clamp(0.0, 1.0)
+    frac = torch.where(gap > 0, frac, torch.zeros_like(frac))
+    if rounding == "deterministic":
+        pick_upper = frac > 0.5
+    else:
+        pick_upper = torch.rand(values.numel(), generator=generator) < frac
+    return torch.where(pick_upper, upper, lower)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=low_bits,
+    seed=seeds,
+    std=st.sampled_from([1e-3, 0.5, 6.0]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+)
+def test_weight_codes_and_decoding_equal_the_plain_formulas_bit_for_bit(bits, seed, std, rounding):
+    weight = random_weight(seed, std=std)
+    weight[0, 0, 0] = 0.0
+    codes, scale = weight_codes(weight, bits, rounding, torch.Generator().manual_seed(seed))
+    plain_codes, plain_scale = plain_weight_codes(
+        weight, bits, rounding, torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(bits_of(codes), bits_of(plain_codes)) and torch.equal(scale, plain_scale)
+    grid = codes * (2.0 / ((1 << bits) - 1)) - 1.0
+    plain_weight = torch.atanh(scale * grid)
+    assert torch.equal(bits_of(codes_to_weight(codes, scale, bits)), bits_of(plain_weight))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=seeds,
+    n=st.integers(2, 5000),
+    bits=st.integers(2, 8),
+    ties=st.sampled_from([0.0, 0.3, 0.9]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+)
+def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
+    seed, n, bits, ties, rounding
+):
+    """Also where centres coincide (many equal values: a zero gap) and on signed zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=generator)
+    tied = torch.rand(n, generator=generator) < ties
+    values[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    ordered = torch.sort(values).values
+    centres = _centres_of_sorted(ordered, 1 << bits)
+    bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp(0, (1 << bits) - 2)
+    fused = _round_between(values, centres, bracket, rounding, torch.Generator().manual_seed(seed))
+    plain = plain_round_between(
+        values, centres, bracket, rounding, torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(bits_of(fused), bits_of(plain))
+
+
+def test_quantizing_once_reuses_a_weights_quantization_until_the_weight_changes():
+    layer = QuantConv2d(2, 3, 3, bias=False)
+    layer.bits = 4
+    with quantizing_once():
+        first, again = quantize_weight(layer.weight, 4), quantize_weight(layer.weight, 4)
+        other_bits = quantize_weight(layer.weight, 6)
+        with torch.no_grad():
+            unused = quantize_weight(layer.weight, 4)
+            layer.weight.add_(0.05)  # an optimizer step: the version counter moves
+        after_step = quantize_weight(layer.weight, 4)
+    outside = quantize_weight(layer.weight, 4), quantize_weight(layer.weight, 4)
+    assert again is first and other_bits is not first and unused is not first
+    assert after_step is not first and not torch.equal(after_step, first)
+    assert outside[0] is not outside[1] and torch.equal(outside[0], after_step)
+
+
+@pytest.mark.parametrize("save_codes", [True, False])
+def test_a_step_quantizing_once_has_the_gradients_of_one_quantizing_each_pass(save_codes):
+    """SimCLR's two forward passes share each quantized weight inside ``train_step``: the loss
+    and every gradient are those of quantizing the weight anew in each pass."""
+    from common.learning.models import build_ssl_model
+    from common.learning.training import ssl_loss
+    from common.lowbit.saved_codes import saving_codes
+
+    gradients = []
+    for once in (True, False):
+        torch.manual_seed(5)
+        model = build_ssl_model("small_cnn", 4, 1, width=8)
+        views = torch.rand(2, 16, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+        sharing = quantizing_once() if once else contextlib.nullcontext()
+        with saving_codes() if save_codes else contextlib.nullcontext(), sharing:
+            loss = ssl_loss(model, views[0], views[1])
+        loss.backward()
+        gradients.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*gradients, strict=True))

@@ -28,7 +28,7 @@ from common.learning.batch_augment import BatchedTwoViews, BatchSSLAugmentation
 from common.learning.losses import nt_xent_loss, simsiam_loss
 from common.learning.models import Classifier, SSLModel
 from common.lowbit.layers import project_weights_, quantize_weight_grads_
-from common.lowbit.quantizers import Rounding
+from common.lowbit.quantizers import Rounding, quantizing_once
 from common.lowbit.saved_codes import saving_codes
 from common.vocabulary import FULL_PRECISION
 
@@ -118,7 +118,7 @@ def train_step(
     proximal: Proximal | None = None,
 ) -> float:
     """One low-bit step on a batch (two views, or images and labels); returns the loss."""
-    with saving_codes() if settings.save_codes else contextlib.nullcontext():
+    with saving_codes() if settings.save_codes else contextlib.nullcontext(), quantizing_once():
         loss = objective_loss(model, first, second, temperature)
     if proximal is not None:
         loss = loss + proximal.penalty(model)

@@ -16,7 +16,10 @@ model decoded from the wire and trained on resumes exactly where the sender's fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -37,21 +40,17 @@ def _levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _round(x: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
-    """Round to integers; stochastic rounding is unbiased: E[round(x)] = x."""
+def _round_(x: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
+    """Round ``x`` to integers in place (returned); stochastic rounding is unbiased:
+    E[round(x)] = x."""
     if rounding == "deterministic":
-        return torch.round(x)
+        return x.round_()
     floor = torch.floor(x)
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return floor + (noise < (x - floor)).to(x.dtype)
+    return x.sub_(floor).gt_(noise).add_(floor)  # floor + (noise < x - floor)
 
 
 # ---------------------------------------------------------------- weights
-
-
-def weight_scale(weight: torch.Tensor) -> torch.Tensor:
-    """The layer's compander scale M = max|tanh(w)|, capped at ``MAX_SCALE`` (0-d float32)."""
-    return torch.tanh(weight.detach().float()).abs().max().clamp(max=MAX_SCALE)
 
 
 def weight_codes(
@@ -66,16 +65,48 @@ def weight_codes(
     projection of an updated weight back onto the grid (in the companded domain).
     """
     levels = _levels(bits)
-    scale = weight_scale(weight)
+    companded = torch.tanh(weight.detach().float())  # once: the scale and the codes share it
+    scale = companded.abs().max().clamp(max=MAX_SCALE)
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    unit = (torch.tanh(weight.detach().float()) / (2 * safe_scale) + 0.5).clamp(0.0, 1.0)
-    return _round(unit * levels, rounding, generator).clamp(0, levels), scale
+    unit = companded.div_(2 * safe_scale).add_(0.5).clamp_(0.0, 1.0).mul_(levels)
+    return _round_(unit, rounding, generator).clamp_(0, levels), scale
 
 
 def codes_to_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Decode codes to weights; the one function both the forward pass and the codec use."""
-    grid = codes.float() * (2.0 / _levels(bits)) - 1.0
-    return torch.atanh(scale.float() * grid)
+    grid = codes.float() * (2.0 / _levels(bits))
+    return grid.sub_(1.0).mul_(scale.float()).atanh_()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The quantized weight forward, the incoming gradient unchanged to the float weight
+    backward (STE): ``quantized + (weight - weight.detach())`` without its two passes."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+# id(weight) -> (weight, its version, bits, quantized): set inside ``quantizing_once``
+_quantized_this_step: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def quantizing_once() -> Iterator[None]:
+    """Quantize each weight once for all the forward passes run inside (SimCLR runs the model
+    on two views with the same weights): the same tensor, with its saved codes, serves both,
+    as long as the weight has not changed (its version counter)."""
+    global _quantized_this_step
+    outer = _quantized_this_step
+    _quantized_this_step = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _quantized_this_step = outer
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -85,13 +116,19 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits == FULL_PRECISION:
         return weight
+    cache = _quantized_this_step if torch.is_grad_enabled() else None
+    if cache is not None:
+        held = cache.get(id(weight))
+        if held is not None and held[0] is weight and held[1:3] == (weight._version, bits):
+            return held[3]
     codes, scale = weight_codes(weight, bits)
-    quantized = codes_to_weight(codes, scale, bits).to(weight.dtype)
-    out = quantized + (weight - weight.detach())
+    out = _StraightThrough.apply(weight, codes_to_weight(codes, scale, bits).to(weight.dtype))
     if saved_codes.active():  # saved for backward as codes and scale, decoded again there
         small_codes = codes.to(saved_codes.code_dtype(_levels(bits)))
         decode = functools.partial(_decode_weight, scale=scale, bits=bits, dtype=weight.dtype)
         mark_recomputable(out, decode, small_codes)
+    if cache is not None:
+        cache[id(weight)] = (weight, weight._version, bits, out)
     return out
 
 
@@ -205,14 +242,18 @@ def _round_between(
     rounding: Rounding,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Each value rounded to ``centres[bracket]`` or ``centres[bracket + 1]``, which hold it."""
-    lower, upper = centres[bracket], centres[bracket + 1]
-    gap = upper - lower
-    safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
-    frac = ((values - lower) / safe_gap).clamp(0.0, 1.0)
-    frac = torch.where(gap > 0, frac, torch.zeros_like(frac))
+    """Each value rounded to ``centres[bracket]`` or ``centres[bracket + 1]``, which hold it.
+
+    Per element: one gather of the lower centre and one of the gap (tables of ``count - 1``
+    brackets), the fraction, one comparison, one gather of the pick. A zero gap divides by inf
+    (fraction 0: the lower centre, which equals the upper one).
+    """
+    gaps = centres[1:] - centres[:-1]
+    safe_gaps = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf))
+    frac = (values - centres[:-1][bracket]).div_(safe_gaps[bracket])
     if rounding == "deterministic":
         pick_upper = frac > 0.5
     else:
-        pick_upper = torch.rand(values.numel(), generator=generator, device=values.device) < frac
-    return torch.where(pick_upper, upper, lower)
+        noise = torch.rand(values.numel(), generator=generator, device=values.device)
+        pick_upper = frac > noise
+    return centres[bracket + pick_upper]

@@ -114,8 +114,9 @@ class _WindowMaxPool(torch.autograd.Function):
         k, (n, c, height, width) = ctx.k, ctx.shape
         rows, cols = argmax.shape[2], argmax.shape[3]
         # each window's k * k gradients at once: the incoming gradient where the argmax was
-        picked = argmax.unsqueeze(-1) == torch.arange(k * k, dtype=torch.uint8, device=grad.device)
-        windows = (grad.unsqueeze(-1) * picked).view(n, c, rows, cols, k, k)
+        windows = grad.new_zeros(n, c, rows, cols, k * k)
+        windows.scatter_(-1, argmax.long().unsqueeze(-1), grad.unsqueeze(-1))
+        windows = windows.view(n, c, rows, cols, k, k)
         whole = windows.permute(0, 1, 2, 4, 3, 5).reshape(n, c, rows * k, cols * k)
         if (rows * k, cols * k) == (height, width):
             return whole, None
