@@ -85,6 +85,7 @@ class ExperimentConfig:
     dq_temperature: float = 1.0
     dq_weighting: str = "softmax"
     bn_recalibrate: str = "none"
+    server_workers: int = 1
     proximal_mu: float = 0.01
     qsgd_bucket: int = 512
     fraction_fit: float = 1.0
@@ -295,6 +296,7 @@ def _validate(config: ExperimentConfig) -> None:
         "min_fit_clients",
         "max_client_examples",
         "probe_samples",
+        "server_workers",
     ):
         _require(getattr(config, key) >= 1, key, f"must be >= 1, got {getattr(config, key)}")
     for key, least in (("dq_epochs", 1), ("rq_epochs", 0)):

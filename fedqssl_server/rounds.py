@@ -6,7 +6,7 @@ Flower and the codec.
 one is held at a time) and returns the new global model and one model per bitwidth for the
 downlink; the strategy decodes and encodes at the Flower boundary. Per client, in key order:
 
-1. ``dequantize``: the received s_k-bit model becomes a full-precision one, w'_k (Fed-QSSL:
+1. ``dequantized``: the received s_k-bit model becomes a full-precision one, w'_k (Fed-QSSL:
    fine-tuned in full precision on the buffer D_g, L_DQ_k the loss of its last epoch; every
    client of a round trains on the same views of D_g in the same order, so L_DQ compares models,
    not augmentation luck; the baselines: the decoded model itself);
@@ -35,12 +35,11 @@ Every fine-tune counts its optimizer steps by phase (``dequantize``, ``requantiz
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,10 +49,11 @@ from common import seeds
 from common.algorithms import get_algorithm
 from common.config import ConfigError, ExperimentConfig
 from common.learning.batchnorm import recalibrate_batchnorm
-from common.learning.training import augmented_epochs, fit_batches, recipe, steps_per_epoch
+from common.learning.training import augmented_epochs, steps_per_epoch
 from common.runs.experiment import ServerData, new_model, torch_device
 from common.vocabulary import FULL_PRECISION
 from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
+from fedqssl_server.fine_tunes import FineTune, FineTuned, FineTunes, cpu_state
 
 StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
 
@@ -61,12 +61,6 @@ StateSource = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tenso
 def load(source: StateSource) -> Mapping[str, torch.Tensor]:
     """A received state, decoding it now if it arrived as a decoder (one state in memory)."""
     return source() if callable(source) else source
-
-
-def cpu_state(model: torch.nn.Module) -> State:
-    """A model's state on the CPU: the server keeps and combines states there, whatever device
-    trained them (decoded payloads arrive on the CPU)."""
-    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -122,11 +116,13 @@ class ServerRound:
         """What every de-quantization of the round shares (Fed-QSSL: the views of D_g)."""
         return None
 
-    def dequantize(
-        self, state: Mapping[str, torch.Tensor], views: list | None, server_round: int
-    ) -> tuple[Mapping[str, torch.Tensor], float | None]:
-        """(w'_k, L_DQ_k): here the received model itself, and no loss."""
-        return state, None
+    def dequantized(
+        self, received: Mapping[int, StateSource], views: list | None, server_round: int
+    ) -> Iterator[tuple[int, Mapping[str, torch.Tensor], float | None, int]]:
+        """(key, w'_k, L_DQ_k, its optimizer steps) of each received model, in key order, each
+        decoded when reached: here the received model itself, no loss, no step."""
+        for key in sorted(received):
+            yield key, load(received[key]), None, 0
 
     def weigh(self, loss: float | None, examples: int, total_examples: int) -> float:
         """log p_k up to a constant: FedAvg's log(n_k / n)."""
@@ -170,10 +166,7 @@ class ServerRound:
         total_examples = sum(examples[key] for key in received)
         kept: dict[int, tuple[float | None, float, int]] = {}  # key -> (L_DQ, log-weight, steps)
         refused: dict[int, str] = {}
-        for key in sorted(received):
-            steps_before = self.step_counts.get("dequantize", 0)
-            state, loss = self.dequantize(load(received[key]), views, server_round)
-            dq_steps = self.step_counts.get("dequantize", 0) - steps_before
+        for key, state, loss, dq_steps in self.dequantized(received, views, server_round):
             if loss is not None and not math.isfinite(loss):
                 refused[key] = f"client {key}: de-quantization loss {loss} on D_g, refused"
                 continue
@@ -235,6 +228,7 @@ class BufferRound(ServerRound):
         super().__init__(config, data)
         self.augmentation = data.spec.augmentation(config.augmentation)
         self.steps_per_epoch = steps_per_epoch(len(data.buffer), config.batch_size)
+        self.fine_tunes = FineTunes(config)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"{config.algorithm} fine-tunes on the server buffer D_g, but its "
@@ -257,40 +251,49 @@ class BufferRound(ServerRound):
             torch_device(self.config),
         )
 
+    def job(
+        self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int, phase: str
+    ) -> FineTune:
+        """A fine-tune of ``state`` at ``bits`` on given epochs of batches, counted as ``phase``."""
+        spec = self.data.spec
+        return FineTune(
+            self.config, spec.channels, spec.num_classes, state, bits, views, seed, phase
+        )
+
+    def counted(self, done: FineTuned) -> FineTuned:
+        """``done``, its optimizer steps added to its phase's count."""
+        self.step_counts[done.phase] = self.step_counts.get(done.phase, 0) + done.steps
+        return done
+
     def train_on(
         self, state: Mapping[str, torch.Tensor], bits: int, views, seed: int, phase: str
     ) -> tuple[State, float]:
-        """``state`` trained at ``bits`` on given epochs of batches; (state, last loss). Its
-        optimizer steps count towards ``phase``.
-
-        The server is not a low-bit device: its s-bit fine-tunes keep float32 copies for
-        backward whatever ``save-codes`` says (the same numbers, tested; about 1.3x faster)."""
-        model = self.new_model(bits)
-        model.load_state_dict(state)
-        server_recipe = recipe(self.config, bits)
-        server_recipe = dataclasses.replace(
-            server_recipe, settings=dataclasses.replace(server_recipe.settings, save_codes=False)
-        )
-        trained = fit_batches(model, views, server_recipe, seed)
-        self.step_counts[phase] = self.step_counts.get(phase, 0) + trained.steps
-        return cpu_state(model), trained.last_loss
+        """``state`` trained at ``bits`` on given epochs of batches, in this process; (state,
+        last loss). Its optimizer steps count towards ``phase``."""
+        done = self.counted(self.fine_tunes.one(self.job(state, bits, views, seed, phase)))
+        return done.state, done.last_loss
 
     def finetuned_downlinks(
         self, server_round: int, global_state: State, bitwidths: Iterable[int]
     ) -> dict[int, State]:
         """For each bitwidth s, w_G fine-tuned on D_g with s-bit operations (``rq-epochs``),
         so that the client at s receives an s-bit model shaped by the server's data (the
-        paper's re-quantization)."""
+        paper's re-quantization); side by side with ``server-workers`` > 1."""
         seed = functools.partial(seeds.requantize_seed, self.config.seed, server_round)
-        return {
-            bits: self.train_on(
+        order = sorted(set(bitwidths))
+        jobs = (
+            self.job(
                 global_state,
                 bits,
                 self.views_of_buffer(self.config.requantize_epochs, seed(bits)),
                 seed(bits),
                 "requantize",
-            )[0]
-            for bits in sorted(set(bitwidths))
+            )
+            for bits in order
+        )
+        return {
+            bits: self.counted(done).state
+            for bits, done in zip(order, self.fine_tunes.map(jobs), strict=True)
         }
 
 
@@ -303,12 +306,17 @@ class FedQSSLRound(BufferRound):
         """D_g augmented once for the round: every client's de-quantization trains on these."""
         return self.views_of_buffer(self.config.dequantize_epochs, self.round_seed(server_round))
 
-    def dequantize(self, state, views, server_round):
-        """w'_k: the received model fine-tuned in full precision on the round's views of D_g
-        for ``dq-epochs``; L_DQ_k is the loss of the last epoch."""
-        return self.train_on(
-            state, FULL_PRECISION, views, self.round_seed(server_round), "dequantize"
+    def dequantized(self, received, views, server_round):
+        """w'_k: each received model fine-tuned in full precision on the round's views of D_g
+        for ``dq-epochs``; L_DQ_k is the loss of the last epoch (side by side with
+        ``server-workers`` > 1, taken in key order)."""
+        keys = sorted(received)
+        seed = self.round_seed(server_round)
+        jobs = (
+            self.job(load(received[key]), FULL_PRECISION, views, seed, "dequantize") for key in keys
         )
+        for key, done in zip(keys, self.fine_tunes.map(jobs), strict=True):
+            yield key, self.counted(done).state, done.last_loss, done.steps
 
     def weigh(self, loss, examples, total_examples):
         """log p_k up to a constant: -L_DQ_k / T (``dq-weighting: uniform``: 0, i.e. p_k = 1/K,

@@ -23,7 +23,7 @@ from common.learning.training import fit_batches, fit_local, recipe
 from common.runs.experiment import new_model, server_data
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import decode_state
-from fedqssl_server import rounds
+from fedqssl_server import fine_tunes, rounds
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.strategy import strategy_for
 
@@ -135,13 +135,13 @@ def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buf
     server = rounds.server_round_for(control, server_data(control))
     assert type(server) is rounds.FineTuneRound
     calls = []
-    train_on = server.train_on
+    fine_tune = fine_tunes.fine_tune
 
-    def recording(state, bits, views, seed, phase):
-        calls.append((bits, len(views), phase))
-        return train_on(state, bits, views, seed, phase)
+    def recording(job):
+        calls.append((job.bits, len(job.views), job.phase))
+        return fine_tune(job)
 
-    monkeypatch.setattr(server, "train_on", recording)
+    monkeypatch.setattr(fine_tunes, "fine_tune", recording)
     states = {
         key: decode_state(parameters_to_ndarrays(fit_result(control, 4, key).parameters))
         for key in range(3)

@@ -17,6 +17,7 @@ from common.lowbit.quantizers import weight_codes
 from common.runs.experiment import server_data
 from common.wire.packing import packed_size
 from common.wire.payload import decode_state, is_quantized, payload_bits
+from fedqssl_server import fine_tunes
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.strategy import RoundFailedError, strategy_for
 
@@ -26,13 +27,13 @@ def test_aggregation_weights_are_softmax_of_dq_losses_and_requantize_once_per_bi
 ):
     strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     calls = []
-    train_on = strategy.steps.train_on
+    fine_tune = fine_tunes.fine_tune
 
-    def counting(state, bits, views, seed, phase):
-        calls.append(bits)
-        return train_on(state, bits, views, seed, phase)
+    def counting(job):
+        calls.append(job.bits)
+        return fine_tune(job)
 
-    monkeypatch.setattr(strategy.steps, "train_on", counting)
+    monkeypatch.setattr(fine_tunes, "fine_tune", counting)
     proxies = [FakeProxy(str(i)) for i in range(3)]
     results = three_results(config, proxies)
     parameters, _ = strategy.aggregate_fit(1, results, [])

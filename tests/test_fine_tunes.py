@@ -1,0 +1,97 @@
+"""The server's fine-tunes side by side in worker processes (``server-workers``): the round's
+numbers are the one-process numbers, results come in order, memory stays bounded, and a worker
+that dies fails the round with an error that says what to change."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from flower_fakes import fit_result
+from flwr.common import parameters_to_ndarrays
+from helpers import losses_of, weights_of
+
+from common.config import ConfigError, ExperimentConfig
+from common.runs.experiment import server_data
+from common.vocabulary import FULL_PRECISION
+from common.wire.payload import decode_state
+from fedqssl_server import rounds
+from fedqssl_server.fine_tunes import FineTunes
+
+
+def with_workers(config: ExperimentConfig, workers: int) -> ExperimentConfig:
+    return ExperimentConfig.from_mapping({**config.to_run_config(), "server-workers": workers})
+
+
+def received(config, count: int) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        key: decode_state(parameters_to_ndarrays(fit_result(config, 4, key, key).parameters))
+        for key in range(count)
+    }
+
+
+def test_a_round_in_worker_processes_equals_the_round_in_one_process(config):
+    states = received(config, 4)
+    outcomes = {}
+    for workers in (1, 2):
+        server = rounds.server_round_for(with_workers(config, workers), server_data(config))
+        try:
+            outcomes[workers] = server.run(
+                1, server.initial_state(), states, dict.fromkeys(states, 10), {4, 8}
+            )
+            if workers == 2:  # the fine-tunes really ran elsewhere
+                pool = server.fine_tunes._started_pool()
+                assert pool.submit(os.getpid).result() != os.getpid()
+        finally:
+            server.fine_tunes.close()
+    one, pooled = outcomes[1], outcomes[2]
+    assert list(pooled.clients) == list(one.clients) == [0, 1, 2, 3]
+    assert pooled.steps == one.steps and pooled.steps["dequantize"] > 0
+    assert losses_of(pooled) == pytest.approx(losses_of(one), rel=1e-6)
+    assert weights_of(pooled) == pytest.approx(weights_of(one), rel=1e-5)
+    for name, tensor in one.global_state.items():
+        torch.testing.assert_close(pooled.global_state[name], tensor, rtol=1e-5, atol=1e-6)
+    assert sorted(pooled.requantized) == [4, 8]
+    for bits, state in one.requantized.items():
+        for name, tensor in state.items():
+            torch.testing.assert_close(pooled.requantized[bits][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_workers_take_jobs_lazily_and_return_them_in_order(config):
+    """At most 2 x workers jobs are drawn before the first result: a round that decodes each
+    received model when its job is drawn holds O(workers) states, however many clients."""
+    server = rounds.server_round_for(with_workers(config, 2), server_data(config))
+    views = server.views_of_buffer(1, seed=3)
+    initial = server.initial_state()
+    drawn = []
+
+    def jobs():
+        for index in range(7):
+            drawn.append(index)
+            yield server.job(initial, FULL_PRECISION, views, seed=index, phase=f"job-{index}")
+
+    try:
+        results = server.fine_tunes.map(jobs())
+        first = next(results)
+        assert len(drawn) <= 4
+        phases = [first.phase] + [done.phase for done in results]
+    finally:
+        server.fine_tunes.close()
+    assert phases == [f"job-{index}" for index in range(7)]
+
+
+def test_a_worker_that_dies_fails_with_an_error_naming_server_workers(config):
+    fine_tunes = FineTunes(with_workers(config, 2))
+    try:
+        future = fine_tunes._started_pool().submit(os._exit, 1)
+        with pytest.raises(RuntimeError, match="server-workers"):
+            fine_tunes._result(future)
+        assert fine_tunes._pool is None  # closed: the next round starts new workers
+    finally:
+        fine_tunes.close()
+
+
+def test_server_workers_must_be_a_positive_count(config):
+    with pytest.raises(ConfigError, match="server-workers"):
+        with_workers(config, 0)
+    assert dataclasses.replace(config).server_workers == 1  # the default: one process
