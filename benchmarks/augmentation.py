@@ -9,27 +9,14 @@ timed alternately in one process so that machine noise hits both; the ratio is t
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from pathlib import Path
 
+import harness
 import torch
 
 from common.learning.augment import NORMALIZATION, ssl_augmentation
 from common.learning.batch_augment import BatchSSLAugmentation
 
-RESULTS = Path(__file__).parent / "results"
 SHAPES = {"fashion-mnist": (1, 28), "cifar10": (3, 32)}
-
-
-def seconds(make_views, repeats: int) -> float:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        make_views()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
 
 
 def measure(dataset: str, batch: int, repeats: int) -> dict:
@@ -38,10 +25,12 @@ def measure(dataset: str, batch: int, repeats: int) -> dict:
     per_image = ssl_augmentation(size, channels, *NORMALIZATION[dataset])
     batched = BatchSSLAugmentation(size, channels, *NORMALIZATION[dataset])
     generator = torch.Generator().manual_seed(0)
-    per_image_s = seconds(
-        lambda: [torch.stack([per_image(image) for image in images]) for _ in range(2)], repeats
+    per_image_s = harness.median_seconds(
+        lambda: [torch.stack([per_image(image) for image in images]) for _ in range(2)], repeats, 0
     )
-    batched_s = seconds(lambda: [batched(images, generator) for _ in range(2)], repeats)
+    batched_s = harness.median_seconds(
+        lambda: [batched(images, generator) for _ in range(2)], repeats, 0
+    )
     return {
         "dataset": dataset,
         "batch": batch,
@@ -57,18 +46,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     rows = [measure(dataset, args.batch, args.repeats) for dataset in SHAPES]
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "augmentation.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print("| images | batch | per image s (2 views) | batched s | speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['dataset']} | {row['batch']} | {row['per_image_s']:.3f} | "
-            f"{row['batched_s']:.4f} | {row['speedup']:.0f}x |"
-        )
-    print(f"\nwritten to {path}")
+    harness.write_result(
+        "augmentation",
+        "python benchmarks/augmentation.py",
+        [
+            harness.headline(f"{row['dataset']}: batched speed-up over per-image", row["speedup"])
+            for row in rows
+        ],
+        [
+            ("dataset", "images", "s"),
+            ("batch", "batch", "d"),
+            ("per_image_s", "per image s (2 views)", ".3f"),
+            ("batched_s", "batched s", ".4f"),
+            ("speedup", "speed-up", ".0f"),
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

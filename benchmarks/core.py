@@ -7,19 +7,17 @@
    with exact quantiles (a sort per layer) and with the default sampled quantiles for large
    layers, against one full-precision ResNet-18 backward pass at batch 64.
 
-    python benchmarks/core.py     # writes benchmarks/results/core.json, prints Markdown tables
+    python benchmarks/core.py     # writes payload_bytes.json, step_time.json and
+                                  # gradient_quantizer.json in benchmarks/results/
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from collections.abc import Callable
-from pathlib import Path
 
+import harness
 import torch
 
 from common.learning.models import build_model, build_ssl_model
@@ -29,18 +27,7 @@ from common.lowbit.quantizers import SAMPLED_QUANTILES_ABOVE, quantize_gradient
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import encode_state, is_quantized, payload_nbytes
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def median_seconds(work: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        work()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+PAYLOAD_GOAL = 1.005  # packed bytes / ideal bytes
 
 
 def payload_ratios() -> list[dict]:
@@ -88,7 +75,7 @@ def step_times(repeats: int) -> list[dict]:
         settings = LowBitSettings(bits, update, "stochastic", save_codes)
         prepare_model(model, settings)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        seconds = median_seconds(
+        seconds = harness.median_seconds(
             lambda m=model, o=optimizer, s=settings: train_step(m, *views, o, s, 0.5, generator),
             repeats,
         )
@@ -128,11 +115,11 @@ def gradient_quantizer(repeats: int) -> dict:
     backward_seconds = statistics.median(forward_backward() for _ in range(repeats))
     grads = [layer.weight.grad for layer in quantized_layers(model)]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    rows = {}
+    rows = []
     # exact: one sort per layer whatever its size; sampled: the default, layers above
     # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample
     for name, above in (("exact", flat.numel() + 1), ("sampled", SAMPLED_QUANTILES_ABOVE)):
-        per_layer = median_seconds(
+        per_layer = harness.median_seconds(
             lambda above=above: [quantize_gradient(g, 14, sample_above=above) for g in grads],
             repeats,
             1,
@@ -140,67 +127,101 @@ def gradient_quantizer(repeats: int) -> dict:
         error = sum(
             float(((quantize_gradient(g, 14, sample_above=above) - g) ** 2).sum()) for g in grads
         )
-        rows[name] = {
-            "per_layer_seconds": per_layer,
-            "per_layer_ratio_to_backward": per_layer / backward_seconds,
-            "squared_error": error,
-        }
+        rows.append(
+            {
+                "quantiles": name,
+                "sampled_layers": 0
+                if name == "exact"
+                else sum(g.numel() > SAMPLED_QUANTILES_ABOVE for g in grads),
+                "per_layer_seconds": per_layer,
+                "per_layer_ratio_to_backward": per_layer / backward_seconds,
+                "squared_error": error,
+            }
+        )
+    for row in rows:
+        row["error_vs_exact"] = row["squared_error"] / rows[0]["squared_error"]
     return {
         "values": flat.numel(),
         "layers": len(grads),
-        "sampled_layers": sum(g.numel() > SAMPLED_QUANTILES_ABOVE for g in grads),
         "bits": 14,
         "resnet18_backward_seconds_batch64": backward_seconds,
-        **rows,
+        "rows": rows,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--output", type=Path, default=RESULTS / "core.json")
     args = parser.parse_args()
-    report = {
-        "command": "python benchmarks/core.py",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
-        "torch": torch.__version__,
-        "payload": payload_ratios(),
-        "step_time": step_times(args.repeats),
-        "gradient_quantizer": gradient_quantizer(max(3, args.repeats // 3)),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-
-    print("| ResNet-18 payload | bytes | ideal bytes | ratio |\n|---:|---:|---:|---:|")
-    for row in report["payload"]:
-        print(
-            f"| {row['bits']}-bit | {row['payload_bytes']:,} | {row['ideal_bytes']:,} | "
-            f"{row['ratio']:.5f} |"
-        )
-    print(
-        "\n| small CNN step, batch 128 | weight update | saved for backward | ms / step | vs fp32 |"
-        "\n|---:|---|---|---:|---:|"
+    command = "python benchmarks/core.py"
+    payload = payload_ratios()
+    worst = max(row["ratio"] for row in payload)
+    harness.write_result(
+        "payload_bytes",
+        command,
+        [
+            harness.headline(
+                "ResNet-18 packed payload bytes / ideal, worst bitwidth",
+                worst,
+                f"<= {PAYLOAD_GOAL}",
+                worst <= PAYLOAD_GOAL,
+            )
+        ],
+        [
+            ("bits", "bits", "d"),
+            ("payload_bytes", "payload bytes", ",d"),
+            ("ideal_bytes", "ideal bytes", ",d"),
+            ("ratio", "ratio", ".5f"),
+        ],
+        payload,
     )
-    for row in report["step_time"]:
-        print(
-            f"| {row['bits']}-bit | {row['weight_update']} | "
-            f"{'codes' if row['save_codes'] else 'float32'} | {1000 * row['step_seconds']:.1f} | "
-            f"{row['ratio_to_fp32']:.2f} |"
-        )
-    g = report["gradient_quantizer"]
-    print(
-        f"\n14-bit gradient quantizer on ResNet-18's {g['values']:,} weight gradients "
-        f"({g['layers']} layers, {g['sampled_layers']} above the sampling threshold); one "
-        f"backward at batch 64: {g['resnet18_backward_seconds_batch64']:.3f} s"
+    steps = step_times(args.repeats)
+    for row in steps:
+        row["saved"] = "codes" if row["save_codes"] else "float32"
+        row["step_ms"] = 1000 * row["step_seconds"]
+    harness.write_result(
+        "step_time",
+        command,
+        [
+            harness.headline(
+                f"small CNN {row['bits']}-bit step / fp32, {row['weight_update']} update, "
+                f"{row['saved']} saved",
+                row["ratio_to_fp32"],
+            )
+            for row in steps
+            if row["bits"] == 4
+        ],
+        [
+            ("bits", "bits", "d"),
+            ("weight_update", "weight update", "s"),
+            ("saved", "saved for backward", "s"),
+            ("step_ms", "ms / step", ".1f"),
+            ("ratio_to_fp32", "vs fp32", ".2f"),
+        ],
+        steps,
     )
-    exact = g["exact"]["squared_error"]
-    for name in ("exact", "sampled"):
-        row = g[name]
-        print(
-            f"  {name}: {row['per_layer_seconds']:.3f} s ({row['per_layer_ratio_to_backward']:.2f}"
-            f" x backward), squared error {row['squared_error'] / exact:.3f} x exact's"
-        )
-    print(f"\nwritten to {args.output}")
+    quantizer = gradient_quantizer(max(3, args.repeats // 3))
+    rows = quantizer.pop("rows")
+    harness.write_result(
+        "gradient_quantizer",
+        command,
+        [
+            harness.headline(
+                "sampled / exact quantiles: seconds per step",
+                rows[1]["per_layer_seconds"] / rows[0]["per_layer_seconds"],
+            ),
+            harness.headline("sampled / exact quantiles: squared error", rows[1]["error_vs_exact"]),
+        ],
+        [
+            ("quantiles", "quantiles", "s"),
+            ("sampled_layers", "sampled layers", "d"),
+            ("per_layer_seconds", "s per step", ".2f"),
+            ("per_layer_ratio_to_backward", "/ backward", ".2f"),
+            ("error_vs_exact", "squared error / exact's", ".3f"),
+        ],
+        rows,
+        **quantizer,
+    )
 
 
 if __name__ == "__main__":

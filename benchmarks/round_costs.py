@@ -16,11 +16,13 @@ import json
 import statistics
 from pathlib import Path
 
+import harness
+
 from common.config import ExperimentConfig
 from common.runs.experiment import new_model
 from common.wire.payload import is_quantized
 
-RESULTS = Path(__file__).parent / "results"
+SERVER_GOAL = 0.3  # issue 27: server seconds / clients' summed training seconds
 
 
 def ideal_ratio(config: ExperimentConfig, channels: int) -> float:
@@ -34,7 +36,6 @@ def ideal_ratio(config: ExperimentConfig, channels: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--output", type=Path, default=RESULTS / "round_costs.json")
     args = parser.parse_args()
     config = ExperimentConfig.from_mapping(json.loads((args.run_dir / "config.json").read_text()))
     channels = 3 if config.dataset.startswith("cifar") else 1
@@ -42,48 +43,63 @@ def main() -> None:
     for line in (args.run_dir / "rounds.jsonl").read_text().splitlines():
         record = json.loads(line)
         clients = record["clients"]
+        server = record["server-seconds"]
+        training = sum(c["train-seconds"] for c in clients)
         rows.append(
             {
                 "round": record["round"],
                 "uplink_ratio_to_fp32": sum(c["uplink-bytes"] for c in clients)
                 / record["fp32-equivalent-bytes"],
-                "client_train_seconds_sum": sum(c["train-seconds"] for c in clients),
+                "client_train_seconds_sum": training,
+                "client_train_steps_sum": sum(c["train-steps"] for c in clients),
+                "server_steps": record["server-steps"],
                 "round_seconds": record["round-seconds"],
+                "server_vs_clients": sum(server.values()) / training,
                 # a client on a GPU reports its peak GPU memory in the round (None on the CPU)
                 "client_gpu_peak_mb_max": max(
                     (c["gpu-peak-mb"] for c in clients if c.get("gpu-peak-mb")), default=None
                 ),
-                **{f"server_{k}_seconds": v for k, v in record["server-seconds"].items()},
+                "client_peak_rss_mb_max": max(
+                    (c["peak-rss-mb"] for c in clients if c.get("peak-rss-mb")), default=None
+                ),
+                **{f"server_{k}_seconds": v for k, v in server.items()},
             }
         )
-    report = {
-        "config": {
-            k: v for k, v in config.to_dict().items() if k not in ("output-dir", "data-dir")
-        },
-        "ideal_uplink_ratio": ideal_ratio(config, channels),
-        "rounds": rows,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"bitwidths {','.join(map(str, config.bitwidths))}, model {config.model}: ideal uplink "
-        f"ratio {report['ideal_uplink_ratio']:.4f}"
+    ideal = ideal_ratio(config, channels)
+    uplink = statistics.mean(r["uplink_ratio_to_fp32"] for r in rows)
+    server_share = sum(r["server_vs_clients"] * r["client_train_seconds_sum"] for r in rows) / sum(
+        r["client_train_seconds_sum"] for r in rows
     )
-    print(
-        "| round | uplink / fp32 | round s | clients' training s (sum) | de-quantize s | "
-        "aggregate s | re-quantize s | client GPU peak MB |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    harness.write_result(
+        "round_costs",
+        f"python benchmarks/round_costs.py {args.run_dir}",
+        [
+            harness.headline("uplink bytes / fp32, mean over rounds", uplink),
+            harness.headline("uplink / ideal (s bits a weight, 4 bytes a float)", uplink / ideal),
+            harness.headline(
+                "server seconds / clients' summed training seconds, whole run",
+                server_share,
+                f"<= {SERVER_GOAL}",
+                server_share <= SERVER_GOAL,
+            ),
+        ],
+        [
+            ("round", "round", "d"),
+            ("uplink_ratio_to_fp32", "uplink / fp32", ".4f"),
+            ("round_seconds", "round s", ".1f"),
+            ("client_train_steps_sum", "clients' steps", "d"),
+            ("client_train_seconds_sum", "clients' training s (sum)", ".1f"),
+            ("server_steps", "server steps", "d"),
+            ("server_dequantize_seconds", "de-quantize s", ".1f"),
+            ("server_requantize_seconds", "re-quantize s", ".1f"),
+            ("server_vs_clients", "server / clients", ".2f"),
+            ("client_peak_rss_mb_max", "client peak RSS MB", ".0f"),
+            ("client_gpu_peak_mb_max", "client GPU peak MB", ".0f"),
+        ],
+        rows,
+        config={k: v for k, v in config.to_dict().items() if k not in ("output-dir", "data-dir")},
+        ideal_uplink_ratio=ideal,
     )
-    for row in rows:
-        gpu = row["client_gpu_peak_mb_max"]
-        print(
-            f"| {row['round']} | {row['uplink_ratio_to_fp32']:.4f} | {row['round_seconds']:.1f} | "
-            f"{row['client_train_seconds_sum']:.1f} | {row['server_dequantize_seconds']:.1f} | "
-            f"{row['server_aggregate_seconds']:.3f} | {row['server_requantize_seconds']:.1f} | "
-            f"{'-' if gpu is None else f'{gpu:.0f}'} |"
-        )
-    mean = statistics.mean(r["uplink_ratio_to_fp32"] for r in rows)
-    print(f"\nmean uplink ratio {mean:.4f}; written to {args.output}")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,37 @@
-"""Server seconds and peak memory of one Fed-QSSL round as the number of clients grows.
+"""Server seconds and peak memory of one Fed-QSSL round as the clients grow, at the authors' budget.
 
-Each client count runs in a fresh process, with the 10-client quickstart's model, buffer D_g
-and bitwidth mix (the default before 2026-12-02, kept here so the results stay comparable): N
-fabricated clients (the initial model, perturbed per client, encoded at its bitwidth, as Flower
-would hand the strategy their packed payloads) go through one server round
-(``ServerRound.run``: decode, de-quantize, fold, re-quantize, then the strategy's encoding of each
-bitwidth's model), each payload decoded only when the server reaches it. Peak memory growth of
-the round is read as in ``step_memory.py`` (peak-RSS mark reset before it, glibc's fixed mmap
-threshold). The clients' side is one client's local training on 500 images (the quickstart's
-cap, E = 1), timed at 4, 8 and 12 bits in the same process: N times its mean is the clients'
+Each (clients, server-workers) setting runs in a fresh process with the quickstart's model, buffer
+D_g and bitwidths, and the server's fine-tunes at the authors' length (``dq-epochs`` and
+``rq-epochs`` = the clients' ``local-epochs``, 3: 12 steps of D_g each): N fabricated clients (the
+initial model, perturbed per client, encoded at its bitwidth, as Flower would hand the strategy
+their packed payloads) go through one server round (``ServerRound.run``: decode, de-quantize,
+fold, re-quantize, then the strategy's encoding of each bitwidth's model), each payload decoded
+only when the server reaches it. Peak memory growth of the round is read from the kernel's
+peak-RSS mark of the server process under the default allocator, as users run it (with worker
+processes: the parent's, which holds the received and folded states; each worker holds one
+fine-tune). The clients' side is one client's local training as the quickstart trains it (2000
+images, E = 3), timed at 4, 8 and 12 bits in the same process: N times its mean is the clients'
 summed training seconds.
 
-    python benchmarks/server_scaling.py        # writes benchmarks/results/server_scaling.json
+    python benchmarks/server_scaling.py    # writes benchmarks/results/server_scaling.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 
 from common.memory import peak_resident_mb, reset_peak, resident_mb
 
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-PRESET = ROOT / "configs" / "quickstart.yaml"
-# glibc keeps freed heap memory resident, so a peak RSS would count the allocator's history;
-# with a fixed mmap threshold every tensor over 64 KiB is its own mapping, returned on free
-# (it also makes every large allocation fault its pages afresh: the timings are pessimistic)
-MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-# the 10-client quickstart every recorded result of this benchmark measured (its other keys are
-# the preset's)
-MEASURED_SETUP = {
-    "model-width": 32,
-    "num-clients": 10,
-    "bitwidths": "4,4,6,6,6,8,8,8,12,12",
-    "local-epochs": 1,
-    "learning-rate": 0.001,
-    "max-samples-per-client": 500,
-    "probe-samples": 2000,
-}
+PRESET = harness.ROOT / "configs" / "quickstart.yaml"
+AUTHORS_BUDGET = {"dq-epochs": "local", "rq-epochs": "local"}
+CLIENT_IMAGES = 2000  # the quickstart's max-samples-per-client
+RATIO_GOAL = 0.3  # issue 27: server seconds / clients' summed training seconds, a round
 
 
 def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[tuple[int, list]]:
@@ -68,11 +53,12 @@ def fabricated_payloads(server, bitwidths: tuple[int, ...], count: int) -> list[
 
 
 def client_train_seconds(config, data) -> float:
-    """Mean seconds of one quickstart client's local training (500 images, E = 1)."""
+    """Mean seconds of one quickstart client's local training (2000 images, E = 3)."""
     from common.learning.training import fit_local, recipe
     from common.runs.experiment import new_model
 
-    images = data.buffer[:500]  # a stand-in for a client's own 500 images
+    repeats = -(-CLIENT_IMAGES // len(data.buffer))
+    images = data.buffer.repeat(repeats, 1, 1, 1)[:CLIENT_IMAGES]  # stand-in for its own images
     seconds = []
     for bits in (4, 8, 12):
         model = new_model(config, bits, data.spec.channels, data.spec.num_classes)
@@ -88,13 +74,14 @@ def client_train_seconds(config, data) -> float:
     return statistics.mean(seconds)
 
 
-def measure_in_this_process(count: int) -> dict:
+def measure_in_this_process(count: int, workers: int, with_clients: bool) -> dict:
     from common.config import ExperimentConfig, read_yaml_mapping
     from common.runs.experiment import server_data
     from common.wire.payload import decode_state, encode_state
     from fedqssl_server.rounds import server_round_for
 
-    config = ExperimentConfig.from_mapping({**read_yaml_mapping(PRESET), **MEASURED_SETUP})
+    settings = {**read_yaml_mapping(PRESET), **AUTHORS_BUDGET, "server-workers": workers}
+    config = ExperimentConfig.from_mapping(settings)
     data = server_data(config)
     server = server_round_for(config, data)
     current = server.initial_state()
@@ -107,7 +94,9 @@ def measure_in_this_process(count: int) -> dict:
         )
         for key, (bits, arrays) in enumerate(payloads)
     }
-    examples = dict.fromkeys(received, 500)
+    examples = dict.fromkeys(received, CLIENT_IMAGES)
+    if workers > 1:  # start the workers before the clock: once per run, not per round
+        server.fine_tunes._started_pool().submit(int).result()
     reset_peak()
     before = resident_mb()
     start = time.perf_counter()
@@ -116,57 +105,94 @@ def measure_in_this_process(count: int) -> dict:
     seconds = time.perf_counter() - start
     del downlink
     growth_mb = peak_resident_mb() - before
+    server.fine_tunes.close()
     return {
         "clients": count,
+        "server_workers": workers,
+        "server_steps": sum(outcome.steps.values()),
         "server_seconds": seconds,
-        "server_phase_seconds": outcome.seconds,
+        "dequantize_seconds": outcome.seconds["dequantize"],
+        "requantize_seconds": outcome.seconds["requantize"],
         "server_growth_mb": growth_mb,
-        "client_train_seconds": client_train_seconds(config, data),
+        "client_train_seconds": client_train_seconds(config, data) if with_clients else None,
     }
+
+
+COLUMNS = [
+    ("clients", "clients", "d"),
+    ("server_workers", "server-workers", "d"),
+    ("server_steps", "server steps", ",d"),
+    ("server_seconds", "server s / round", ".1f"),
+    ("speedup_vs_one_worker", "speed-up vs 1 worker", ".2f"),
+    ("server_vs_clients_training", "/ clients' summed training", ".3f"),
+    ("server_growth_mb", "peak growth MB", ".0f"),
+    ("growth_vs_fewest", "/ fewest clients", ".2f"),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", default="10,50,100,200")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--clients", default="10,50,100")
+    parser.add_argument("--workers", default="1,2", help="server-workers values to compare")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # clients,workers,with_clients
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_in_this_process(args.one)))
+        count, workers, with_clients = (int(part) for part in args.one.split(","))
+        print(json.dumps(measure_in_this_process(count, workers, bool(with_clients))))
         return
     rows = []
+    client_seconds = None
     for count in (int(c) for c in args.clients.split(",")):
-        command = [sys.executable, __file__, "--one", str(count)]
-        output = subprocess.run(
-            command, check=True, capture_output=True, text=True, cwd=ROOT, env=MALLOC_ENV
-        )
-        row = json.loads(output.stdout.strip().splitlines()[-1])
-        row["server_vs_clients_training"] = row["server_seconds"] / (
-            count * row["client_train_seconds"]
-        )
-        rows.append(row)
-        print(
-            f"{count} clients: server {row['server_seconds']:.1f} s "
-            f"({row['server_vs_clients_training']:.2f} of the clients' summed training), "
-            f"peak growth {row['server_growth_mb']:.0f} MB",
-            flush=True,
-        )
+        for workers in (int(w) for w in args.workers.split(",")):
+            one = f"{count},{workers},{int(client_seconds is None)}"
+            row = harness.in_fresh_process(__file__, ["--one", one])
+            client_seconds = client_seconds or row["client_train_seconds"]
+            row["client_train_seconds"] = client_seconds
+            row["server_vs_clients_training"] = row["server_seconds"] / (count * client_seconds)
+            rows.append(row)
+            print(
+                f"{count} clients, {workers} worker(s): server {row['server_seconds']:.1f} s "
+                f"({row['server_vs_clients_training']:.3f} of the clients' summed training), "
+                f"peak growth {row['server_growth_mb']:.0f} MB",
+                flush=True,
+            )
+    fewest = min(row["clients"] for row in rows)
     for row in rows:
-        row["growth_vs_fewest"] = row["server_growth_mb"] / rows[0]["server_growth_mb"]
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "server_scaling.json"
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "preset": PRESET.name}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(
-        "\n| clients | server s / round | / clients' summed training | peak growth MB | / fewest |"
+        same_workers = [r for r in rows if r["server_workers"] == row["server_workers"]]
+        base = next(r for r in same_workers if r["clients"] == fewest)
+        row["growth_vs_fewest"] = row["server_growth_mb"] / base["server_growth_mb"]
+        alone = next(
+            (r for r in rows if r["clients"] == row["clients"] and r["server_workers"] == 1), None
+        )
+        row["speedup_vs_one_worker"] = alone and alone["server_seconds"] / row["server_seconds"]
+    headlines = [
+        harness.headline(
+            f"{row['clients']} clients, {row['server_workers']} worker(s): server seconds / "
+            "clients' summed training seconds",
+            row["server_vs_clients_training"],
+            f"<= {RATIO_GOAL}",
+            row["server_vs_clients_training"] <= RATIO_GOAL,
+        )
+        for row in rows
+    ]
+    most = max(row["clients"] for row in rows)
+    headlines.append(
+        harness.headline(
+            f"peak growth at {most} clients / at {fewest} (memory flat in the clients)",
+            max(row["growth_vs_fewest"] for row in rows),
+            "<= 1.1",
+            max(row["growth_vs_fewest"] for row in rows) <= 1.1,
+        )
     )
-    print("|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['clients']} | {row['server_seconds']:.1f} | "
-            f"{row['server_vs_clients_training']:.2f} | {row['server_growth_mb']:.0f} | "
-            f"{row['growth_vs_fewest']:.2f} |"
-        )
-    print(f"\nwritten to {path}")
+    harness.write_result(
+        "server_scaling",
+        "python benchmarks/server_scaling.py",
+        headlines,
+        COLUMNS,
+        rows,
+        client_train_seconds=client_seconds,
+        setup={"preset": PRESET.name, **AUTHORS_BUDGET},
+    )
 
 
 if __name__ == "__main__":

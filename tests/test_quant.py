@@ -381,3 +381,16 @@ def test_a_step_quantizing_once_has_the_gradients_of_one_quantizing_each_pass(sa
         loss.backward()
         gradients.append([loss.detach()] + [p.grad for p in model.parameters()])
     assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*gradients, strict=True))
+
+
+def test_saving_codes_the_passes_share_a_weights_codes_not_its_float_copy():
+    """In the codes path no float32 weight outlives its layer: the second pass decodes the
+    codes the first one kept for backward (the same tensor), to the same values."""
+    from common.lowbit.saved_codes import saving_codes
+
+    layer = QuantConv2d(2, 3, 3, bias=False)
+    with saving_codes(), quantizing_once():
+        first, second = quantize_weight(layer.weight, 4), quantize_weight(layer.weight, 4)
+    assert first is not second and torch.equal(bits_of(first), bits_of(second))
+    first_codes, second_codes = (w._saved_codes_recipe[1][0] for w in (first, second))
+    assert second_codes is first_codes and first_codes.dtype == torch.uint8

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -91,22 +92,51 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-# id(weight) -> (weight, its version, bits, quantized): set inside ``quantizing_once``
-_quantized_this_step: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] | None = None
+@dataclass(frozen=True)
+class _Held:
+    """One weight's quantization, held for the other forward passes inside ``quantizing_once``:
+    valid while the weight is the same tensor at the same version and bitwidth."""
+
+    weight: torch.Tensor
+    version: int
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    out: torch.Tensor | None  # the forward weight, where autograd keeps it in float32 anyway
+
+
+_held: dict[int, _Held] | None = None  # id(weight) -> its quantization, inside quantizing_once
 
 
 @contextlib.contextmanager
 def quantizing_once() -> Iterator[None]:
     """Quantize each weight once for all the forward passes run inside (SimCLR runs the model
-    on two views with the same weights): the same tensor, with its saved codes, serves both,
-    as long as the weight has not changed (its version counter)."""
-    global _quantized_this_step
-    outer = _quantized_this_step
-    _quantized_this_step = {} if outer is None else outer
+    on two views with the same weights), as long as the weight has not changed (its version
+    counter). Saving float32 for backward, the passes share the forward weight itself; saving
+    codes, they share its codes (which backward keeps anyway) and decode them again, so that no
+    float32 weight outlives its layer."""
+    global _held
+    outer = _held
+    _held = {} if outer is None else outer
     try:
         yield
     finally:
-        _quantized_this_step = outer
+        _held = outer
+
+
+def _held_for(weight: torch.Tensor, bits: int) -> _Held | None:
+    held = _held.get(id(weight)) if _held is not None and torch.is_grad_enabled() else None
+    if (
+        held is None
+        or held.weight is not weight
+        or (held.version, held.bits)
+        != (
+            weight._version,
+            bits,
+        )
+    ):
+        return None
+    return held
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,19 +146,23 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits == FULL_PRECISION:
         return weight
-    cache = _quantized_this_step if torch.is_grad_enabled() else None
-    if cache is not None:
-        held = cache.get(id(weight))
-        if held is not None and held[0] is weight and held[1:3] == (weight._version, bits):
-            return held[3]
-    codes, scale = weight_codes(weight, bits)
+    held = _held_for(weight, bits)
+    if held is not None and held.out is not None:
+        return held.out
+    keep_codes = saved_codes.active()  # backward keeps codes and scale, decodes them there
+    if held is not None:
+        codes, scale = held.codes, held.scale
+    else:
+        codes, scale = weight_codes(weight, bits)
+        if keep_codes:  # whole numbers: the smaller type decodes to the same floats
+            codes = codes.to(saved_codes.code_dtype(_levels(bits)))
     out = _StraightThrough.apply(weight, codes_to_weight(codes, scale, bits).to(weight.dtype))
-    if saved_codes.active():  # saved for backward as codes and scale, decoded again there
-        small_codes = codes.to(saved_codes.code_dtype(_levels(bits)))
+    if keep_codes:
         decode = functools.partial(_decode_weight, scale=scale, bits=bits, dtype=weight.dtype)
-        mark_recomputable(out, decode, small_codes)
-    if cache is not None:
-        cache[id(weight)] = (weight, weight._version, bits, out)
+        mark_recomputable(out, decode, codes)
+    if _held is not None and torch.is_grad_enabled():
+        kept = None if keep_codes else out
+        _held[id(weight)] = _Held(weight, weight._version, bits, codes, scale, kept)
     return out
 
 

@@ -1,0 +1,78 @@
+"""The benchmarks' shared result shape and the document rebuilt from it: every table of
+docs/BENCHMARKS.md is what its JSON file says, with the command, date and machine beside it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import harness  # noqa: E402
+import tables  # noqa: E402
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "results")
+    document = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(tables, "DOCUMENT", document)
+    return tmp_path
+
+
+def write_example(ratio: float) -> Path:
+    return harness.write_result(
+        "example",
+        "python benchmarks/example.py",
+        [harness.headline("packed / ideal", ratio, "<= 1.005", ratio <= 1.005)],
+        [("bits", "bits", "d"), ("ratio", "ratio", ".4f"), ("note", "note", "s")],
+        [{"bits": 4, "ratio": ratio, "note": "codes"}, {"bits": 32, "ratio": 1.0}],
+        extra_field=7,
+    )
+
+
+def test_a_result_file_holds_the_command_the_machine_and_its_findings(results_dir):
+    path = write_example(1.0012)
+    result = json.loads(path.read_text())
+    assert result["command"] == "python benchmarks/example.py" and result["extra_field"] == 7
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    assert result["headlines"] == [
+        {"what": "packed / ideal", "value": 1.0012, "goal": "<= 1.005", "met": True}
+    ]
+    assert not list(path.parent.glob("*.tmp"))  # written whole, then renamed
+
+
+def test_tables_rewrites_only_its_blocks_from_the_files(results_dir):
+    write_example(1.0012)
+    prose = "Intro.\n\n<!-- table:example -->\nold table\n<!-- /table:example -->\n\nAfter.\n"
+    tables.DOCUMENT.write_text(prose)
+    tables.DOCUMENT.write_text(tables.updated(prose))
+    text = tables.DOCUMENT.read_text()
+    assert text.startswith("Intro.\n\n<!-- table:example -->\n| bits | ratio | note |")
+    assert "| 4 | 1.0012 | codes |" in text and "| 32 | 1.0000 | - |" in text
+    assert "**1.001** (goal <= 1.005: met)" in text and "`python benchmarks/example.py`" in text
+    assert "old table" not in text and text.endswith("<!-- /table:example -->\n\nAfter.\n")
+    assert tables.updated(text) == text  # up to date: nothing changes
+    write_example(1.01)  # a new run that misses the goal changes the document
+    assert "(goal <= 1.005: not met)" in tables.updated(text)
+
+
+def test_a_block_without_its_result_file_is_an_error_naming_the_file(results_dir):
+    with pytest.raises(SystemExit, match=r"missing\.json"):
+        tables.updated("<!-- table:missing -->\n<!-- /table:missing -->\n")
+
+
+def test_the_benchmarks_document_is_what_the_result_files_say():
+    """Run as a user would: ``tables.py --check`` fails when a table was edited by hand or a
+    benchmark re-run without regenerating the document."""
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
