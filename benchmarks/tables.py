@@ -1,12 +1,14 @@
-"""Rewrite docs/BENCHMARKS.md's tables from the benchmarks' JSON results.
+"""Rewrite the benchmark tables of docs/BENCHMARKS.md and the README from the JSON results.
 
 Each ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->`` block is replaced by the table, the
 headlines and a provenance line (command, date, commit, machine) of
-``benchmarks/results/NAME.json`` (written by ``harness.write_result``); the prose around the
-blocks is left alone. ``--check`` exits 1 when the document differs from what the files say.
+``benchmarks/results/NAME.json`` (written by ``harness.write_result``); a
+``<!-- headlines:NAME -->`` block by the headlines and the provenance only (the README's
+summary). The prose around the blocks is left alone. ``--check`` exits 1 when a document differs
+from what the files say.
 
-    python benchmarks/tables.py            # rewrite docs/BENCHMARKS.md
-    python benchmarks/tables.py --check    # is the document up to date?
+    python benchmarks/tables.py            # rewrite docs/BENCHMARKS.md and README.md
+    python benchmarks/tables.py --check    # are they up to date?
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import sys
 
 from harness import RESULTS, ROOT, headline_text, markdown_table
 
-DOCUMENT = ROOT / "docs" / "BENCHMARKS.md"
-BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.DOTALL)
+DOCUMENTS = [ROOT / "docs" / "BENCHMARKS.md", ROOT / "README.md"]
+BLOCK = re.compile(r"(<!-- (table|headlines):([\w-]+) -->\n)(.*?)(<!-- /\2:\3 -->)", re.DOTALL)
 
 
 def provenance(result: dict) -> str:
@@ -37,39 +39,45 @@ def provenance(result: dict) -> str:
     )
 
 
-def rendered(name: str) -> str:
-    """The block's body for ``NAME``: table, headlines, provenance."""
+def rendered(kind: str, name: str) -> str:
+    """The block's body for ``NAME``: table (for a table block), headlines, provenance."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
-        raise SystemExit(f"{DOCUMENT.name} has a table for {name!r} but {path} does not exist")
+        raise SystemExit(f"a {kind} block names {name!r} but {path} does not exist")
     result = json.loads(path.read_text())
     if "table" not in result:
         raise SystemExit(f"{path} was not written by benchmarks/harness.py: re-run its benchmark")
-    lines = [markdown_table(result), ""]
+    lines = [markdown_table(result), ""] if kind == "table" else []
     lines += [headline_text(finding) for finding in result["headlines"]]
     lines += ["", provenance(result)]
     return "\n".join(lines) + "\n"
 
 
 def updated(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + rendered(m.group(2)) + m.group(4), text)
+    """``text`` with every block rebuilt from its result file."""
+    return BLOCK.sub(lambda m: m.group(1) + rendered(m.group(2), m.group(3)) + m.group(5), text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only say whether it is up to date")
+    parser.add_argument("--check", action="store_true", help="only say whether they are up to date")
     args = parser.parse_args()
-    text = DOCUMENT.read_text()
-    new = updated(text)
-    names = [m.group(2) for m in BLOCK.finditer(text)]
+    stale = []
+    for document in DOCUMENTS:
+        text = document.read_text()
+        new = updated(text)
+        names = [m.group(3) for m in BLOCK.finditer(text)]
+        if args.check:
+            if new != text:
+                stale.append(document.name)
+            continue
+        document.write_text(new)
+        print(f"rewrote {len(names)} blocks in {document.name}: {', '.join(names)}")
+    if stale:
+        print(f"{', '.join(stale)} differ from benchmarks/results: run python benchmarks/tables.py")
+        sys.exit(1)
     if args.check:
-        if new != text:
-            print(f"{DOCUMENT} differs from benchmarks/results: run python benchmarks/tables.py")
-            sys.exit(1)
-        print(f"{DOCUMENT}: {len(names)} tables up to date")
-        return
-    DOCUMENT.write_text(new)
-    print(f"rewrote {len(names)} tables in {DOCUMENT}: {', '.join(names)}")
+        print("every benchmark block is up to date")
 
 
 if __name__ == "__main__":
