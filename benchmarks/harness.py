@@ -66,29 +66,27 @@ def commit() -> str | None:
     return completed.stdout.strip() or None if completed.returncode == 0 else None
 
 
-def best_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """The fastest of ``repeats`` timed calls after ``warmup`` untimed ones: the least disturbed
-    by other work on a noisy machine (ratios are taken between minima of the same run)."""
+def timings(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run()
-    times = []
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def best_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """The fastest of the timed calls: the least disturbed by other work on a noisy machine
+    (ratios are taken between minima of the same run)."""
+    return min(timings(run, repeats, warmup))
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """The median of ``repeats`` timed calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median of the timed calls."""
+    return statistics.median(timings(run, repeats, warmup))
 
 
 def in_fresh_process(script: str | Path, args: Sequence[str], env: dict | None = None) -> dict:

@@ -29,8 +29,11 @@ reporting no training examples), is refused; the round goes on without it. ``run
 refusals with the outcome (no global model when every model was refused): the strategy's round
 ledger decides what too few usable models mean.
 
-Every fine-tune counts its optimizer steps by phase (``dequantize``, ``requantize``,
-``finetune``, ``buffer``): the server's budget, recorded beside the clients' in every round.
+The fine-tunes (de- and re-quantizations) run in this process or side by side in
+``server-workers`` processes (``fedqssl_server.fine_tunes``); the numbers are the same up to the
+floating-point order of another thread count. Every fine-tune counts its optimizer steps by
+phase (``dequantize``, ``requantize``, ``finetune``, ``buffer``): the server's budget, recorded
+beside the clients' in every round.
 """
 
 from __future__ import annotations
