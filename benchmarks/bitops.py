@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
+
+import harness
 
 from common.learning.models import build_model
 from common.lowbit.bitops import layer_shapes, mean_cost, step_cost
 from common.vocabulary import FULL_PRECISION
 
-RESULTS = Path(__file__).parent / "results"
 CONFIGURATIONS = {
     "20% 4 / 30% 6 / 30% 8 / 20% 12-bit": (4, 4, 6, 6, 6, 8, 8, 8, 12, 12),
     "50% 6 / 50% 12-bit": (6,) * 5 + (12,) * 5,
@@ -76,43 +76,57 @@ def main() -> None:
                 "bitops_vs_full": (cost.forward_bitops + cost.backward_bitops)
                 / (full.forward_bitops + full.backward_bitops),
                 "memory_vs_full": cost.memory_bits / full.memory_bits,
+                "forward_tbitops": cost.forward_bitops / 1e12,
+                "backward_tbitops": cost.backward_bitops / 1e12,
+                "weights_mb": cost.weight_bits / 8e6,
+                "activations_mb": cost.activation_bits / 8e6,
+                "gradients_mb": cost.gradient_bits / 8e6,
             }
         )
     stem = f"bitops_{args.model}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n"
+    command = "python benchmarks/bitops.py"
+    if (args.model, args.channels, args.size, args.batch_size) != ("resnet18", 3, 32, 256):
+        command += (
+            f" --model {args.model} --channels {args.channels} --size {args.size} "
+            f"--batch-size {args.batch_size}"
+        )
+    mixed = rows[0]
+    harness.write_result(
+        stem,
+        command,
+        [
+            harness.headline(
+                f"{mixed['configuration']}: bit operations / fp32", mixed["bitops_vs_full"]
+            ),
+            harness.headline(f"{mixed['configuration']}: memory / fp32", mixed["memory_vs_full"]),
+        ],
+        [
+            ("configuration", "configuration", "s"),
+            ("forward_tbitops", "forward Tbitops", ".1f"),
+            ("backward_tbitops", "backward Tbitops", ".1f"),
+            ("bitops_vs_full", "bitops vs full", ".3f"),
+            ("weights_mb", "weights MB", ".2f"),
+            ("activations_mb", "activations MB", ".1f"),
+            ("gradients_mb", "gradients MB", ".2f"),
+            ("memory_vs_full", "memory vs full", ".3f"),
+        ],
+        rows,
+        settings=vars(args),
     )
     bar_chart(
         rows,
         ("forward_bitops", "backward_bitops"),
         1e12,
         "Tera bit-operations per step",
-        RESULTS / f"{stem}_bitops.png",
+        harness.RESULTS / f"{stem}_bitops.png",
     )
     bar_chart(
         rows,
         ("weight_bits", "activation_bits", "gradient_bits"),
         8e6,
         "MB per step",
-        RESULTS / f"{stem}_memory.png",
+        harness.RESULTS / f"{stem}_memory.png",
     )
-    print(
-        f"{args.model}, input {args.channels}x{args.size}x{args.size}, batch {args.batch_size}, "
-        "per-client mean of each configuration\n"
-    )
-    print(
-        "| configuration | forward Tbitops | backward Tbitops | vs full | weights MB | "
-        "activations MB | gradients MB | memory vs full |\n|---|---:|---:|---:|---:|---:|---:|---:|"
-    )
-    for row in rows:
-        print(
-            f"| {row['configuration']} | {row['forward_bitops'] / 1e12:.1f} | "
-            f"{row['backward_bitops'] / 1e12:.1f} | {row['bitops_vs_full']:.3f} | "
-            f"{row['weight_bits'] / 8e6:.2f} | {row['activation_bits'] / 8e6:.1f} | "
-            f"{row['gradient_bits'] / 8e6:.2f} | {row['memory_vs_full']:.3f} |"
-        )
-    print(f"\nwritten to {RESULTS}/{stem}.json, {stem}_bitops.png, {stem}_memory.png")
 
 
 if __name__ == "__main__":
