@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from common.atomic import write_text_atomically
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,10 +48,11 @@ def cpu_model() -> str:
 def machine() -> dict[str, Any]:
     """Where the numbers were measured: CPU, usable cores, torch and its threads, GPU if any,
     and the load average when the benchmark started (a busy machine reads slow)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from fedqssl_server.fine_tunes import usable_cores  # the count server-workers divides
+
     return {
         "cpu": cpu_model(),
-        "cores": cores,
+        "cores": usable_cores(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -117,9 +120,8 @@ def write_result(
     rows: list[dict],
     **extra: Any,
 ) -> Path:
-    """Write ``benchmarks/results/<name>.json`` in the shared shape; returns its path. The file is
-    written whole to a temporary name first, so a crash never leaves a half-written result."""
-    RESULTS.mkdir(exist_ok=True)
+    """Write ``benchmarks/results/<name>.json`` in the shared shape; returns its path. Written
+    atomically: a crash leaves the previous result, never half of one."""
     result = {
         "benchmark": name,
         "command": command,
@@ -131,9 +133,7 @@ def write_result(
         **extra,
     }
     path = RESULTS / f"{name}.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    temporary.replace(path)
+    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
     print(markdown_table(result))
     for finding in headlines:
         print(headline_text(finding))

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 
-def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` as an ``.npz``: temp file, fsync, rename, fsync the folder."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(file)``: temp file beside it, fsync, rename, fsync the
+    folder; a failure leaves the old file and no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix
+    )
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -28,6 +33,16 @@ def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` as an ``.npz``, atomically (``write_atomically``)."""
+    write_atomically(path, lambda file: np.savez(file, **arrays))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path``, atomically (``write_atomically``)."""
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def claim_new_folder(stem: Path) -> Path:

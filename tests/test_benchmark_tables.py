@@ -41,7 +41,7 @@ def test_a_result_file_holds_the_command_the_machine_and_its_findings(results_di
     assert result["headlines"] == [
         {"what": "packed / ideal", "value": 1.0012, "goal": "<= 1.005", "met": True}
     ]
-    assert not list(path.parent.glob("*.tmp"))  # written whole, then renamed
+    assert [p.name for p in path.parent.iterdir()] == ["example.json"]  # no temp file left
 
 
 def test_tables_rewrites_only_its_blocks_from_the_files(results_dir):
