@@ -54,6 +54,7 @@ def main() -> None:
                 "client_train_steps_sum": sum(c["train-steps"] for c in clients),
                 "server_steps": record["server-steps"],
                 "round_seconds": record["round-seconds"],
+                "server_seconds": sum(server.values()),
                 "server_vs_clients": sum(server.values()) / training,
                 # a client on a GPU reports its peak GPU memory in the round (None on the CPU)
                 "client_gpu_peak_mb_max": max(
@@ -67,7 +68,7 @@ def main() -> None:
         )
     ideal = ideal_ratio(config, channels)
     uplink = statistics.mean(r["uplink_ratio_to_fp32"] for r in rows)
-    server_share = sum(r["server_vs_clients"] * r["client_train_seconds_sum"] for r in rows) / sum(
+    server_share = sum(r["server_seconds"] for r in rows) / sum(
         r["client_train_seconds_sum"] for r in rows
     )
     harness.write_result(

@@ -104,6 +104,10 @@ class _Held:
     scale: torch.Tensor
     out: torch.Tensor | None  # the forward weight, where autograd keeps it in float32 anyway
 
+    def serves(self, weight: torch.Tensor, bits: int) -> bool:
+        """Whether this is ``weight``'s quantization at ``bits``, unchanged since."""
+        return self.weight is weight and self.version == weight._version and self.bits == bits
+
 
 _held: dict[int, _Held] | None = None  # id(weight) -> its quantization, inside quantizing_once
 
@@ -124,19 +128,10 @@ def quantizing_once() -> Iterator[None]:
         _held = outer
 
 
-def _held_for(weight: torch.Tensor, bits: int) -> _Held | None:
-    held = _held.get(id(weight)) if _held is not None and torch.is_grad_enabled() else None
-    if (
-        held is None
-        or held.weight is not weight
-        or (held.version, held.bits)
-        != (
-            weight._version,
-            bits,
-        )
-    ):
-        return None
-    return held
+def _holding() -> dict[int, _Held] | None:
+    """Where this forward pass keeps its weights' quantizations (None: outside
+    ``quantizing_once``, or without grad, where nothing is shared)."""
+    return _held if torch.is_grad_enabled() else None
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -146,7 +141,10 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits == FULL_PRECISION:
         return weight
-    held = _held_for(weight, bits)
+    holding = _holding()
+    held = holding.get(id(weight)) if holding is not None else None
+    if held is not None and not held.serves(weight, bits):
+        held = None  # another tensor at a reused id, or the weight changed since
     if held is not None and held.out is not None:
         return held.out
     keep_codes = saved_codes.active()  # backward keeps codes and scale, decodes them there
@@ -160,9 +158,9 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     if keep_codes:
         decode = functools.partial(_decode_weight, scale=scale, bits=bits, dtype=weight.dtype)
         mark_recomputable(out, decode, codes)
-    if _held is not None and torch.is_grad_enabled():
+    if holding is not None:
         kept = None if keep_codes else out
-        _held[id(weight)] = _Held(weight, weight._version, bits, codes, scale, kept)
+        holding[id(weight)] = _Held(weight, weight._version, bits, codes, scale, kept)
     return out
 
 
