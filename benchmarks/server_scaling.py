@@ -95,8 +95,7 @@ def measure_in_this_process(count: int, workers: int, with_clients: bool) -> dic
         for key, (bits, arrays) in enumerate(payloads)
     }
     examples = dict.fromkeys(received, CLIENT_IMAGES)
-    if workers > 1:  # start the workers before the clock: once per run, not per round
-        server.fine_tunes._started_pool().submit(int).result()
+    server.fine_tunes.start()  # the workers start before the clock: once per run, not per round
     reset_peak()
     before = resident_mb()
     start = time.perf_counter()

@@ -117,6 +117,12 @@ class FineTunes:
         while pending:
             yield self._result(pending.popleft())
 
+    def start(self) -> None:
+        """Start every worker now (a pool spawns one per job submitted while none is idle, so
+        one job would start one): their start-up, seconds each, stays out of a round."""
+        if self.workers > 1:
+            list(self._started_pool().map(int, range(self.workers)))
+
     def _started_pool(self) -> ProcessPoolExecutor:
         if torch_device(self.config).type != "cpu":
             raise ConfigError(

@@ -39,8 +39,10 @@ def test_a_round_in_worker_processes_equals_the_round_in_one_process(config):
             outcomes[workers] = server.run(
                 1, server.initial_state(), states, dict.fromkeys(states, 10), {4, 8}
             )
-            if workers == 2:  # the fine-tunes really ran elsewhere
+            if workers == 2:  # the fine-tunes really ran elsewhere, in both workers
+                server.fine_tunes.start()
                 pool = server.fine_tunes._started_pool()
+                assert len(pool._processes) == 2
                 assert pool.submit(os.getpid).result() != os.getpid()
         finally:
             server.fine_tunes.close()
