@@ -23,8 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+import harness
+
+ACTORS = 2  # the simulation's default: 2 actors of 1 CPU each on this machine
+COLUMNS = [
+    ("fraction_fit", "fraction-fit", ".1f"),
+    ("round", "round", "d"),
+    ("clients", "clients", "d"),
+    ("server_seconds", "server s", ".1f"),
+    ("clients_training_seconds", "clients' training s (sum)", ".1f"),
+    ("server_over_training", "server / training", ".2f"),
+    ("round_seconds", "round s", ".1f"),
+    ("other_seconds", "other s", ".1f"),
+]
 PRESET = """dataset: synthetic
 model: small_cnn
 model-width: 8
@@ -44,13 +55,14 @@ def bitwidths(clients: int) -> str:
     return ",".join(str((4, 8)[k % 2]) for k in range(clients))
 
 
-def one_run(workdir: Path, fraction: float, clients: int) -> dict:
+def one_run(workdir: Path, fraction: float, clients: int) -> tuple[list[dict], float]:
+    """One ``simulation.py`` run at ``fraction``: a row per round, and the run's wall seconds."""
     preset = workdir / "scaling.yaml"
     preset.write_text(PRESET.replace("bitwidths: [4, 8]", f"bitwidths: [{bitwidths(clients)}]"))
     output = workdir / f"fraction-{fraction}"
     command = [
         sys.executable,
-        str(ROOT / "simulation.py"),
+        str(harness.ROOT / "simulation.py"),
         str(preset),
         "--set",
         f"num-clients={clients}",
@@ -62,7 +74,9 @@ def one_run(workdir: Path, fraction: float, clients: int) -> dict:
         str(workdir / "flwr"),
     ]
     start = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        command, cwd=harness.ROOT, capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"fraction {fraction}: {completed.stdout[-2000:]}{completed.stderr}")
@@ -73,45 +87,51 @@ def one_run(workdir: Path, fraction: float, clients: int) -> dict:
         training = sum(c["train-seconds"] for c in record["clients"])
         per_round.append(
             {
+                "fraction_fit": fraction,
                 "round": record["round"],
                 "clients": len(record["clients"]),
                 "server_seconds": server,
                 "clients_training_seconds": training,
                 "server_over_training": server / training,
                 "round_seconds": record["round-seconds"],
-                "other_seconds": record["round-seconds"] - server - training / 2,
+                "other_seconds": record["round-seconds"] - server - training / ACTORS,
             }
         )
-    return {"fraction_fit": fraction, "wall_seconds": wall, "rounds": per_round}
+    return per_round, wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--output", type=Path, default=RESULTS / "flwr_scaling.json")
     args = parser.parse_args()
+    rows, walls = [], {}
     with tempfile.TemporaryDirectory() as workdir:
-        runs = [one_run(Path(workdir), fraction, args.clients) for fraction in (0.1, 1.0)]
-    report = {
-        "command": "python benchmarks/flwr_scaling.py",
-        "clients": args.clients,
-        "note": "other_seconds = round wall time - server seconds - clients' training / 2 actors",
-        "runs": runs,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        "| fraction-fit | round | clients | server s | clients' training s | server / training "
-        "| round s |\n|---:|---:|---:|---:|---:|---:|---:|"
+        for fraction in (0.1, 1.0):
+            per_round, walls[fraction] = one_run(Path(workdir), fraction, args.clients)
+            rows += per_round
+    last = {row["fraction_fit"]: row for row in rows if row["round"] == rows[-1]["round"]}
+    harness.write_result(
+        "flwr_scaling",
+        "python benchmarks/flwr_scaling.py",
+        [
+            *(
+                harness.headline(
+                    f"fraction-fit {fraction}: the server's seconds in the last round",
+                    row["server_seconds"],
+                )
+                for fraction, row in last.items()
+            ),
+            harness.headline(
+                "Flower's and Ray's own ms per client call in the last round at fraction-fit 1.0",
+                1000 * last[1.0]["other_seconds"] / last[1.0]["clients"],
+            ),
+        ],
+        COLUMNS,
+        rows,
+        clients=args.clients,
+        wall_seconds=walls,
+        note=f"other s = round s - server s - clients' training s / {ACTORS} actors",
     )
-    for run in runs:
-        for r in run["rounds"]:
-            print(
-                f"| {run['fraction_fit']} | {r['round']} | {r['clients']} | "
-                f"{r['server_seconds']:.1f} | {r['clients_training_seconds']:.1f} | "
-                f"{r['server_over_training']:.2f} | {r['round_seconds']:.1f} |"
-            )
-    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Every objective (SimCLR, SimSiam, supervised with FedProx's term) trains a few low-bit steps on
 the GPU through ``fit_local`` (the weights must stay on the grid and the losses finite), then
 one ResNet-18 SimCLR step at batch 256 on CIFAR-sized inputs is timed per bitwidth with CUDA
-synchronisation, and reported as a ratio to the fp32 step measured in the same run.
+synchronisation, with codes saved for backward (the default) and float32 saved, and reported as a
+ratio to the fp32 step measured in the same run, beside the step's peak GPU memory.
 
     python benchmarks/gpu_step.py     # needs a CUDA GPU; writes benchmarks/results/gpu_step.json
 """
@@ -11,12 +12,11 @@ synchronisation, and reported as a ratio to the fp32 step measured in the same r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
+import harness
 import torch
 
 from common.config import ExperimentConfig
@@ -27,7 +27,15 @@ from common.lowbit.quantizers import quantize_weight, weight_codes
 from common.runs.experiment import new_model
 from common.vocabulary import FULL_PRECISION
 
-RESULTS = Path(__file__).parent / "results"
+# issue 27: a low-bit step / an fp32 step, codes saved (the default) and float32 saved
+STEP_GOAL = {True: 1.3, False: 1.15}
+COLUMNS = [
+    ("bits", "bits", "d"),
+    ("save_codes", "saved for backward", "s"),
+    ("step_ms", "step ms", ".1f"),
+    ("ratio_to_fp32", "/ fp32", ".2f"),
+    ("peak_gpu_mb", "peak GPU MB", ",.0f"),
+]
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
@@ -75,15 +83,18 @@ def objectives_train_on_cuda() -> list[dict]:
 
 
 def step_times(batch_size: int, repeats: int) -> list[dict]:
+    """Median ms of a ResNet-18 SimCLR step per (bitwidth, what backward saves), and its peak
+    GPU memory; fp32 last, each row's ratio to it."""
     config = ExperimentConfig.from_mapping({"model": "resnet18", "device": "cuda"})
     views = [torch.randn(batch_size, 3, 32, 32, device="cuda") for _ in range(2)]
     generator = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for bits in (4, 8, 12, FULL_PRECISION):
+    for bits, save_codes in [(4, True), (4, False), (8, True), (12, True), (FULL_PRECISION, True)]:
         model = new_model(config, bits, 3, 10)
-        settings = LowBitSettings(bits)
+        settings = LowBitSettings(bits, save_codes=save_codes)
         prepare_model(model, settings)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        torch.cuda.reset_peak_memory_stats()
         times = []
         for index in range(repeats + 3):
             torch.cuda.synchronize()
@@ -92,7 +103,16 @@ def step_times(batch_size: int, repeats: int) -> list[dict]:
             torch.cuda.synchronize()
             if index >= 3:
                 times.append(time.perf_counter() - start)
-        rows.append({"bits": bits, "step_ms": 1000 * statistics.median(times)})
+        rows.append(
+            {
+                "bits": bits,
+                "save_codes": "-"
+                if bits == FULL_PRECISION
+                else ("codes" if save_codes else "float32"),
+                "step_ms": 1000 * statistics.median(times),
+                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+            }
+        )
     full = rows[-1]["step_ms"]
     for row in rows:
         row["ratio_to_fp32"] = row["step_ms"] / full
@@ -103,25 +123,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=RESULTS / "gpu_step.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: this benchmark needs one")
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "batch_size": args.batch_size,
-        "objectives": objectives_train_on_cuda(),
-        "resnet18_simclr_step": step_times(args.batch_size, args.repeats),
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"{result['gpu']}, torch {result['torch']}, ResNet-18 SimCLR step, batch {args.batch_size}"
+    objectives = objectives_train_on_cuda()
+    rows = step_times(args.batch_size, args.repeats)
+    headlines = [
+        harness.headline(
+            f"ResNet-18 batch {args.batch_size}, 4-bit, {row['save_codes']} saved: step / fp32",
+            row["ratio_to_fp32"],
+            f"<= {STEP_GOAL[row['save_codes'] == 'codes']}",
+            row["ratio_to_fp32"] <= STEP_GOAL[row["save_codes"] == "codes"],
+        )
+        for row in rows
+        if row["bits"] == 4
+    ]
+    harness.write_result(
+        "gpu_step",
+        "python benchmarks/gpu_step.py",
+        headlines,
+        COLUMNS,
+        rows,
+        batch_size=args.batch_size,
+        objectives=objectives,
     )
-    print("| bits | step (ms) | / fp32 |\n|---:|---:|---:|")
-    for row in result["resnet18_simclr_step"]:
-        print(f"| {row['bits']} | {row['step_ms']:.1f} | {row['ratio_to_fp32']:.2f} |")
 
 
 if __name__ == "__main__":

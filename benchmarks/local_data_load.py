@@ -19,12 +19,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 SIZE = 28
+COLUMNS = [
+    ("layout", "layout", "s"),
+    ("images", "images", ",d"),
+    ("seconds", "load s", ".3f"),
+    ("ms-per-image", "ms an image", ".3f"),
+    ("peak-growth-mb", "peak memory added MB", ".1f"),
+    ("image-mb", "images' bytes MB", ".1f"),
+]
 
 MEASURE = """
 import json, sys, time
@@ -68,7 +75,7 @@ def write_layouts(folder: Path, count: int, seed: int = 0) -> dict[str, Path]:
 
 def measure(path: Path) -> dict:
     """``load_images`` of ``path`` in a fresh process: seconds, images, peak memory added."""
-    code = MEASURE.format(root=str(ROOT), path=str(path))
+    code = MEASURE.format(root=str(harness.ROOT), path=str(path))
     completed = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
@@ -78,31 +85,48 @@ def measure(path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="2000,8000", help="image counts, comma-separated")
-    parser.add_argument("--output", type=Path, default=RESULTS / "local_data_load.json")
     args = parser.parse_args()
+    counts = sorted(int(c) for c in args.counts.split(","))
+    if len(set(counts)) < 2:
+        parser.error("--counts needs two different image counts (the memory slope is between them)")
     rows = []
-    for count in (int(c) for c in args.counts.split(",")):
+    for count in counts:
         with tempfile.TemporaryDirectory() as scratch:
             for layout, path in write_layouts(Path(scratch), count).items():
                 result = measure(path)
-                image_mb = count * SIZE * SIZE / 2**20
                 rows.append(
                     {
                         "layout": layout,
                         **result,
                         "ms-per-image": 1000 * result["seconds"] / count,
-                        "image-mb": image_mb,
-                        "peak-growth-over-image-bytes": result["peak-growth-mb"] / image_mb,
+                        "image-mb": count * SIZE * SIZE / 2**20,
                     }
                 )
-                print(
-                    f"{layout:18} {count:6} images: {result['seconds']:.2f} s "
-                    f"({rows[-1]['ms-per-image']:.3f} ms/image), peak +"
-                    f"{result['peak-growth-mb']:.1f} MB for {image_mb:.1f} MB of images"
-                )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"written: {args.output}")
+                print(f"{layout:18} {count:6} images: {result}", flush=True)
+    span = f"{counts[0]:,} to {counts[-1]:,} images"
+    harness.write_result(
+        "local_data_load",
+        "python benchmarks/local_data_load.py",
+        [
+            harness.headline(
+                f"{layout}: peak memory added per image byte, {span}",
+                memory_slope(rows, layout),
+            )
+            for layout in dict.fromkeys(row["layout"] for row in rows)
+        ],
+        COLUMNS,
+        rows,
+    )
+
+
+def memory_slope(rows: list[dict], layout: str) -> float:
+    """Peak memory added between the smallest and largest count, over their images' bytes: 1.0
+    holds the images once (the fixed cost of the loader cancels out)."""
+    of_layout = [row for row in rows if row["layout"] == layout]
+    first, last = of_layout[0], of_layout[-1]
+    return (last["peak-growth-mb"] - first["peak-growth-mb"]) / (
+        last["image-mb"] - first["image-mb"]
+    )
 
 
 if __name__ == "__main__":

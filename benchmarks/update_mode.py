@@ -3,20 +3,19 @@
 Trains low-bit SimCLR (small CNN, Fashion-MNIST by default) from the same seed, data order and
 initial weights once per update rule and bitwidth (plus a 32-bit reference), then scores each
 frozen encoder with a kNN vote and a linear probe at the same bitwidth (final epoch, test split
-never used for selection). Writes a JSON file and prints a Markdown table.
+never used for selection), beside the untrained floor: the initial encoder at each bitwidth,
+scored by the same protocol. Each row states its budget in optimizer steps.
 
-    python benchmarks/update_mode.py            # the full comparison (~10 min on 2 cores)
-    python benchmarks/update_mode.py --quick    # a one-minute smoke run
+    python benchmarks/update_mode.py          # benchmarks/results/update_mode.json (~12 min)
+    python benchmarks/update_mode.py --quick  # a one-minute smoke run: update_mode_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
@@ -28,15 +27,26 @@ from common.learning.models import build_ssl_model, extract_features
 from common.learning.training import LowBitSettings, prepare_model, train_epoch
 from common.vocabulary import FULL_PRECISION
 
-RESULTS = Path(__file__).parent / "results"
+UNTRAINED = "untrained"  # the floor's row: the initial encoder, no optimizer step
+COLUMNS = [
+    ("bits", "bits", "d"),
+    ("weight_update", "weight update", "s"),
+    ("optimizer_steps", "optimizer steps", "d"),
+    ("final_loss", "final SimCLR loss", ".4f"),
+    ("knn_accuracy", "kNN acc", ".4f"),
+    ("probe_accuracy", "linear probe acc", ".4f"),
+    ("train_seconds", "train s", ".0f"),
+]
 
 
 def run_one(args: argparse.Namespace, data: dict, bits: int, weight_update: str) -> dict:
+    """Train (no step for ``UNTRAINED``) and score one encoder."""
+    epochs = 0 if weight_update == UNTRAINED else args.epochs
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train, channels, size = data["train"], data["channels"], data["size"]
     model = build_ssl_model("small_cnn", bits, channels, projection_dim=64)
-    settings = LowBitSettings(bits, weight_update, "stochastic")
+    settings = LowBitSettings(bits, "latent" if epochs == 0 else weight_update, "stochastic")
     prepare_model(model, settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-6)
     views = TwoViews(train.images, ssl_augmentation(size, channels, *data["norm"]))
@@ -48,14 +58,16 @@ def run_one(args: argparse.Namespace, data: dict, bits: int, weight_update: str)
         generator=torch.Generator().manual_seed(args.seed),
     )
     start = time.perf_counter()
-    for epoch in range(args.epochs):
-        loss, _ = train_epoch(model, loader, optimizer, settings, 0.5, generator)
+    loss, steps = None, 0
+    for epoch in range(epochs):
+        loss, epoch_steps = train_epoch(model, loader, optimizer, settings, 0.5, generator)
+        steps += epoch_steps
         print(
-            f"  {bits:>2}-bit {weight_update:<6} epoch {epoch + 1}/{args.epochs} "
+            f"  {bits:>2}-bit {weight_update:<6} epoch {epoch + 1}/{epochs} "
             f"loss {loss:.4f} ({time.perf_counter() - start:.0f}s)",
             flush=True,
         )
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start if epochs else None
     normalize = normalize_transform(channels, *data["norm"])
     probe_train, test = data["probe_train"], data["test"]
     train_features = extract_features(model.encoder, normalize(probe_train.images))
@@ -63,6 +75,7 @@ def run_one(args: argparse.Namespace, data: dict, bits: int, weight_update: str)
     return {
         "bits": bits,
         "weight_update": weight_update,
+        "optimizer_steps": steps,
         "final_loss": loss,
         "knn_accuracy": knn_accuracy(
             train_features, probe_train.labels, test_features, test.labels
@@ -93,11 +106,11 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny run: 1 epoch, 1,000 images")
-    parser.add_argument("--output", type=Path, default=RESULTS / "update_mode.json")
     args = parser.parse_args()
+    name = "update_mode"
     if args.quick:
         args.epochs, args.train_samples, args.probe_epochs, args.bits = 1, 1000, 20, "4"
-        args.output = args.output.with_name("update_mode_quick.json")
+        name = "update_mode_quick"
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     rng = np.random.default_rng(args.seed)
@@ -126,27 +139,43 @@ def main() -> None:
         flush=True,
     )
 
-    runs = [run_one(args, data, FULL_PRECISION, "latent")]
-    for bits in (int(b) for b in args.bits.split(",")):
-        runs += [run_one(args, data, bits, mode) for mode in ("latent", "grid")]
+    low_bits = [int(b) for b in args.bits.split(",")]
+    runs = []
+    for bits in [FULL_PRECISION, *low_bits]:
+        runs.append(run_one(args, data, bits, UNTRAINED))
+        modes = ["latent"] if bits == FULL_PRECISION else ["latent", "grid"]
+        runs += [run_one(args, data, bits, mode) for mode in modes]
+    harness.write_result(
+        name,
+        "python benchmarks/update_mode.py" + (" --quick" if args.quick else ""),
+        headlines(runs, low_bits),
+        COLUMNS,
+        runs,
+        settings=vars(args),
+    )
 
-    report = {
-        "command": "python benchmarks/update_mode.py" + (" --quick" if args.quick else ""),
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
-        "runs": runs,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| bits | weight update | final SimCLR loss | kNN acc | linear probe acc | train s |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for run in runs:
-        print(
-            f"| {run['bits']} | {run['weight_update']} | {run['final_loss']:.4f} | "
-            f"{run['knn_accuracy']:.4f} | {run['probe_accuracy']:.4f} | "
-            f"{run['train_seconds']:.0f} |"
+
+def headlines(runs: list[dict], low_bits: list[int]) -> list[dict]:
+    """Per bitwidth: grid's probe accuracy less latent's, and each rule's gain over the floor
+    (accuracy points; one seed, so a difference of about a point is noise)."""
+    probe = {(run["bits"], run["weight_update"]): 100 * run["probe_accuracy"] for run in runs}
+    findings = []
+    for bits in low_bits:
+        floor = probe[(bits, UNTRAINED)]
+        findings.append(
+            harness.headline(
+                f"{bits}-bit: linear probe points, grid - latent",
+                probe[(bits, "grid")] - probe[(bits, "latent")],
+            )
         )
-    print(f"\nwritten to {args.output}")
+        findings += [
+            harness.headline(
+                f"{bits}-bit {mode}: linear probe points over the untrained floor ({floor:.1f})",
+                probe[(bits, mode)] - floor,
+            )
+            for mode in ("latent", "grid")
+        ]
+    return findings
 
 
 if __name__ == "__main__":
