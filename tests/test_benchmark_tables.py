@@ -74,3 +74,18 @@ def test_the_benchmark_documents_are_what_the_result_files_say():
         timeout=300,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_every_result_file_is_the_harness_shape_and_shown_in_a_document():
+    """No stale or orphaned result: each file in benchmarks/results was written by the harness
+    (so it carries its command, machine and commit) and some block of the documents renders it."""
+    shown = {
+        match.group(3)
+        for document in tables.DOCUMENTS
+        for match in tables.BLOCK.finditer(document.read_text())
+    }
+    for path in sorted(harness.RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        assert {"command", "machine", "headlines", "table"} <= result.keys(), path.name
+        assert result["benchmark"] == path.stem, path.name
+        assert path.stem in shown, f"{path.name} is in no block of {tables.DOCUMENTS}"
