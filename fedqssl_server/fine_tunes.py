@@ -90,7 +90,8 @@ def usable_cores() -> int:
 
 class FineTunes:
     """Runs a round's fine-tunes: in this process (``workers`` 1) or in a pool of spawned worker
-    processes kept for the server's life (started at the first use)."""
+    processes kept for the run (started at the first use; the strategy stops them after its
+    last round)."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

@@ -107,6 +107,9 @@ class ServerRound:
                 "more images in buffer-dir, or set bn-recalibrate: none"
             )
 
+    def close(self) -> None:
+        """Release what the rounds hold between rounds (plain averaging holds nothing)."""
+
     def new_model(self, bits: int):
         """The algorithm's model at ``bits`` with the seed's initial weights."""
         return new_model(self.config, bits, self.data.spec.channels, self.data.spec.num_classes)
@@ -238,6 +241,10 @@ class BufferRound(ServerRound):
                 f"{len(data.buffer)} image(s) give no optimizer step (at least 2 are needed): "
                 "raise buffer-ratio, or put more images in buffer-dir"
             )
+
+    def close(self) -> None:
+        """Stop the server's worker processes (a later round would start new ones)."""
+        self.fine_tunes.close()
 
     def round_seed(self, server_round: int) -> int:
         """The seed of the round's de-quantization (``common.seeds``)."""

@@ -198,13 +198,17 @@ class FedQSSL(Strategy):
         ledger.take(accepted, [*failed(failures), *refused], len(results) + len(failures))
         outcome = None
         if ledger.shortfall() is None:
-            outcome = self.steps.run(
-                server_round,
-                self.global_state,
-                ledger.decoders(),
-                ledger.examples(),
-                self.nodes.bitwidths_seen(),
-            )
+            try:
+                outcome = self.steps.run(
+                    server_round,
+                    self.global_state,
+                    ledger.decoders(),
+                    ledger.examples(),
+                    self.nodes.bitwidths_seen(),
+                )
+            finally:
+                if server_round >= self.config.num_rounds:  # no fine-tune after the last round
+                    self.steps.close()
             for why in outcome.refused.values():
                 log(WARNING, "round %s: %s", server_round, why)
             ledger.drop(outcome.refused)
@@ -221,6 +225,7 @@ class FedQSSL(Strategy):
     def _fail_round(self, problem: str) -> NoReturn:
         """Record the round with its ``error``, then fail the run (``RoundFailedError``): a run
         with too few usable models must not report an untrained model as a result."""
+        self.steps.close()
         self.ledger.close_fit(None)
         if self.recorder is not None:
             self.recorder.add_round(self.ledger.record(error=problem))

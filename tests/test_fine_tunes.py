@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from flower_fakes import fit_result
+from flower_fakes import FakeProxy, config_dir, fit_result, three_results
 from flwr.common import parameters_to_ndarrays
 from helpers import losses_of, weights_of
 
@@ -17,6 +17,8 @@ from common.vocabulary import FULL_PRECISION
 from common.wire.payload import decode_state
 from fedqssl_server import rounds
 from fedqssl_server.fine_tunes import FineTunes
+from fedqssl_server.results import RunRecorder
+from fedqssl_server.strategy import strategy_for
 
 
 def with_workers(config: ExperimentConfig, workers: int) -> ExperimentConfig:
@@ -97,3 +99,33 @@ def test_server_workers_must_be_a_positive_count(config):
     with pytest.raises(ConfigError, match="server-workers"):
         with_workers(config, 0)
     assert dataclasses.replace(config).server_workers == 1  # the default: one process
+
+
+def test_the_strategy_stops_its_workers_after_the_last_round_not_before(config, monkeypatch):
+    """Worker processes live for the run: kept between rounds, stopped when the last round's
+    fine-tunes are done (not left to the interpreter's exit)."""
+    config = ExperimentConfig.from_mapping(
+        {**config.to_run_config(), "server-workers": 2, "num-rounds": 2}
+    )
+    strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
+    pools = []
+    started_pool = FineTunes._started_pool
+
+    def recording(self):
+        pool = started_pool(self)
+        if pool not in pools:
+            pools.append(pool)
+        return pool
+
+    monkeypatch.setattr(FineTunes, "_started_pool", recording)
+    proxies = [FakeProxy(str(i)) for i in range(3)]
+    try:
+        strategy.aggregate_fit(1, three_results(config, proxies), [])
+        assert len(pools) == 1 and strategy.steps.fine_tunes._pool is pools[0]  # kept
+        workers = list(pools[0]._processes.values())
+        assert workers and all(worker.is_alive() for worker in workers)
+        strategy.aggregate_fit(2, three_results(config, proxies), [])
+        assert strategy.steps.fine_tunes._pool is None and len(pools) == 1  # the same, stopped
+        assert not any(worker.is_alive() for worker in workers)
+    finally:
+        strategy.steps.close()
