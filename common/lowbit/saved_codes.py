@@ -47,19 +47,26 @@ class _BoundedQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, levels: int, keep_codes: bool) -> torch.Tensor:  # type: ignore[override]
         bounded = x.clamp(0.0, 1.0)
         ctx.save_for_backward(pack_bits(bounded == x))  # 0 <= x <= 1 (NaN: False, as the clamp)
         ctx.shape = x.shape
-        return bounded.mul_(levels).round_().div_(levels)
+        codes = bounded.mul_(levels).round_()
+        if not keep_codes:
+            return codes.div_(levels)
+        out = codes / levels
+        # what the next layer saves for backward (``_pack``): taken here, where the codes are
+        # whole numbers already, instead of by a second pass over ``out`` (the same integers)
+        out._saved_codes_packed = codes.to(code_dtype(levels))  # type: ignore[attr-defined]
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (packed,) = ctx.saved_tensors
         passes = unpack_bits(packed, ctx.shape)
         # a product, not torch.where: the same values (a blocked gradient becomes a signed
         # zero), about 3x faster on the CPU
-        return grad * passes, None
+        return grad * passes, None, None
 
 
 _BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
@@ -159,7 +166,7 @@ def max_pool(pool: torch.nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
 
 def bounded_activation(x: torch.Tensor, levels: int) -> torch.Tensor:
     """The quantized activation, marked so that what is saved for backward is its codes."""
-    out = _BoundedQuantize.apply(x, levels)
+    out = _BoundedQuantize.apply(x, levels, active())
     mark_codes(out, levels)
     return out
 
