@@ -79,3 +79,34 @@ def test_every_round_records_each_clients_peak_resident_memory(tmp_path):
     assert all(peak >= resident_mb() / 4 for peak in peaks)  # the process's, not a delta
     modes = {client["allocator"] for record in records for client in record["clients"]}
     assert modes <= {"lean", "fast"} and len(modes) == 1  # one process: one allocator
+
+
+TRAINS_WITHOUT_TORCHVISION = """
+import sys
+import fedqssl_client.app  # what a SuperNode's ClientApp process imports
+from common.config import ExperimentConfig
+from common.wire.payload import encode_state
+from fedqssl_client.client import LowBitClient
+
+config = ExperimentConfig.from_mapping({"dataset": "synthetic", "model-width": 8,
+    "num-clients": 2, "bitwidths": "4,8", "batch-size": 32, "max-samples-per-client": 64,
+    "local-epochs": 1})
+client = LowBitClient(config, 0, 4)
+_, _, metrics = client.fit(encode_state(client.model.state_dict(), 32), {"server-round": 1})
+print(metrics["train-steps"], "torchvision" in sys.modules)
+"""
+
+
+def test_a_client_that_trains_with_batched_views_never_imports_torchvision():
+    """Flower starts a process per ClientApp message; torchvision's import alone costs each
+    about 1.2 s and 170 MB (its ops pull in torch's compiler stack). The default, batched
+    augmentation needs none of it: only per-image augmentation and evaluation import it."""
+    completed = subprocess.run(
+        [sys.executable, "-c", TRAINS_WITHOUT_TORCHVISION],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    steps, imported = completed.stdout.split()
+    assert int(steps) > 0 and imported == "False", completed.stdout
