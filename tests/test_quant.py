@@ -2,13 +2,16 @@
 
 import contextlib
 import itertools
+import logging
 import math
+import shutil
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.lowbit import kernel
 from common.lowbit.layers import (
     QuantAct,
     QuantConv2d,
@@ -20,6 +23,7 @@ from common.lowbit.layers import (
 from common.lowbit.quantizers import (
     MAX_SCALE,
     _centres_of_sorted,
+    _noise,
     _round_between,
     codes_to_weight,
     quantile_centres,
@@ -344,6 +348,67 @@ def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
         values, centres, bracket, rounding, torch.Generator().manual_seed(seed)
     )
     assert torch.equal(bits_of(fused), bits_of(plain))
+
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None, reason="the fused kernel is built with a C++ compiler"
+)
+
+
+@needs_compiler
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    n=st.integers(1, 70_000),
+    bits=st.sampled_from([2, 6, 14]),
+    ties=st.sampled_from([0.0, 0.3, 0.9]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+)
+def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ties, rounding):
+    """Brackets from searchsorted's predicate and the same float32 arithmetic: the same floats,
+    also on zero gaps, signed zeros, values outside the centres and infinities."""
+    fused = kernel.round_between()
+    assert fused is not None, "a C++ compiler is here, so the kernel must build"
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=generator)
+    tied = torch.rand(n, generator=generator) < ties
+    values[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    count = 1 << bits
+    centres = _centres_of_sorted(torch.sort(values[: max(2, n // 3)]).values, count)
+    values[: min(n, 2)] = torch.tensor([math.inf, -math.inf])[: min(n, 2)]
+    bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp(0, count - 2)
+    expected = _round_between(values, centres, bracket, rounding, torch.Generator().manual_seed(7))
+    noise = _noise(values, rounding, torch.Generator().manual_seed(7))
+    assert torch.equal(bits_of(fused(values, centres, noise)), bits_of(expected))
+
+
+def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel(monkeypatch):
+    grad = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * 0.01
+    quantized = {}
+    for name, loader in (("kernel", kernel.round_between), ("tensor ops", lambda: None)):
+        monkeypatch.setattr(kernel, "round_between", loader)
+        for rounding in ("stochastic", "deterministic"):
+            generator = torch.Generator().manual_seed(4)
+            quantized[name, rounding] = quantize_gradient(grad, 6, rounding, generator)
+    for rounding in ("stochastic", "deterministic"):
+        assert torch.equal(
+            bits_of(quantized["kernel", rounding]), bits_of(quantized["tensor ops", rounding])
+        )
+
+
+def test_the_kernel_is_off_when_switched_off_or_without_a_compiler(monkeypatch, caplog):
+    kernel.round_between.cache_clear()
+    try:
+        monkeypatch.setenv(kernel.SWITCH, "off")
+        assert kernel.round_between() is None
+        kernel.round_between.cache_clear()
+        monkeypatch.delenv(kernel.SWITCH)
+        monkeypatch.setenv("CXX", "no-such-compiler")
+        with caplog.at_level(logging.WARNING):
+            assert kernel.round_between() is None
+        assert "no C++ compiler" in caplog.text
+    finally:
+        kernel.round_between.cache_clear()
 
 
 def test_quantizing_once_reuses_a_weights_quantization_until_the_weight_changes():

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from common.lowbit import saved_codes
+from common.lowbit import kernel, saved_codes
 from common.lowbit.saved_codes import bounded_activation, mark_recomputable
 from common.vocabulary import FULL_PRECISION
 
@@ -242,8 +242,14 @@ def quantize_gradient(
     sample_size = max(QUANTILE_SAMPLE, 4 * count)
     if flat.numel() > max(sample_above, sample_size):
         centres = _sampled_centres(flat, count, sample_size, generator)
-        bracket = torch.searchsorted(centres, flat, right=True) - 1
-        quantized = _round_between(flat, centres, bracket.clamp(0, count - 2), rounding, generator)
+        fused = kernel.round_between() if flat.device.type == "cpu" else None
+        if fused is not None:  # one pass, the same numbers (common.lowbit.kernel)
+            quantized = fused(flat.contiguous(), centres, _noise(flat, rounding, generator))
+        else:
+            bracket = torch.searchsorted(centres, flat, right=True) - 1
+            quantized = _round_between(
+                flat, centres, bracket.clamp(0, count - 2), rounding, generator
+            )
         return quantized.reshape(grad.shape).to(grad.dtype)
     ordered, order = torch.sort(flat)
     centres = _centres_of_sorted(ordered, count)
@@ -283,9 +289,15 @@ def _round_between(
     gaps = centres[1:] - centres[:-1]
     safe_gaps = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf))
     frac = (values - centres[:-1][bracket]).div_(safe_gaps[bracket])
-    if rounding == "deterministic":
-        pick_upper = frac > 0.5
-    else:
-        noise = torch.rand(values.numel(), generator=generator, device=values.device)
-        pick_upper = frac > noise
+    noise = _noise(values, rounding, generator)
+    pick_upper = frac > (0.5 if noise is None else noise)
     return centres[bracket + pick_upper]
+
+
+def _noise(
+    values: torch.Tensor, rounding: Rounding, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """Stochastic rounding's uniform draw per value (None: deterministic rounding at 0.5)."""
+    if rounding == "deterministic":
+        return None
+    return torch.rand(values.numel(), generator=generator, device=values.device)
