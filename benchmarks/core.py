@@ -5,7 +5,8 @@
 2. Low-bit training step time / full-precision step time, small CNN, same batch, CPU. Goal <= 1.5.
 3. The 14-bit quantile gradient quantizer on ResNet-18's 11.2 M weight gradients, layer by layer,
    with exact quantiles (a sort per layer) and with the default sampled quantiles for large
-   layers, against one full-precision ResNet-18 backward pass at batch 64.
+   layers, rounded by the fused kernel and by tensor ops (the same numbers, checked), against
+   one full-precision ResNet-18 backward pass at batch 64.
 
     python benchmarks/core.py     # writes payload_bytes.json, step_time.json and
                                   # gradient_quantizer.json in benchmarks/results/
@@ -14,14 +15,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import harness
 import torch
 
 from common.learning.models import build_model, build_ssl_model
 from common.learning.training import LowBitSettings, prepare_model, train_step
+from common.lowbit import kernel
 from common.lowbit.layers import quantized_layers
 from common.lowbit.quantizers import SAMPLED_QUANTILES_ABOVE, quantize_gradient
 from common.vocabulary import FULL_PRECISION
@@ -92,6 +96,18 @@ def step_times(repeats: int) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def without_kernel(off: bool) -> Iterator[None]:
+    """The gradient quantizer without its fused kernel (as on a machine without a compiler)."""
+    loader = kernel.round_between
+    if off:
+        kernel.round_between = lambda: None
+    try:
+        yield
+    finally:
+        kernel.round_between = loader
+
+
 def gradient_quantizer(repeats: int) -> dict:
     torch.manual_seed(0)
     model = build_model("resnet18")
@@ -115,29 +131,43 @@ def gradient_quantizer(repeats: int) -> dict:
     backward_seconds = statistics.median(forward_backward() for _ in range(repeats))
     grads = [layer.weight.grad for layer in quantized_layers(model)]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    rows = []
     # exact: one sort per layer whatever its size; sampled: the default, layers above
-    # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample
-    for name, above in (("exact", flat.numel() + 1), ("sampled", SAMPLED_QUANTILES_ABOVE)):
-        per_layer = harness.median_seconds(
-            lambda above=above: [quantize_gradient(g, 14, sample_above=above) for g in grads],
-            repeats,
-            1,
-        )
-        error = sum(
-            float(((quantize_gradient(g, 14, sample_above=above) - g) ** 2).sum()) for g in grads
-        )
+    # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample and round in the
+    # fused kernel (common/lowbit/kernel.py) or, as without a compiler, in tensor ops
+    cases = [("exact", flat.numel() + 1, "sort ranks")]
+    if kernel.round_between() is not None:
+        cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "fused kernel"))
+    cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "tensor ops"))
+    rows, outputs = [], []
+    for name, above, rounding in cases:
+        with without_kernel(rounding == "tensor ops"):
+            per_layer = harness.median_seconds(
+                lambda above=above: [quantize_gradient(g, 14, sample_above=above) for g in grads],
+                repeats,
+                1,
+            )
+            outputs.append(
+                [
+                    quantize_gradient(g, 14, "stochastic", torch.Generator().manual_seed(0), above)
+                    for g in grads
+                ]
+            )
         rows.append(
             {
                 "quantiles": name,
+                "rounding": rounding,
                 "sampled_layers": 0
                 if name == "exact"
                 else sum(g.numel() > SAMPLED_QUANTILES_ABOVE for g in grads),
                 "per_layer_seconds": per_layer,
                 "per_layer_ratio_to_backward": per_layer / backward_seconds,
-                "squared_error": error,
+                "squared_error": sum(
+                    float(((q - g) ** 2).sum()) for q, g in zip(outputs[-1], grads, strict=True)
+                ),
             }
         )
+    if len(outputs) == 3:  # the kernel gives the tensor ops' numbers, or this is no comparison
+        assert all(torch.equal(a, b) for a, b in zip(outputs[1], outputs[2], strict=True))
     for row in rows:
         row["error_vs_exact"] = row["squared_error"] / rows[0]["squared_error"]
     return {
@@ -211,9 +241,20 @@ def main() -> None:
                 rows[1]["per_layer_seconds"] / rows[0]["per_layer_seconds"],
             ),
             harness.headline("sampled / exact quantiles: squared error", rows[1]["error_vs_exact"]),
+            *(
+                [
+                    harness.headline(
+                        "sampled quantiles, fused kernel / tensor ops: seconds per step",
+                        rows[1]["per_layer_seconds"] / rows[2]["per_layer_seconds"],
+                    )
+                ]
+                if len(rows) == 3
+                else []
+            ),
         ],
         [
             ("quantiles", "quantiles", "s"),
+            ("rounding", "rounding", "s"),
             ("sampled_layers", "sampled layers", "d"),
             ("per_layer_seconds", "s per step", ".2f"),
             ("per_layer_ratio_to_backward", "/ backward", ".2f"),

@@ -4,12 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  echo "==> installing Debian package dataset-fashion-mnist (offline Fashion-MNIST)"
+# Debian packages: the offline Fashion-MNIST, and a C++ compiler and ninja for the gradient
+# quantizer's fused kernel (common/lowbit/kernel.py; without them the same numbers, slower)
+packages=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
+command -v c++ >/dev/null || packages+=(g++)
+command -v ninja >/dev/null || packages+=(ninja-build)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${packages[*]}"
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  $sudo_cmd apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  $sudo_cmd apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 python=${PYTHON:-python3}

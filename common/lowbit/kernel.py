@@ -11,9 +11,10 @@ search predicate as ``torch.searchsorted(..., right=True)``, the same float32 ar
 
 It is built by ``torch.utils.cpp_extension.load_inline`` into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 20 s once per
-machine and torch version, then loaded from there. Where it cannot be built (no C++ compiler, a
-failed build) or is switched off (``FEDQSSL_FUSED_KERNEL=off``), ``round_between`` returns None
-and the quantizer keeps its tensor ops: slower, the same numbers. CPU tensors only.
+machine and torch version, then loaded from there. Where it cannot be built (no C++ compiler or
+ninja: ``scripts/setup.sh`` installs both; a failed build) or is switched off
+(``FEDQSSL_FUSED_KERNEL=off``), ``round_between`` returns None and the quantizer keeps its tensor
+ops: slower, the same numbers. CPU tensors only.
 """
 
 from __future__ import annotations
@@ -89,9 +90,14 @@ def round_between() -> Callable[..., torch.Tensor] | None:
     cannot be built (said once in the log: the quantizer then runs its tensor ops)."""
     if os.environ.get(SWITCH, "").lower() in ("off", "0", "false", "no"):
         return None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        _log.warning("no C++ compiler: the gradient quantizer runs without its fused kernel")
-        return None
+    for tool in (os.environ.get("CXX", "c++"), "ninja"):
+        if shutil.which(tool) is None:
+            _log.warning(
+                "no %s on PATH (Debian: g++, ninja-build): the gradient quantizer runs without "
+                "its fused kernel",
+                tool,
+            )
+            return None
     # importing cpp_extension warns that no CUDA runtime exists: nothing to a CPU kernel
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
