@@ -28,3 +28,6 @@ echo "==> installing fedqssl and its pinned dependencies into .venv (torch is la
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c 'import common, torch, torchvision, flwr; print("==> ready: torch", torch.__version__, "flwr", flwr.__version__)'
+echo "==> building the gradient quantizer's fused kernel (once per machine and venv, ~20 s)"
+.venv/bin/python -c 'from common.lowbit import kernel; import sys; sys.exit(kernel.round_between() is None)' \
+  || echo "==> the fused kernel did not build: training runs its tensor ops (the same numbers, slower)"
