@@ -14,7 +14,9 @@ It is built by ``torch.utils.cpp_extension.load_inline`` into torch's extension 
 machine and torch version, then loaded from there. Where it cannot be built (no C++ compiler or
 ninja: ``scripts/setup.sh`` installs both; a failed build) or is switched off
 (``FEDQSSL_FUSED_KERNEL=off``), ``round_between`` returns None and the quantizer keeps its tensor
-ops: slower, the same numbers. CPU tensors only.
+ops: slower, the same numbers. CPU tensors only. ``scripts/setup.sh`` builds it, so training
+does not wait for it; processes that load it at once (Ray actors) share one build under torch's
+OS-level lock, which a crashed build releases.
 """
 
 from __future__ import annotations
