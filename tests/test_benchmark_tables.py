@@ -89,3 +89,31 @@ def test_every_result_file_is_the_harness_shape_and_shown_in_a_document():
         assert {"command", "machine", "headlines", "table"} <= result.keys(), path.name
         assert result["benchmark"] == path.stem, path.name
         assert path.stem in shown, f"{path.name} is in no block of {tables.DOCUMENTS}"
+
+
+def test_update_mode_reports_the_rules_difference_and_each_rules_gain_over_its_floor():
+    import update_mode
+
+    runs = [
+        {"bits": 4, "weight_update": "untrained", "probe_accuracy": 0.700},
+        {"bits": 4, "weight_update": "latent", "probe_accuracy": 0.735},
+        {"bits": 4, "weight_update": "grid", "probe_accuracy": 0.750},
+    ]
+    found = {h["what"]: h["value"] for h in update_mode.headlines(runs, [4])}
+    assert found["4-bit: linear probe points, grid - latent"] == pytest.approx(1.5)
+    floor = "linear probe points over the untrained floor (70.0)"
+    assert found[f"4-bit latent: {floor}"] == pytest.approx(3.5)
+    assert found[f"4-bit grid: {floor}"] == pytest.approx(5.0)
+
+
+def test_local_data_load_slope_cancels_the_loaders_fixed_memory():
+    import local_data_load
+
+    rows = [
+        {"layout": "npz", "peak-growth-mb": 2.0 + 1.5, "image-mb": 1.5},
+        {"layout": "png", "peak-growth-mb": 9.0, "image-mb": 1.5},
+        {"layout": "npz", "peak-growth-mb": 2.0 + 6.0, "image-mb": 6.0},
+        {"layout": "png", "peak-growth-mb": 18.0, "image-mb": 6.0},
+    ]
+    assert local_data_load.memory_slope(rows, "npz") == pytest.approx(1.0)  # held once
+    assert local_data_load.memory_slope(rows, "png") == pytest.approx(2.0)
