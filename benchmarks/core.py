@@ -139,7 +139,7 @@ def gradient_quantizer(repeats: int) -> dict:
     if kernel.round_between() is not None:
         cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "fused kernel"))
     cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "tensor ops"))
-    rows, last_outputs = [], None
+    rows, kernel_outputs = [], None
     for name, above, rounding in cases:
         with without_kernel(rounding == "tensor ops"):
             per_layer = harness.median_seconds(
@@ -153,14 +153,15 @@ def gradient_quantizer(repeats: int) -> dict:
                  for g in grads]
                 for seed in range(ERROR_DRAWS)
             ]  # fmt: skip
-        if rounding == "tensor ops" and last_outputs is not None and rows[-1]["quantiles"] == name:
+        if rounding == "fused kernel":
+            kernel_outputs = outputs
+        elif rounding == "tensor ops" and kernel_outputs is not None:
             # the kernel gives the tensor ops' numbers, or this is no comparison
             assert all(
                 torch.equal(a, b)
-                for draw, last in zip(outputs, last_outputs, strict=True)
-                for a, b in zip(draw, last, strict=True)
+                for draw, kernel_draw in zip(outputs, kernel_outputs, strict=True)
+                for a, b in zip(draw, kernel_draw, strict=True)
             )
-        last_outputs = outputs
         rows.append(
             {
                 "quantiles": name,

@@ -21,8 +21,11 @@ from fedqssl_server.results import RunRecorder
 from fedqssl_server.strategy import strategy_for
 
 
-def with_workers(config: ExperimentConfig, workers: int) -> ExperimentConfig:
-    return ExperimentConfig.from_mapping({**config.to_run_config(), "server-workers": workers})
+def with_workers(config: ExperimentConfig, workers: int, **keys: object) -> ExperimentConfig:
+    """``config`` with ``server-workers`` and any other run-config ``keys`` set."""
+    return ExperimentConfig.from_mapping(
+        {**config.to_run_config(), "server-workers": workers, **keys}
+    )
 
 
 def received(config, count: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -104,9 +107,7 @@ def test_server_workers_must_be_a_positive_count(config):
 def test_the_strategy_stops_its_workers_after_the_last_round_not_before(config, monkeypatch):
     """Worker processes live for the run: kept between rounds, stopped when the last round's
     fine-tunes are done (not left to the interpreter's exit)."""
-    config = ExperimentConfig.from_mapping(
-        {**config.to_run_config(), "server-workers": 2, "num-rounds": 2}
-    )
+    config = with_workers(config, 2, **{"num-rounds": 2})
     strategy = strategy_for(config, server_data(config), RunRecorder(config, config_dir(config)))
     pools = []
     started_pool = FineTunes._started_pool
