@@ -220,33 +220,6 @@ def rounds_of(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
 
 
-def test_three_supernodes_with_their_own_bitwidths_and_data_complete_two_rounds(
-    deployment, tmp_path
-):
-    status, output = deployment.run(tmp_path / "healthy", timeout=120)
-    assert status["status"] == "finished:completed", status
-    # the rogue, online first and claiming partition 0, is refused by the operator's bindings
-    bindings = json.loads(deployment.bindings.read_text())
-    for record in rounds_of(output):
-        assert any(
-            f"partition 0 is bound to node {bindings['0']} by partition-bindings" in why
-            for why in record["failure-reasons"]
-        ), record["failure-reasons"]
-    summary = json.loads((output / "summary.json").read_text())
-    assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
-    # each device trained on all of its folder (150 images, 20% of each class held out)
-    # and was scored on its own held-out split
-    for record in rounds_of(output):
-        assert sorted(c["bitwidth"] for c in record["clients"]) == [4, 8, 12]
-        assert record["missing-partitions"] == []
-        assert all(110 <= c["examples"] <= 130 for c in record["clients"]), record["clients"]
-    assert all(20 <= c["test-examples"] <= 40 for c in summary["local-accuracy"]), summary
-    assert summary["buffer-to-client-ratio"] == pytest.approx(
-        len(list((deployment.data / "server" / "buffer").iterdir()))
-        / np.mean([c["examples"] for c in rounds_of(output)[-1]["clients"]])
-    )
-
-
 def test_unregistered_and_plain_text_supernodes_are_refused(deployment):
     intruder = deployment.processes["intruder"]
     wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to give up")
@@ -257,7 +230,11 @@ def test_unregistered_and_plain_text_supernodes_are_refused(deployment):
     assert deployment.online_nodes() == 4  # only the registered nodes ever came online
 
 
-def test_a_supernode_killed_mid_run_is_reported_missing_and_the_run_completes(deployment, tmp_path):
+# Runs last: it kills node 2. One run serves both the healthy round and the lost node (a
+# second run would cost the suite another ~70 s of Flower polls and ClientApp processes).
+def test_three_supernodes_train_on_their_own_data_and_one_killed_mid_run_is_reported_missing(
+    deployment, tmp_path
+):
     def kill_node_2(finished_round: int) -> None:
         if finished_round == 1:
             deployment.stop("node-2")
@@ -265,6 +242,27 @@ def test_a_supernode_killed_mid_run_is_reported_missing_and_the_run_completes(de
     status, output = deployment.run(tmp_path / "fault", timeout=60, on_round=kill_node_2)
     assert status["status"] == "finished:completed", status
     first, second = rounds_of(output)
+    # the rogue, online first and claiming partition 0, is refused by the operator's bindings
+    bindings = json.loads(deployment.bindings.read_text())
+    for record in (first, second):
+        assert any(
+            f"partition 0 is bound to node {bindings['0']} by partition-bindings" in why
+            for why in record["failure-reasons"]
+        ), record["failure-reasons"]
+    # round 1: every device at its own bitwidth, trained on all of its folder (150 images, 20%
+    # of each class held out)
     assert sorted(c["bitwidth"] for c in first["clients"]) == [4, 8, 12]
+    assert first["missing-partitions"] == []
+    # round 2: node 2 is gone and reported missing; the others go on
     assert sorted(c["partition-id"] for c in second["clients"]) == [0, 1]
     assert second["missing-partitions"] == [2]
+    for record in (first, second):
+        assert all(110 <= c["examples"] <= 130 for c in record["clients"]), record["clients"]
+    # the surviving devices were scored on their own held-out splits
+    summary = json.loads((output / "summary.json").read_text())
+    assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8]
+    assert all(20 <= c["test-examples"] <= 40 for c in summary["local-accuracy"]), summary
+    assert summary["buffer-to-client-ratio"] == pytest.approx(
+        len(list((deployment.data / "server" / "buffer").iterdir()))
+        / np.mean([c["examples"] for c in second["clients"]])
+    )
