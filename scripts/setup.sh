@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: the offline Fashion-MNIST, and a C++ compiler and ninja for the gradient
-# quantizer's fused kernel (common/lowbit/kernel.py; without them the same numbers, slower)
+# Debian packages: the offline Fashion-MNIST, and a C++ compiler and ninja for the low-bit step's
+# fused kernels (common/lowbit/kernel.py; without them the same numbers, slower)
 packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 command -v c++ >/dev/null || packages+=(g++)
@@ -28,6 +28,6 @@ echo "==> installing fedqssl and its pinned dependencies into .venv (torch is la
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c 'import common, torch, torchvision, flwr; print("==> ready: torch", torch.__version__, "flwr", flwr.__version__)'
-echo "==> building the gradient quantizer's fused kernel (once per machine and venv, ~20 s)"
-.venv/bin/python -c 'from common.lowbit import kernel; import sys; sys.exit(kernel.round_between() is None)' \
-  || echo "==> the fused kernel did not build: training runs its tensor ops (the same numbers, slower)"
+echo "==> building the low-bit step's fused kernels (once per machine and venv, ~30 s)"
+.venv/bin/python -c 'from common.lowbit import kernel; import sys; sys.exit(kernel.compiled() is None)' \
+  || echo "==> the fused kernels did not build: training runs its tensor ops (the same numbers, slower)"

@@ -4,6 +4,7 @@ what a server round gave each client."""
 from pathlib import Path
 
 import numpy as np
+import torch
 from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import RecordDict
 from PIL import Image
@@ -14,6 +15,11 @@ from fedqssl_client.client import LowBitClient
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.rounds import RoundOutcome
 from fedqssl_server.strategy import strategy_for
+
+
+def bits_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns: equal only if every value is the same float (-0 != 0)."""
+    return tensor.contiguous().view(torch.int32)
 
 
 def tiny_config(tmp_path, algorithm, bitwidths="4,8", **extra):

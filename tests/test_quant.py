@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -270,11 +271,6 @@ def test_sampled_quantiles_cost_little_accuracy_on_a_large_layer():
 # ------------------------------------------------ the fused kernels against the plain formulas
 
 
-def bits_of(tensor: torch.Tensor) -> torch.Tensor:
-    """A float tensor's bit patterns: equal only if every value is the same float (-0 != 0)."""
-    return tensor.contiguous().view(torch.int32)
-
-
 def plain_weight_codes(weight, bits, rounding, generator):
     """The module docstring's formulas, one out-of-place operation each (the code before it
     shared tanh between scale and codes and rounded in place)."""
@@ -398,18 +394,18 @@ def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel(m
 
 
 def test_the_kernel_is_off_when_switched_off_or_without_a_compiler(monkeypatch, caplog):
-    kernel.round_between.cache_clear()
+    kernel.compiled.cache_clear()
     try:
         monkeypatch.setenv(kernel.SWITCH, "off")
         assert kernel.round_between() is None
-        kernel.round_between.cache_clear()
+        kernel.compiled.cache_clear()
         monkeypatch.delenv(kernel.SWITCH)
         monkeypatch.setenv("CXX", "no-such-compiler")
         with caplog.at_level(logging.WARNING):
             assert kernel.round_between() is None
         assert "no no-such-compiler on PATH" in caplog.text
     finally:
-        kernel.round_between.cache_clear()
+        kernel.compiled.cache_clear()
 
 
 def test_quantizing_once_reuses_a_weights_quantization_until_the_weight_changes():

@@ -1,13 +1,17 @@
 """Saved activations as codes: the same numbers as the float32 path, a fraction of its memory."""
 
+import contextlib
+import math
+
 import pytest
 import torch
+from helpers import bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.learning.models import build_classifier, build_ssl_model
 from common.learning.training import objective_loss
-from common.lowbit import saved_codes
+from common.lowbit import kernel, saved_codes
 from common.lowbit.quantizers import quantize_activation
 from common.lowbit.saved_codes import saving_codes
 from common.vocabulary import FULL_PRECISION
@@ -82,6 +86,58 @@ def test_activation_codes_rebuild_the_float_bit_for_bit_and_keep_its_gradient(bi
     (grad,) = torch.autograd.grad(out.sum(), x)
     passes = (x.detach() >= 0) & (x.detach() <= 1)  # the clamp's gradient, as torch.clamp's
     assert torch.equal(grad, passes.float())
+
+
+def activation_through(x, grad, bits, keep_codes):
+    """The activation's output, its input gradient and (saving codes) its codes and their
+    decoded floats, each as bit patterns where float."""
+    x = x.clone().requires_grad_()
+    with saving_codes() if keep_codes else contextlib.nullcontext():
+        out = quantize_activation(x, bits)
+        packed = saved_codes._pack(out) if keep_codes else None
+    out.backward(grad)
+    results = [bits_of(out.detach()), bits_of(x.grad)]
+    if packed is not None:
+        results += [packed[1], bits_of(saved_codes._unpack(packed))]
+    return results
+
+
+ACTIVATION_KERNELS = ("bounded_quantize", "masked_gradient", "decode_codes")
+SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1.0000001, -1e-38, 1e-38]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=3000),
+    bits=st.integers(min_value=2, max_value=16),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+    on_grid=st.booleans(),
+    keep_codes=st.booleans(),
+)
+def test_the_fused_activation_kernels_give_the_tensor_ops_floats(
+    n, bits, seed, on_grid, keep_codes
+):
+    """Output, mask gradient, codes and decoded floats, bit for bit: on values of a grid (exact
+    halves between codes), signed zeros, NaN, infinities, the ends of [0, 1], and a tail that
+    fills no whole mask byte."""
+    assert kernel.compiled() is not None, "a C++ compiler is here, so the kernels must build"
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=generator) * 0.8 + 0.4
+    if on_grid:  # half-way between two codes: rounding's ties
+        x = (torch.round(x * 2 * ((1 << bits) - 1)) + 0.5) / (2 * ((1 << bits) - 1))
+    x[: min(n, len(SPECIAL_VALUES))] = torch.tensor(SPECIAL_VALUES)[: min(n, len(SPECIAL_VALUES))]
+    x = x[torch.randperm(n, generator=generator)]
+    grad = torch.randn(n, generator=generator)
+    grad[: min(n, 4)] = torch.tensor([math.inf, -0.0, math.nan, -1.0])[: min(n, 4)]
+    fused = activation_through(x, grad, bits, keep_codes)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ACTIVATION_KERNELS:
+            patch.setattr(kernel, name, lambda: None)
+        plain = activation_through(x, grad, bits, keep_codes)
+    if keep_codes:  # a NaN's code is whatever the float-to-integer conversion gives
+        fused[2], plain[2] = fused[2][~x.isnan()], plain[2][~x.isnan()]
+    for got, expected in zip(fused, plain, strict=True):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
 def saved_bytes(model, views, use_codes: bool) -> int:

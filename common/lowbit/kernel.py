@@ -1,19 +1,27 @@
-"""A fused C++ loop for the gradient quantizer's hottest step, built on first use.
+"""Fused C++ loops for the low-bit step's hottest element-wise work, built on first use.
 
-Rounding each of a large layer's gradient values between its two quantile centres takes, in
-tensor ops, a binary search (``torch.searchsorted``) and then five passes over the tensor (two
-gathers, a division, a comparison, one more gather). ``round_between`` does all of it in one pass
-per element, in parallel on torch's own intra-op threads (``at::parallel_for``): 3.6-4.7x faster
-on a 2.4 M-element layer (docs/BENCHMARKS.md), and the same numbers bit for bit: the same
-search predicate as ``torch.searchsorted(..., right=True)``, the same float32 arithmetic
-(compiled with ``-ffp-contract=off``: no fused multiply-add), the same noise tensor
-(``tests/test_quant.py`` holds it to the tensor-op path).
+- ``round_between``: rounding each of a large layer's gradient values between its two quantile
+  centres takes, in tensor ops, a binary search (``torch.searchsorted``) and five more passes (two
+  gathers, a division, a comparison, one more gather); here one pass per element: 3.6-4.7x
+  faster on a 2.4 M-element layer (docs/BENCHMARKS.md), with the same search predicate as
+  ``torch.searchsorted(..., right=True)``.
+- ``bounded_quantize`` / ``masked_gradient`` / ``decode_codes``: DoReFa's activation (clamp, the
+  clamp's one-bit mask, round, divide, and the codes the next layer saves) in one pass instead
+  of six, its backward (unpack the mask and multiply) in one instead of two, and saved codes back
+  to floats in one instead of two (``common.lowbit.saved_codes``). Four lanes at a time in
+  GCC/Clang vector types: branch-free selects, SSE2 or NEON, which every x86-64 and arm64 CPU has.
 
-It is built by ``torch.utils.cpp_extension.load_inline`` into torch's extension cache
-(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 20 s once per
+Each gives the tensor ops' floats bit for bit: the same float32 arithmetic (compiled with
+``-ffp-contract=off``: no fused multiply-add), ties to even as ``torch.round``, signed zeros and
+NaN kept as ``torch.clamp`` keeps them, the same noise tensor; ``tests/test_quant.py`` and
+``tests/test_saved_codes.py`` hold them to the tensor-op paths. All run in parallel on torch's
+own intra-op threads (``at::parallel_for``).
+
+The module is built by ``torch.utils.cpp_extension.load_inline`` into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 30 s once per
 machine and torch version, then loaded from there. Where it cannot be built (no C++ compiler or
 ninja: ``scripts/setup.sh`` installs both; a failed build) or is switched off
-(``FEDQSSL_FUSED_KERNEL=off``), ``round_between`` returns None and the quantizer keeps its tensor
+(``FEDQSSL_FUSED_KERNEL=off``), every accessor returns None and the callers keep their tensor
 ops: slower, the same numbers. CPU tensors only. ``scripts/setup.sh`` builds it, so training
 does not wait for it; processes that load it at once (Ray actors) share one build under torch's
 OS-level lock, which a crashed build releases.
@@ -34,6 +42,9 @@ SWITCH = "FEDQSSL_FUSED_KERNEL"  # "off": never build or use the kernel
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -81,22 +92,172 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
   });
   return out;
 }
+
+// Four floats at a time in GCC/Clang vector types (SSE2 or NEON, which every x86-64 and arm64
+// CPU has): branch-free, which a float select in a scalar loop is not (a mispredicted branch an
+// element), and no wider than the baseline target, which GCC would otherwise split lane by lane.
+typedef float float4 __attribute__((vector_size(16)));
+typedef int32_t int4 __attribute__((vector_size(16)));
+
+static inline float4 load4(const float* from) {
+  float4 lanes;
+  std::memcpy(&lanes, from, sizeof lanes);
+  return lanes;
+}
+
+static inline void store4(float* to, float4 lanes) { std::memcpy(to, &lanes, sizeof lanes); }
+
+static const int4 low_lane_bits = {1, 2, 4, 8};
+
+// DoReFa's activation on four values (common.lowbit.saved_codes._BoundedQuantize, the same
+// floats): bounded = clamp(x, 0, 1) (NaN and -0.0 kept, as torch.clamp), out = round(bounded *
+// levels) / levels with ties to even (torch.round); returns the four mask bits (bounded == x)
+template <typename code_t, bool with_codes>
+static inline int bounded_quantize4(const float* v, float* o, code_t* c, float scale) {
+  // (t + 2^23) - 2^23 rounds 0 <= t < 2^23 to the nearest integer, ties to even, with no libm
+  // call; the sign bit put back keeps nearbyint's -0.0 for t = -0.0
+  const float4 value = load4(v);
+  float4 bounded = value < 0.0f ? float4{} : value;
+  bounded = value > 1.0f ? float4{} + 1.0f : bounded;
+  const int4 bits = (bounded == value) & low_lane_bits;
+  const float4 scaled = bounded * scale;
+  const float4 rounded = (scaled + 8388608.0f) - 8388608.0f;
+  const float4 code = (float4)(((int4)rounded & INT32_MAX) | ((int4)scaled & INT32_MIN));
+  store4(o, code / scale);
+  if (with_codes) {
+    const int4 whole = __builtin_convertvector(code, int4);
+    for (int k = 0; k < 4; ++k) c[k] = static_cast<code_t>(whole[k]);
+  }
+  return bits[0] | bits[1] | bits[2] | bits[3];
+}
+
+// eight values: one byte of the mask (little-endian within the byte, as np.packbits)
+template <typename code_t, bool with_codes>
+static inline void bounded_quantize_lanes(const float* v, float* o, uint8_t* p, code_t* c,
+                                          float scale) {
+  const int low = bounded_quantize4<code_t, with_codes>(v, o, c, scale);
+  const int high =
+      bounded_quantize4<code_t, with_codes>(v + 4, o + 4, with_codes ? c + 4 : c, scale);
+  *p = static_cast<uint8_t>(low | (high << 4));
+}
+
+template <typename code_t, bool with_codes>
+void bounded_quantize_all(const float* v, float* o, uint8_t* p, void* codes, float scale,
+                          int64_t n) {
+  code_t* c = static_cast<code_t*>(codes);
+  const int64_t whole = n / 8;
+  at::parallel_for(0, whole, 1 << 11, [&](int64_t begin, int64_t end) {
+    for (int64_t byte = begin; byte < end; ++byte) {
+      bounded_quantize_lanes<code_t, with_codes>(v + 8 * byte, o + 8 * byte, p + byte,
+                                                 with_codes ? c + 8 * byte : c, scale);
+    }
+  });
+  if (whole * 8 < n) {  // the last, partial byte: padded lanes compute 0 and are dropped
+    float in[8] = {}, out[8];
+    code_t code[8];
+    std::memcpy(in, v + 8 * whole, (n - 8 * whole) * sizeof(float));
+    bounded_quantize_lanes<code_t, with_codes>(in, out, p + whole, code, scale);
+    p[whole] &= static_cast<uint8_t>((1 << (n - 8 * whole)) - 1);
+    std::memcpy(o + 8 * whole, out, (n - 8 * whole) * sizeof(float));
+    if (with_codes) std::memcpy(c + 8 * whole, code, (n - 8 * whole) * sizeof(code_t));
+  }
+}
+
+// code_bytes 1, 2 or 4: the codes also as uint8, int16 or int32 (0: none, an empty tensor)
+std::vector<torch::Tensor> bounded_quantize(torch::Tensor x, int64_t levels, int64_t code_bytes) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous());
+  TORCH_CHECK(levels >= 1 && levels < (1 << 23));
+  const int64_t n = x.numel();
+  auto out = torch::empty_like(x);
+  auto packed = torch::empty({(n + 7) / 8}, x.options().dtype(torch::kUInt8));
+  const auto code_type = code_bytes == 1 ? torch::kUInt8
+                         : code_bytes == 2 ? torch::kInt16 : torch::kInt32;
+  auto codes = code_bytes ? torch::empty_like(x, x.options().dtype(code_type))
+                          : torch::empty({0}, x.options().dtype(torch::kUInt8));
+  const float* v = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  void* c = codes.data_ptr();
+  const float scale = static_cast<float>(levels);
+  if (code_bytes == 1) bounded_quantize_all<uint8_t, true>(v, o, p, c, scale, n);
+  else if (code_bytes == 2) bounded_quantize_all<int16_t, true>(v, o, p, c, scale, n);
+  else if (code_bytes == 4) bounded_quantize_all<int32_t, true>(v, o, p, c, scale, n);
+  else bounded_quantize_all<uint8_t, false>(v, o, p, c, scale, n);
+  return {out, packed, codes};
+}
+
+// the activation's backward: grad * bit (1.0 or 0.0: a blocked gradient becomes a signed zero,
+// NaN and inf stay NaN, as grad * the unpacked bool mask)
+torch::Tensor masked_gradient(torch::Tensor grad, torch::Tensor packed) {
+  TORCH_CHECK(grad.is_cpu() && grad.scalar_type() == torch::kFloat && grad.is_contiguous());
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.numel() == (grad.numel() + 7) / 8);
+  const int64_t n = grad.numel(), whole = n / 8;
+  auto out = torch::empty_like(grad);
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const auto lanes = [&](const float* from, float* to, uint8_t byte) {
+    const int4 low = (int4{} + byte) & low_lane_bits, high = (int4{} + (byte >> 4)) & low_lane_bits;
+    store4(to, load4(from) * (low != 0 ? float4{} + 1.0f : float4{}));
+    store4(to + 4, load4(from + 4) * (high != 0 ? float4{} + 1.0f : float4{}));
+  };
+  at::parallel_for(0, whole, 1 << 11, [&](int64_t begin, int64_t end) {
+    for (int64_t byte = begin; byte < end; ++byte) lanes(g + 8 * byte, o + 8 * byte, p[byte]);
+  });
+  if (whole * 8 < n) {
+    float in[8] = {}, result[8];
+    std::memcpy(in, g + 8 * whole, (n - 8 * whole) * sizeof(float));
+    lanes(in, result, p[whole]);
+    std::memcpy(o + 8 * whole, result, (n - 8 * whole) * sizeof(float));
+  }
+  return out;
+}
+
+// saved codes back to the float activation: float(code) / levels, as codes.to(float) / levels
+torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
+  TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
+  auto out = torch::empty_like(codes, codes.options().dtype(torch::kFloat));
+  const float scale = static_cast<float>(levels);
+  float* o = out.data_ptr<float>();
+  const int64_t n = codes.numel();
+  AT_DISPATCH_SWITCH(codes.scalar_type(), "decode_codes",
+    AT_DISPATCH_CASE(torch::kUInt8, [&] {
+      const auto* c = codes.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
+      });
+    })
+    AT_DISPATCH_CASE(torch::kInt16, [&] {
+      const auto* c = codes.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
+      });
+    })
+    AT_DISPATCH_CASE(torch::kInt32, [&] {
+      const auto* c = codes.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
+      });
+    }));
+  return out;
+}
 """
 
 _log = logging.getLogger(__name__)
+_FUNCTIONS = ["round_between", "bounded_quantize", "masked_gradient", "decode_codes"]
 
 
 @functools.cache
-def round_between() -> Callable[..., torch.Tensor] | None:
-    """The kernel ``round_between(values, centres, noise | None)``, or None where it is off or
-    cannot be built (said once in the log: the quantizer then runs its tensor ops)."""
+def compiled() -> object | None:
+    """The built module (its functions: ``_FUNCTIONS``), or None where it is off or cannot be
+    built (said once in the log: the callers then run their tensor ops)."""
     if os.environ.get(SWITCH, "").lower() in ("off", "0", "false", "no"):
         return None
     for tool in (os.environ.get("CXX", "c++"), "ninja"):
         if shutil.which(tool) is None:
             _log.warning(
-                "no %s on PATH (Debian: g++, ninja-build): the gradient quantizer runs without "
-                "its fused kernel",
+                "no %s on PATH (Debian: g++, ninja-build): the low-bit step runs without its "
+                "fused kernels",
                 tool,
             )
             return None
@@ -104,19 +265,43 @@ def round_between() -> Callable[..., torch.Tensor] | None:
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)
-    _log.info("loading the gradient quantizer's fused kernel (built on first use: ~20 s once)")
+    _log.info("loading the low-bit step's fused kernels (built on first use: ~30 s once)")
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(
-            "fedqssl_round_between",
+        return load_inline(
+            "fedqssl_kernels",
             cpp_sources=_SOURCE,
-            functions=["round_between"],
+            functions=_FUNCTIONS,
             extra_cflags=["-O3", "-ffp-contract=off"],
         )
     except Exception as error:  # a failed build costs speed, never results
-        _log.warning("the gradient quantizer's fused kernel did not build (%s): tensor ops", error)
+        _log.warning("the low-bit step's fused kernels did not build (%s): tensor ops", error)
         return None
     finally:
         cpp_log.setLevel(level)
-    return module.round_between
+
+
+def _function(name: str) -> Callable[..., object] | None:
+    module = compiled()
+    return None if module is None else getattr(module, name)
+
+
+def round_between() -> Callable[..., torch.Tensor] | None:
+    """``round_between(values, centres, noise | None)``: the sampled-quantile rounding."""
+    return _function("round_between")
+
+
+def bounded_quantize() -> Callable[..., list[torch.Tensor]] | None:
+    """``bounded_quantize(x, levels, code_bytes)`` -> [out, packed mask, codes]: the activation."""
+    return _function("bounded_quantize")
+
+
+def masked_gradient() -> Callable[..., torch.Tensor] | None:
+    """``masked_gradient(grad, packed mask)``: the activation's backward."""
+    return _function("masked_gradient")
+
+
+def decode_codes() -> Callable[..., torch.Tensor] | None:
+    """``decode_codes(codes, levels)``: a saved activation back to float32."""
+    return _function("decode_codes")
