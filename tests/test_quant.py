@@ -379,6 +379,32 @@ def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ti
     assert torch.equal(bits_of(fused(values, centres, noise)), bits_of(expected))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    n=st.integers(2, 5000),
+    bits=st.sampled_from([2, 6, 14]),
+    ties=st.sampled_from([0.0, 0.3, 0.9]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+)
+def test_an_exact_layer_quantizes_the_same_with_and_without_the_fused_kernel(
+    seed, n, bits, ties, rounding
+):
+    """Ranks' brackets, rounding and the scatter back to each value's place: the same floats,
+    also where ties (equal values, signed zeros) fill whole brackets, and with fewer values than
+    centres."""
+    assert kernel.round_sorted() is not None, "a C++ compiler is here, so the kernel must build"
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=generator)
+    tied = torch.rand(n, generator=generator) < ties
+    grad[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    fused = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel, "round_sorted", lambda: None)
+        plain = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
+    assert torch.equal(bits_of(fused), bits_of(plain))
+
+
 def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel(monkeypatch):
     grad = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * 0.01
     quantized = {}

@@ -253,6 +253,10 @@ def quantize_gradient(
         return quantized.reshape(grad.shape).to(grad.dtype)
     ordered, order = torch.sort(flat)
     centres = _centres_of_sorted(ordered, count)
+    fused = kernel.round_sorted() if flat.device.type == "cpu" else None
+    if fused is not None:  # one pass, the same numbers (common.lowbit.kernel)
+        quantized = fused(ordered, order, centres, _noise(flat, rounding, generator))
+        return quantized.reshape(grad.shape).to(grad.dtype)
     n = flat.numel()
     rank = torch.arange(n, device=flat.device, dtype=torch.int64)
     bracket = torch.div(rank * (count - 1), n - 1, rounding_mode="floor").clamp(max=count - 2)
