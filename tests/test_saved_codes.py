@@ -9,7 +9,7 @@ from helpers import bits_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.learning.models import build_classifier, build_ssl_model
+from common.learning.models import CodesMaxPool2d, build_classifier, build_ssl_model
 from common.learning.training import objective_loss
 from common.lowbit import kernel, saved_codes
 from common.lowbit.quantizers import quantize_activation
@@ -200,33 +200,105 @@ def test_masks_pack_to_one_bit_each_and_back(shape):
     assert torch.equal(saved_codes._unpack_bits_tensor(packed, mask.shape), mask)
 
 
+WINDOW_KERNELS = ("window_max_pool", "window_max_unpool")
+
+
+def window_pool_through(x, grad_out, size, fused: bool):
+    """_WindowMaxPool's output, saved argmax and input gradient, with its fused kernels or its
+    tensor ops."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not fused:
+            for name in WINDOW_KERNELS:
+                patch.setattr(kernel, name, lambda: None)
+        x = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = saved_codes._WindowMaxPool.apply(x, size)
+        out.backward(grad_out)
+    return out.detach(), saved[0], x.grad
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     height=st.integers(2, 9),
     width=st.integers(2, 9),
-    kernel=st.integers(1, 3),
+    size=st.integers(1, 3),
     levels=st.sampled_from([1, 3, 15, 0]),  # 0: continuous values, no ties
     seed=st.integers(0, 2**16),
+    fused=st.booleans(),
 )
-def test_window_max_pool_equals_torch_max_pool_bit_for_bit(height, width, kernel, levels, seed):
-    """The uint8-argmax pool picks the element F.max_pool2d picks, ties included (on a 2-bit
-    grid most windows tie), so forward and gradient agree exactly; odd sizes drop the same
-    rows and columns."""
-    if kernel > min(height, width):
+def test_window_max_pool_equals_torch_max_pool_bit_for_bit(
+    height, width, size, levels, seed, fused
+):
+    """The uint8-argmax pool, fused or in tensor ops, picks the element F.max_pool2d picks, ties
+    included (on a 2-bit grid most windows tie), so forward and gradient agree exactly; odd sizes
+    drop the same rows and columns."""
+    if size > min(height, width):
         return
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(2, 3, height, width, generator=generator)
     if levels:
         x = torch.round(x * levels) / levels
-    grad_out = torch.randn(2, 3, height // kernel, width // kernel, generator=generator)
-    mine = x.clone().requires_grad_()
+    grad_out = torch.randn(2, 3, height // size, width // size, generator=generator)
+    out_mine, _, grad_mine = window_pool_through(x, grad_out, size, fused)
     theirs = x.clone().requires_grad_()
-    out_mine = saved_codes._WindowMaxPool.apply(mine, kernel)
-    out_theirs = torch.nn.functional.max_pool2d(theirs, kernel)
+    out_theirs = torch.nn.functional.max_pool2d(theirs, size)
     assert torch.equal(out_mine, out_theirs)
-    out_mine.backward(grad_out)
     out_theirs.backward(grad_out)
+    assert torch.equal(grad_mine, theirs.grad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    size=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_the_fused_window_pool_gives_its_tensor_ops_values_indices_and_gradients(
+    height, width, size, seed
+):
+    """Bit for bit also where F.max_pool2d is no reference: NaN (the first one wins), signed
+    zeros (the first of equal zeros), infinities."""
+    assert kernel.compiled() is not None, "a C++ compiler is here, so the kernels must build"
+    if size > min(height, width):
+        return
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.randn(2, 3, height, width, generator=generator) * 2) / 2
+    specials = torch.tensor([math.nan, -0.0, 0.0, math.inf, -math.inf])
+    picks = torch.randint(0, 3 * len(specials), x.shape, generator=generator)
+    x = torch.where(picks < len(specials), specials[picks.clamp(max=len(specials) - 1)], x)
+    grad_out = torch.randn(2, 3, height // size, width // size, generator=generator)
+    fused = window_pool_through(x, grad_out, size, fused=True)
+    plain = window_pool_through(x, grad_out, size, fused=False)
+    for got, expected in zip(fused, plain, strict=True):
+        assert got.dtype == expected.dtype
+        assert torch.equal(
+            bits_of(got) if got.is_floating_point() else got,
+            bits_of(expected) if expected.is_floating_point() else expected,
+        )
+
+
+def test_a_32_bit_training_pass_pools_as_a_low_bit_one_with_max_pool2d_numbers():
+    """Outside ``saving_codes`` (fp32 steps, float32-saving steps) a training pass pools through
+    the same fused kernel as the codes path (a uint8 argmax is what it saves), so step-time
+    ratios compare like with like; its values and gradients are F.max_pool2d's."""
+    assert kernel.compiled() is not None, "a C++ compiler is here, so the kernels must build"
+    pool = CodesMaxPool2d(2)
+    x = torch.round(torch.rand(2, 4, 9, 8, generator=torch.Generator().manual_seed(5)) * 3) / 3
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = pool(mine)
+    assert [t.dtype for t in saved] == [torch.uint8]
+    expected = torch.nn.functional.max_pool2d(theirs, 2)
+    assert torch.equal(out, expected)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    out.backward(grad_out)
+    expected.backward(grad_out)
     assert torch.equal(mine.grad, theirs.grad)
+    with torch.no_grad():  # evaluation: torch's own pool
+        assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2))
 
 
 def test_the_max_pool_saves_one_byte_per_window():

@@ -259,6 +259,80 @@ torch::Tensor masked_gradient(torch::Tensor grad, torch::Tensor packed) {
   return out;
 }
 
+// max-pool over non-overlapping k x k windows (common.lowbit.saved_codes._WindowMaxPool): each
+// window's maximum and its uint8 index in row-major order, as torch.max over the window's
+// elements picks it (the first maximum; the first NaN, which ends the scan)
+std::vector<torch::Tensor> window_max_pool(torch::Tensor x, int64_t k) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() &&
+              x.dim() == 4 && k >= 1 && k * k <= 256);
+  const int64_t planes = x.size(0) * x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t rows = height / k, cols = width / k;
+  auto values = torch::empty({x.size(0), x.size(1), rows, cols}, x.options());
+  auto argmax = torch::empty({x.size(0), x.size(1), rows, cols}, x.options().dtype(torch::kUInt8));
+  const float* v = x.data_ptr<float>();
+  float* out = values.data_ptr<float>();
+  uint8_t* index = argmax.data_ptr<uint8_t>();
+  // torch.max's scan, four windows at a time with lane masks instead of branches: a lane
+  // takes value t where !(value <= best) and the lane has not stopped at a NaN
+  const auto scan = [&](const float* top, int64_t col, int64_t lanes, float* best_out,
+                        uint8_t* at_out) {
+    float4 best{};
+    int4 at{}, stopped{};
+    for (int64_t t = 0; t < k * k; ++t) {  // from 0: a NaN first ends the scan there
+      float4 value{};
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        value[lane] = top[(t / k) * width + (col + lane) * k + t % k];
+      }
+      const int4 take = t == 0 ? ~stopped : (~(value <= best)) & ~stopped;
+      best = take ? value : best;
+      at = take ? int4{} + static_cast<int32_t>(t) : at;
+      stopped |= take & (value != value);
+    }
+    for (int64_t lane = 0; lane < lanes; ++lane) {
+      best_out[lane] = best[lane];
+      at_out[lane] = static_cast<uint8_t>(at[lane]);
+    }
+  };
+  at::parallel_for(0, planes * rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line) {  // one row of windows in one plane
+      const int64_t plane = line / rows, row = line % rows;
+      const float* top = v + (plane * height + row * k) * width;
+      for (int64_t col = 0; col < cols; col += 4) {
+        scan(top, col, std::min<int64_t>(4, cols - col), out + line * cols + col,
+             index + line * cols + col);
+      }
+    }
+  });
+  return {values, argmax};
+}
+
+// its backward: each window's gradient at its argmax, zeros elsewhere (also in the rows and
+// columns beyond the last whole window)
+torch::Tensor window_max_unpool(torch::Tensor grad, torch::Tensor argmax, int64_t k,
+                                int64_t height, int64_t width) {
+  TORCH_CHECK(grad.is_cpu() && grad.scalar_type() == torch::kFloat && grad.is_contiguous() &&
+              grad.dim() == 4);
+  TORCH_CHECK(argmax.scalar_type() == torch::kUInt8 && argmax.is_contiguous() &&
+              argmax.sizes() == grad.sizes());
+  const int64_t planes = grad.size(0) * grad.size(1), rows = grad.size(2), cols = grad.size(3);
+  TORCH_CHECK(rows == height / k && cols == width / k);
+  auto out = torch::zeros({grad.size(0), grad.size(1), height, width}, grad.options());
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* index = argmax.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, planes * rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t plane = line / rows, row = line % rows;
+      float* top = o + (plane * height + row * k) * width;
+      for (int64_t col = 0; col < cols; ++col) {
+        const int64_t at = index[line * cols + col];
+        top[(at / k) * width + col * k + at % k] = g[line * cols + col];
+      }
+    }
+  });
+  return out;
+}
+
 // saved codes back to the float activation: float(code) / levels, as codes.to(float) / levels
 torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
   TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
@@ -296,6 +370,8 @@ _FUNCTIONS = [
     "bounded_quantize",
     "masked_gradient",
     "decode_codes",
+    "window_max_pool",
+    "window_max_unpool",
 ]
 
 
@@ -358,6 +434,16 @@ def bounded_quantize() -> Callable[..., list[torch.Tensor]] | None:
 def masked_gradient() -> Callable[..., torch.Tensor] | None:
     """``masked_gradient(grad, packed mask)``: the activation's backward."""
     return _function("masked_gradient")
+
+
+def window_max_pool() -> Callable[..., list[torch.Tensor]] | None:
+    """``window_max_pool(x, k)`` -> [values, uint8 argmax]: the codes path's max-pool."""
+    return _function("window_max_pool")
+
+
+def window_max_unpool() -> Callable[..., torch.Tensor] | None:
+    """``window_max_unpool(grad, argmax, k, height, width)``: that max-pool's backward."""
+    return _function("window_max_unpool")
 
 
 def decode_codes() -> Callable[..., torch.Tensor] | None:

@@ -131,15 +131,23 @@ class _WindowMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.k, ctx.shape = k, x.shape
+        fused = kernel.window_max_pool() if _fusable(x) and x.dim() == 4 else None
+        if fused is not None:  # one pass, the same floats and indices (common.lowbit.kernel)
+            values, argmax = fused(x, k)
+            ctx.save_for_backward(argmax)
+            return values
         values, argmax = torch.stack(_window_elements(x, k), dim=-1).max(dim=-1)
         ctx.save_for_backward(argmax.to(torch.uint8))
-        ctx.k, ctx.shape = k, x.shape
         return values
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
         k, (n, c, height, width) = ctx.k, ctx.shape
+        fused = kernel.window_max_unpool() if grad.device.type == "cpu" else None
+        if fused is not None and grad.dtype == torch.float32:
+            return fused(grad.contiguous(), argmax, k, height, width), None
         rows, cols = argmax.shape[2], argmax.shape[3]
         # each window's k * k gradients at once: the incoming gradient where the argmax was
         windows = grad.new_zeros(n, c, rows, cols, k * k)
@@ -177,8 +185,20 @@ def _is_window_pool(pool: torch.nn.MaxPool2d) -> bool:
 def max_pool(pool: torch.nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     """``pool(x)``; on a marked activation inside ``saving_codes``, saving one uint8 argmax per
     window instead of int64 indices (non-overlapping windows; other pools run as
-    ``F.max_pool2d``). The max of values on a grid is on the grid: the output keeps the mark."""
-    if not (active() and hasattr(x, "_saved_codes_levels") and _is_window_pool(pool)):
+    ``F.max_pool2d``). The max of values on a grid is on the grid: the output keeps the mark.
+
+    Every other training pass whose pool the fused kernel takes (CPU, float32) runs through it
+    too, whatever its bitwidth: F.max_pool2d's values and gradients (a window of several NaNs
+    aside), and a 32-bit step pays for its pooling what a low-bit step pays, so that the
+    low-bit/fp32 step ratio (benchmarks) measures quantization, not a faster pool."""
+    marked = active() and hasattr(x, "_saved_codes_levels")
+    fused = (
+        torch.is_grad_enabled()
+        and _fusable(x)
+        and x.dim() == 4
+        and kernel.window_max_pool() is not None
+    )
+    if not ((marked or fused) and _is_window_pool(pool)):
         return pool.forward_plain(x)
     out = _WindowMaxPool.apply(x, pool.kernel_size)
     copy_mark(out, x)
