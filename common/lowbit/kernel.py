@@ -100,7 +100,7 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
       int64_t length = count;
       while (length > 1) {
         const int64_t half = length / 2;
-        base = !(x < base[half]) ? base + half : base;
+        base += static_cast<int64_t>(!(x < base[half])) * half;  // no branch to mispredict
         length -= half;
       }
       int64_t b = (base - c) + (!(x < *base) ? 1 : 0) - 1;
