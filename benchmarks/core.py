@@ -99,14 +99,17 @@ def step_times(repeats: int) -> list[dict]:
 
 @contextlib.contextmanager
 def without_kernel(off: bool) -> Iterator[None]:
-    """The gradient quantizer without its fused kernel (as on a machine without a compiler)."""
-    loader = kernel.round_between
+    """The gradient quantizer without its fused kernels, exact and sampled layers' (as on a
+    machine without a compiler)."""
+    loaders = {name: getattr(kernel, name) for name in ("round_between", "round_sorted")}
     if off:
-        kernel.round_between = lambda: None
+        for name in loaders:
+            setattr(kernel, name, lambda: None)
     try:
         yield
     finally:
-        kernel.round_between = loader
+        for name, loader in loaders.items():
+            setattr(kernel, name, loader)
 
 
 def gradient_quantizer(repeats: int) -> dict:
@@ -133,10 +136,11 @@ def gradient_quantizer(repeats: int) -> dict:
     grads = [layer.weight.grad for layer in quantized_layers(model)]
     flat = torch.cat([g.reshape(-1) for g in grads])
     # exact: one sort per layer whatever its size; sampled: the default, layers above
-    # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample and round in the
-    # fused kernel (common/lowbit/kernel.py) or, as without a compiler, in tensor ops
-    cases = [("exact", flat.numel() + 1, "sort ranks")]
-    if kernel.round_between() is not None:
+    # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample; either rounds in
+    # the fused kernels (common/lowbit/kernel.py) or, as without a compiler, in tensor ops
+    fused = kernel.round_between() is not None
+    cases = [("exact", flat.numel() + 1, "sort ranks" + (", fused kernel" if fused else ""))]
+    if fused:
         cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "fused kernel"))
     cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "tensor ops"))
     rows, kernel_outputs = [], None

@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -417,6 +418,14 @@ def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel(m
         assert torch.equal(
             bits_of(quantized["kernel", rounding]), bits_of(quantized["tensor ops", rounding])
         )
+
+
+def test_each_python_environment_builds_the_kernels_under_its_own_name(monkeypatch):
+    """Two venvs taking turns with one build folder would rebuild it on every load."""
+    here = kernel.build_name()
+    assert here == kernel.build_name() and here.startswith("fedqssl_kernels_")
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")
+    assert kernel.build_name() != here
 
 
 def test_the_kernel_is_off_when_switched_off_or_without_a_compiler(monkeypatch, caplog):

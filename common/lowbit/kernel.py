@@ -20,8 +20,9 @@ NaN kept as ``torch.clamp`` keeps them, the same noise tensor; ``tests/test_quan
 own intra-op threads (``at::parallel_for``).
 
 The module is built by ``torch.utils.cpp_extension.load_inline`` into torch's extension cache
-(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): about 30 s once per
-machine and torch version, then loaded from there. Where it cannot be built (no C++ compiler or
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), under a name of its own
+per Python environment (``build_name``): about 30 s once per environment and source, then loaded
+from there (~0.1 s). Where it cannot be built (no C++ compiler or
 ninja: ``scripts/setup.sh`` installs both; a failed build) or is switched off
 (``FEDQSSL_FUSED_KERNEL=off``), every accessor returns None and the callers keep their tensor
 ops: slower, the same numbers. CPU tensors only. ``scripts/setup.sh`` builds it, so training
@@ -32,9 +33,11 @@ OS-level lock, which a crashed build releases.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 
 import torch
@@ -398,7 +401,7 @@ def compiled() -> object | None:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            "fedqssl_kernels",
+            build_name(),
             cpp_sources=_SOURCE,
             functions=_FUNCTIONS,
             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
@@ -409,6 +412,13 @@ def compiled() -> object | None:
         return None
     finally:
         cpp_log.setLevel(level)
+
+
+def build_name() -> str:
+    """The extension's name, one per Python environment: torch keeps one build folder per name,
+    and two environments (another venv's include paths and flags) taking turns with one folder
+    rebuild it on every load (~30 s each)."""
+    return "fedqssl_kernels_" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
 
 
 def _function(name: str) -> Callable[..., object] | None:
