@@ -1,9 +1,11 @@
 """Helpers the test modules share: a tiny config, an in-process federation, record comparison, and
 what a server round gave each client."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flower_fakes import FakeManager, FakeProxy, drive
 from flwr.common import RecordDict
@@ -15,6 +17,11 @@ from fedqssl_client.client import LowBitClient
 from fedqssl_server.results import RunRecorder
 from fedqssl_server.rounds import RoundOutcome
 from fedqssl_server.strategy import strategy_for
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None,
+    reason="the fused kernels are built with a C++ compiler and ninja (scripts/setup.sh: both)",
+)
 
 
 def bits_of(tensor: torch.Tensor) -> torch.Tensor:

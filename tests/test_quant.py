@@ -4,12 +4,11 @@ import contextlib
 import itertools
 import logging
 import math
-import shutil
 import sys
 
 import pytest
 import torch
-from helpers import bits_of
+from helpers import bits_of, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -347,12 +346,6 @@ def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
     assert torch.equal(bits_of(fused), bits_of(plain))
 
 
-needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None or shutil.which("ninja") is None,
-    reason="the fused kernel is built with a C++ compiler and ninja (scripts/setup.sh: both)",
-)
-
-
 @needs_compiler
 @settings(max_examples=40, deadline=None)
 @given(
@@ -380,6 +373,7 @@ def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ti
     assert torch.equal(bits_of(fused(values, centres, noise)), bits_of(expected))
 
 
+@needs_compiler
 @settings(max_examples=40, deadline=None)
 @given(
     seed=seeds,

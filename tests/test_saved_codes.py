@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import bits_of
+from helpers import bits_of, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,6 +106,7 @@ ACTIVATION_KERNELS = ("bounded_quantize", "masked_gradient", "decode_codes")
 SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1.0000001, -1e-38, 1e-38]
 
 
+@needs_compiler
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(min_value=1, max_value=3000),
@@ -248,6 +249,7 @@ def test_window_max_pool_equals_torch_max_pool_bit_for_bit(
     assert torch.equal(grad_mine, theirs.grad)
 
 
+@needs_compiler
 @settings(max_examples=40, deadline=None)
 @given(
     height=st.integers(1, 9),
@@ -279,6 +281,7 @@ def test_the_fused_window_pool_gives_its_tensor_ops_values_indices_and_gradients
         )
 
 
+@needs_compiler
 def test_a_32_bit_training_pass_pools_as_a_low_bit_one_with_max_pool2d_numbers():
     """Outside ``saving_codes`` (fp32 steps, float32-saving steps) a training pass pools through
     the same fused kernel as the codes path (a uint8 argmax is what it saves), so step-time

@@ -53,49 +53,52 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-// The gradient quantizer's checks and tables, shared by its two kernels: the noise (or none:
-// deterministic rounding at 0.5) and each bracket's gap, where a zero gap divides by inf
-// (fraction 0: the lower centre, which equals the upper one)
-static const float* checked_noise(const c10::optional<torch::Tensor>& noise, int64_t n) {
-  if (!noise.has_value()) return nullptr;
-  TORCH_CHECK(noise->is_cpu() && noise->scalar_type() == torch::kFloat &&
-              noise->is_contiguous() && noise->numel() == n);
-  return noise->data_ptr<float>();
-}
+// What both gradient kernels share: the values checked, the centres, each bracket's gap (a zero
+// gap divides by inf: fraction 0, the lower centre, which equals the upper one) and the noise
+// (none: deterministic rounding at 0.5)
+struct CentreRounding {
+  const float* c;
+  int64_t count;
+  std::vector<float> gaps;
+  const float* noise;
 
-static std::vector<float> safe_gaps(const float* c, int64_t count) {
-  TORCH_CHECK(count >= 2, "at least two centres");
-  std::vector<float> gaps(count - 1);
-  for (int64_t k = 0; k + 1 < count; ++k) {
-    const float gap = c[k + 1] - c[k];
-    gaps[k] = gap > 0 ? gap : std::numeric_limits<float>::infinity();
+  CentreRounding(const torch::Tensor& values, const torch::Tensor& centres,
+                 const c10::optional<torch::Tensor>& draws)
+      : c(centres.data_ptr<float>()), count(centres.numel()), noise(nullptr) {
+    for (const auto& t : {values, centres}) {
+      TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
+    }
+    TORCH_CHECK(count >= 2, "at least two centres");
+    if (draws.has_value()) {
+      TORCH_CHECK(draws->is_cpu() && draws->scalar_type() == torch::kFloat &&
+                  draws->is_contiguous() && draws->numel() == values.numel());
+      noise = draws->data_ptr<float>();
+    }
+    gaps.resize(count - 1);
+    for (int64_t k = 0; k + 1 < count; ++k) {
+      const float gap = c[k + 1] - c[k];
+      gaps[k] = gap > 0 ? gap : std::numeric_limits<float>::infinity();
+    }
   }
-  return gaps;
-}
 
-// x rounded to c[b] or c[b + 1]: upward where (x - c[b]) / gap > threshold (noise, or 0.5)
-static inline float round_in(float x, const float* c, const float* g, int64_t b,
-                             const float* noise_data, int64_t i) {
-  const float fraction = (x - c[b]) / g[b];
-  const float threshold = noise_data ? noise_data[i] : 0.5f;
-  return c[b + (fraction > threshold ? 1 : 0)];
-}
+  // x (the i-th value) rounded to c[b] or c[b + 1]: upward where (x - c[b]) / gap > threshold
+  float operator()(float x, int64_t b, int64_t i) const {
+    const float fraction = (x - c[b]) / gaps[b];
+    const float threshold = noise ? noise[i] : 0.5f;
+    return c[b + (fraction > threshold ? 1 : 0)];
+  }
+};
 
 // values rounded between centres[b] and centres[b + 1], b = upper_bound(centres, value) - 1
 // clamped to [0, count - 2] (the sampled-quantile layers)
 torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
                             c10::optional<torch::Tensor> noise) {
-  for (const auto& t : {values, centres}) {
-    TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
-  }
-  const int64_t n = values.numel(), count = centres.numel();
-  const float* noise_data = checked_noise(noise, n);
+  const CentreRounding round(values, centres, noise);
+  const int64_t n = values.numel(), count = round.count;
+  const float* c = round.c;
   auto out = torch::empty_like(values);
   const float* v = values.data_ptr<float>();
-  const float* c = centres.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const std::vector<float> gaps = safe_gaps(c, count);
-  const float* g = gaps.data();
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float x = v[i];
@@ -108,7 +111,7 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
       }
       int64_t b = (base - c) + (!(x < *base) ? 1 : 0) - 1;
       b = b < 0 ? 0 : (b > count - 2 ? count - 2 : b);
-      o[i] = round_in(x, c, g, b, noise_data, i);
+      o[i] = round(x, b, i);
     }
   });
   return out;
@@ -119,24 +122,17 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
 // there with noise[i], and lands back at order[i]
 torch::Tensor round_sorted(torch::Tensor ordered, torch::Tensor order, torch::Tensor centres,
                            c10::optional<torch::Tensor> noise) {
-  for (const auto& t : {ordered, centres}) {
-    TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
-  }
-  const int64_t n = ordered.numel(), count = centres.numel();
+  const CentreRounding round(ordered, centres, noise);
+  const int64_t n = ordered.numel(), count = round.count;
   TORCH_CHECK(n >= 2 && order.is_cpu() && order.scalar_type() == torch::kLong &&
               order.is_contiguous() && order.numel() == n);
-  const float* noise_data = checked_noise(noise, n);
   auto out = torch::empty_like(ordered);
   const float* v = ordered.data_ptr<float>();
   const int64_t* place = order.data_ptr<int64_t>();
-  const float* c = centres.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const std::vector<float> gaps = safe_gaps(c, count);
-  const float* g = gaps.data();
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = std::min(i * (count - 1) / (n - 1), count - 2);
-      o[place[i]] = round_in(v[i], c, g, b, noise_data, i);
+      o[place[i]] = round(v[i], std::min(i * (count - 1) / (n - 1), count - 2), i);
     }
   });
   return out;
