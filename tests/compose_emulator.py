@@ -10,7 +10,9 @@ makes them), its own network namespace and address on a bridge this tool creates
 resolving through ``/etc/hosts``, and published ports forwarded from the host's loopback.
 
 What it cannot reproduce, and why: the image's own filesystem (Python, flwr and the app's
-dependencies come from this virtualenv, so an image that lacks a package is not caught here:
+dependencies come from this virtualenv, and the host's tools sit on PATH, so the fused kernels
+are switched off as the image, which has no ninja, runs without them; an image that lacks a
+package is not caught here:
 ``build`` only reads the Dockerfile, whose pip step a test runs in a clean venv), Docker's
 embedded DNS server (names resolve through the mounted ``/etc/hosts`` instead), ``restart:``
 policies, and cgroup limits. Needs root (namespaces, a bridge, setpriv).
@@ -219,6 +221,11 @@ class Project:
             "PYTHONUNBUFFERED=1",
             "PYTHONDONTWRITEBYTECODE=1",
             "LANG=C.UTF-8",
+            # the image has no ninja (docker/Dockerfile installs no system package, and the
+            # app's pip requirements have none), so its processes never build the fused
+            # kernels (common/lowbit/kernel.py) and run the tensor ops: the host's compilers on
+            # PATH must not build, in every container's own HOME, what the image could not
+            "FEDQSSL_FUSED_KERNEL=off",
         ]
 
     def start(self, name: str) -> None:
