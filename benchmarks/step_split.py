@@ -1,13 +1,15 @@
 """Where a training step spends its time: fp32 against the default 4-bit step (codes saved) and
 the float32-saving one, phase by phase, with the fused kernels and without them.
 
-One fresh process per (model, kernels on/off); inside it the three steps take turns (3 steps
-each per turn, ``--turns`` turns), so drift on a busy machine lands on all three alike, and each
-phase's median over every timed step is reported: forward (both SimCLR views, with the weight and
-activation quantizers), backward (the codes path's recomputed layers included), the gradient
-quantizer (``quantize_weight_grads_``), Adam, and the grid projection (``project_weights_``).
-Kernels off is what a machine without a C++ compiler runs (``FEDQSSL_FUSED_KERNEL=off``): the
-same numbers, the tensor ops.
+The models and batches of ``benchmarks/step_memory.py``, one fresh process per (model, kernels
+on/off); inside it the three steps take turns (3 steps each per turn, ``--turns`` turns), so
+drift on a busy machine lands on all three alike, and each phase's median over every timed step
+is reported: forward (both SimCLR views, with the weight and activation quantizers), backward
+(the codes path's recomputed layers included), the gradient quantizer
+(``quantize_weight_grads_``), Adam, and the grid projection (``project_weights_``). Kernels off
+is what a machine without a C++ compiler runs (``FEDQSSL_FUSED_KERNEL=off``): the same numbers,
+the tensor ops. ``timed_step`` repeats ``common.learning.training.train_step``'s sequence with a
+clock between phases (no proximal term: SimCLR only).
 
     python benchmarks/step_split.py      # writes benchmarks/results/step_split.json
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import harness
 import torch
+from step_memory import CASES, STEP_GOAL_CODES, STEP_GOAL_FLOAT32
 
 from common.learning.models import build_ssl_model
 from common.learning.training import LowBitSettings, objective_loss, prepare_model
@@ -35,13 +38,9 @@ from common.lowbit.quantizers import quantizing_once
 from common.lowbit.saved_codes import saving_codes
 from common.vocabulary import FULL_PRECISION
 
-CASES = {  # model -> (channels, image size, batch size), as benchmarks/step_memory.py
-    "small_cnn": (1, 28, 128),
-    "resnet18": (3, 32, 32),
-}
 STEPS = {"fp32": (FULL_PRECISION, False), "4-bit codes": (4, True), "4-bit float32": (4, False)}
 PHASES = ("forward", "backward", "gradient_quantizer", "adam", "projection")
-GOALS = {"4-bit codes": 1.3, "4-bit float32": 1.15}  # issue 27: a 4-bit step's time / fp32's
+GOALS = {"4-bit codes": STEP_GOAL_CODES, "4-bit float32": STEP_GOAL_FLOAT32}
 
 
 def timed_step(model, optimizer, settings: LowBitSettings, views, generator) -> list[float]:
@@ -114,17 +113,17 @@ def main() -> None:
             )
             fp32 = medians["fp32"]["total"]
             for name, phases in medians.items():
+                ratio = phases["total"] / fp32
                 rows.append(
                     {
                         "model": model_name,
                         "kernels": kernels,
                         "step": name,
                         **phases,
-                        "ratio_to_fp32": phases["total"] / fp32,
+                        "ratio_to_fp32": ratio,
                     }
                 )
                 if name in GOALS and kernels == "on":
-                    ratio = phases["total"] / fp32
                     headlines.append(
                         harness.headline(
                             f"{model_name}: {name} step / fp32 step (one process, fused kernels)",

@@ -28,6 +28,6 @@ echo "==> installing fedqssl and its pinned dependencies into .venv (torch is la
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c 'import common, torch, torchvision, flwr; print("==> ready: torch", torch.__version__, "flwr", flwr.__version__)'
-echo "==> building the low-bit step's fused kernels (once per machine and venv, ~30 s)"
+echo "==> building the low-bit step's fused kernels (once per Python environment, ~30 s)"
 .venv/bin/python -c 'from common.lowbit import kernel; import sys; sys.exit(kernel.compiled() is None)' \
   || echo "==> the fused kernels did not build: training runs its tensor ops (the same numbers, slower)"

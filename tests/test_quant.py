@@ -271,6 +271,13 @@ def test_sampled_quantiles_cost_little_accuracy_on_a_large_layer():
 # ------------------------------------------------ the fused kernels against the plain formulas
 
 
+def with_signed_zero_ties(values, ties: float, generator) -> None:
+    """Set a ``ties`` share of ``values``, in place, to 0.0 or -0.0: runs of equal values."""
+    n = values.numel()
+    tied = torch.rand(n, generator=generator) < ties
+    values[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+
+
 def plain_weight_codes(weight, bits, rounding, generator):
     """The module docstring's formulas, one out-of-place operation each (the code before it
     shared tanh between scale and codes and rounded in place)."""
@@ -334,8 +341,7 @@ def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
     """Also where centres coincide (many equal values: a zero gap) and on signed zeros."""
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(n, generator=generator)
-    tied = torch.rand(n, generator=generator) < ties
-    values[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    with_signed_zero_ties(values, ties, generator)
     ordered = torch.sort(values).values
     centres = _centres_of_sorted(ordered, 1 << bits)
     bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp(0, (1 << bits) - 2)
@@ -362,8 +368,7 @@ def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ti
     assert fused is not None, "a C++ compiler is here, so the kernel must build"
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(n, generator=generator)
-    tied = torch.rand(n, generator=generator) < ties
-    values[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    with_signed_zero_ties(values, ties, generator)
     count = 1 << bits
     centres = _centres_of_sorted(torch.sort(values[: max(2, n // 3)]).values, count)
     values[: min(n, 2)] = torch.tensor([math.inf, -math.inf])[: min(n, 2)]
@@ -391,8 +396,7 @@ def test_an_exact_layer_quantizes_the_same_with_and_without_the_fused_kernel(
     assert kernel.round_sorted() is not None, "a C++ compiler is here, so the kernel must build"
     generator = torch.Generator().manual_seed(seed)
     grad = torch.randn(n, generator=generator)
-    tied = torch.rand(n, generator=generator) < ties
-    grad[tied] = torch.where(torch.rand(n, generator=generator) < 0.5, 0.0, -0.0)[tied]
+    with_signed_zero_ties(grad, ties, generator)
     fused = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel, "round_sorted", lambda: None)

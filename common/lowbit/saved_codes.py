@@ -132,7 +132,7 @@ class _WindowMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
         ctx.k, ctx.shape = k, x.shape
-        fused = kernel.window_max_pool() if _fusable(x) and x.dim() == 4 else None
+        fused = _window_pool_kernel(x)
         if fused is not None:  # one pass, the same floats and indices (common.lowbit.kernel)
             values, argmax = fused(x, k)
             ctx.save_for_backward(argmax)
@@ -145,8 +145,9 @@ class _WindowMaxPool(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
         k, (n, c, height, width) = ctx.k, ctx.shape
-        fused = kernel.window_max_unpool() if grad.device.type == "cpu" else None
-        if fused is not None and grad.dtype == torch.float32:
+        fusable = grad.device.type == "cpu" and grad.dtype == torch.float32
+        fused = kernel.window_max_unpool() if fusable else None
+        if fused is not None:
             return fused(grad.contiguous(), argmax, k, height, width), None
         rows, cols = argmax.shape[2], argmax.shape[3]
         # each window's k * k gradients at once: the incoming gradient where the argmax was
@@ -159,6 +160,11 @@ class _WindowMaxPool(torch.autograd.Function):
         grad_input = grad.new_zeros(ctx.shape)  # rows and columns beyond the last window: 0
         grad_input[:, :, : rows * k, : cols * k] = whole
         return grad_input, None
+
+
+def _window_pool_kernel(x: torch.Tensor) -> Callable[..., list[torch.Tensor]] | None:
+    """The fused window max-pool where it takes ``x`` (a contiguous 4-D float32 CPU batch)."""
+    return kernel.window_max_pool() if _fusable(x) and x.dim() == 4 else None
 
 
 def _window_elements(x: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -192,12 +198,7 @@ def max_pool(pool: torch.nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     aside), and a 32-bit step pays for its pooling what a low-bit step pays, so that the
     low-bit/fp32 step ratio (benchmarks) measures quantization, not a faster pool."""
     marked = active() and hasattr(x, "_saved_codes_levels")
-    fused = (
-        torch.is_grad_enabled()
-        and _fusable(x)
-        and x.dim() == 4
-        and kernel.window_max_pool() is not None
-    )
+    fused = torch.is_grad_enabled() and _window_pool_kernel(x) is not None
     if not ((marked or fused) and _is_window_pool(pool)):
         return pool.forward_plain(x)
     out = _WindowMaxPool.apply(x, pool.kernel_size)
