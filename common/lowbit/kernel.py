@@ -338,26 +338,17 @@ torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
   auto out = torch::empty_like(codes, codes.options().dtype(torch::kFloat));
   const float scale = static_cast<float>(levels);
   float* o = out.data_ptr<float>();
-  const int64_t n = codes.numel();
-  AT_DISPATCH_SWITCH(codes.scalar_type(), "decode_codes",
-    AT_DISPATCH_CASE(torch::kUInt8, [&] {
-      const auto* c = codes.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
-      });
-    })
-    AT_DISPATCH_CASE(torch::kInt16, [&] {
-      const auto* c = codes.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
-      });
-    })
-    AT_DISPATCH_CASE(torch::kInt32, [&] {
-      const auto* c = codes.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
-      });
-    }));
+  const auto run = [&](const auto* c) {  // one loop for each type codes are kept in
+    at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
+    });
+  };
+  switch (codes.scalar_type()) {
+    case torch::kUInt8: run(codes.data_ptr<uint8_t>()); break;
+    case torch::kInt16: run(codes.data_ptr<int16_t>()); break;
+    case torch::kInt32: run(codes.data_ptr<int32_t>()); break;
+    default: TORCH_CHECK(false, "decode_codes: codes are uint8, int16 or int32");
+  }
   return out;
 }
 """
