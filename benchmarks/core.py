@@ -101,7 +101,7 @@ def step_times(repeats: int) -> list[dict]:
 def without_kernel(off: bool) -> Iterator[None]:
     """The gradient quantizer without its fused kernels, exact and sampled layers' (as on a
     machine without a compiler)."""
-    loaders = {name: getattr(kernel, name) for name in ("round_between", "round_sorted")}
+    loaders = {name: getattr(kernel, name) for name in ("round_between", "counter_uniform")}
     if off:
         for name in loaders:
             setattr(kernel, name, lambda: None)
@@ -139,7 +139,7 @@ def gradient_quantizer(repeats: int) -> dict:
     # SAMPLED_QUANTILES_ABOVE elements estimate their centres from a sample; either rounds in
     # the fused kernels (common/lowbit/kernel.py) or, as without a compiler, in tensor ops
     fused = kernel.round_between() is not None
-    cases = [("exact", flat.numel() + 1, "sort ranks" + (", fused kernel" if fused else ""))]
+    cases = [("exact", flat.numel() + 1, "full sort" + (", fused kernel" if fused else ""))]
     if fused:
         cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "fused kernel"))
     cases.append(("sampled", SAMPLED_QUANTILES_ABOVE, "tensor ops"))

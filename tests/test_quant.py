@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from helpers import bits_of, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.lowbit import kernel
+from common.lowbit import kernel, noise
 from common.lowbit.layers import (
     QuantAct,
     QuantConv2d,
@@ -24,14 +25,13 @@ from common.lowbit.layers import (
 from common.lowbit.quantizers import (
     MAX_SCALE,
     _centres_of_sorted,
-    _noise,
-    _round_between,
     codes_to_weight,
     quantile_centres,
     quantize_activation,
     quantize_gradient,
     quantize_weight,
     quantizing_once,
+    round_between,
     weight_codes,
 )
 from common.vocabulary import FULL_PRECISION, check_bits
@@ -289,8 +289,8 @@ def plain_weight_codes(weight, bits, rounding, generator):
         rounded = torch.round(unit)
     else:
         floor = torch.floor(unit)
-        noise = torch.rand(unit.shape, generator=generator)
-        rounded = floor + (noise < (unit - floor)).float()
+        draws = noise.uniform(noise.draw_seed(generator), unit.numel()).view(unit.shape)
+        rounded = floor + (draws < (unit - floor)).float()
     return rounded.clamp(0, levels), scale
 
 
@@ -303,8 +303,17 @@ def plain_round_between(values, centres, bracket, rounding, generator):
     if rounding == "deterministic":
         pick_upper = frac > 0.5
     else:
-        pick_upper = torch.rand(values.numel(), generator=generator) < frac
+        pick_upper = noise.uniform(noise.draw_seed(generator), values.numel()) < frac
     return torch.where(pick_upper, upper, lower)
+
+
+@contextlib.contextmanager
+def kernels(on: bool) -> Iterator[None]:
+    """The fused kernels as built here (on), or every accessor None (off: the tensor ops)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not on:
+            patch.setattr(kernel, "compiled", lambda: None)
+        yield
 
 
 @settings(max_examples=60, deadline=None)
@@ -313,11 +322,15 @@ def plain_round_between(values, centres, bracket, rounding, generator):
     seed=seeds,
     std=st.sampled_from([1e-3, 0.5, 6.0]),
     rounding=st.sampled_from(["deterministic", "stochastic"]),
+    fused=st.booleans(),
 )
-def test_weight_codes_and_decoding_equal_the_plain_formulas_bit_for_bit(bits, seed, std, rounding):
+def test_weight_codes_and_decoding_equal_the_plain_formulas_bit_for_bit(
+    bits, seed, std, rounding, fused
+):
     weight = random_weight(seed, std=std)
     weight[0, 0, 0] = 0.0
-    codes, scale = weight_codes(weight, bits, rounding, torch.Generator().manual_seed(seed))
+    with kernels(on=fused):
+        codes, scale = weight_codes(weight, bits, rounding, torch.Generator().manual_seed(seed))
     plain_codes, plain_scale = plain_weight_codes(
         weight, bits, rounding, torch.Generator().manual_seed(seed)
     )
@@ -334,9 +347,10 @@ def test_weight_codes_and_decoding_equal_the_plain_formulas_bit_for_bit(bits, se
     bits=st.integers(2, 8),
     ties=st.sampled_from([0.0, 0.3, 0.9]),
     rounding=st.sampled_from(["deterministic", "stochastic"]),
+    fused=st.booleans(),
 )
 def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
-    seed, n, bits, ties, rounding
+    seed, n, bits, ties, rounding, fused
 ):
     """Also where centres coincide (many equal values: a zero gap) and on signed zeros."""
     generator = torch.Generator().manual_seed(seed)
@@ -345,11 +359,14 @@ def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
     ordered = torch.sort(values).values
     centres = _centres_of_sorted(ordered, 1 << bits)
     bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp(0, (1 << bits) - 2)
-    fused = _round_between(values, centres, bracket, rounding, torch.Generator().manual_seed(seed))
+    stochastic = rounding == "stochastic"
+    draw = noise.draw_seed(torch.Generator().manual_seed(seed)) if stochastic else None
+    with kernels(on=fused):
+        rounded = round_between(values, centres, draw)
     plain = plain_round_between(
         values, centres, bracket, rounding, torch.Generator().manual_seed(seed)
     )
-    assert torch.equal(bits_of(fused), bits_of(plain))
+    assert torch.equal(bits_of(rounded), bits_of(plain))
 
 
 @needs_compiler
@@ -364,18 +381,18 @@ def test_rounding_between_centres_equals_the_plain_formula_bit_for_bit(
 def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ties, rounding):
     """Brackets from searchsorted's predicate and the same float32 arithmetic: the same floats,
     also on zero gaps, signed zeros, values outside the centres and infinities."""
-    fused = kernel.round_between()
-    assert fused is not None, "a C++ compiler is here, so the kernel must build"
+    assert kernel.round_between() is not None, "a C++ compiler is here, so the kernel must build"
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(n, generator=generator)
     with_signed_zero_ties(values, ties, generator)
     count = 1 << bits
     centres = _centres_of_sorted(torch.sort(values[: max(2, n // 3)]).values, count)
     values[: min(n, 2)] = torch.tensor([math.inf, -math.inf])[: min(n, 2)]
-    bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp(0, count - 2)
-    expected = _round_between(values, centres, bracket, rounding, torch.Generator().manual_seed(7))
-    noise = _noise(values, rounding, torch.Generator().manual_seed(7))
-    assert torch.equal(bits_of(fused(values, centres, noise)), bits_of(expected))
+    draw = None if rounding == "deterministic" else seed
+    fused = round_between(values, centres, draw)
+    with kernels(on=False):
+        expected = round_between(values, centres, draw)
+    assert torch.equal(bits_of(fused), bits_of(expected))
 
 
 @needs_compiler
@@ -387,35 +404,50 @@ def test_the_fused_kernel_rounds_as_the_tensor_ops_bit_for_bit(seed, n, bits, ti
     ties=st.sampled_from([0.0, 0.3, 0.9]),
     rounding=st.sampled_from(["deterministic", "stochastic"]),
 )
-def test_an_exact_layer_quantizes_the_same_with_and_without_the_fused_kernel(
+def test_an_exact_layer_quantizes_the_same_with_and_without_the_fused_kernels(
     seed, n, bits, ties, rounding
 ):
-    """Ranks' brackets, rounding and the scatter back to each value's place: the same floats,
-    also where ties (equal values, signed zeros) fill whole brackets, and with fewer values than
-    centres."""
-    assert kernel.round_sorted() is not None, "a C++ compiler is here, so the kernel must build"
+    """Sort, centres, brackets and rounding: the same floats, also where ties (equal values,
+    signed zeros) fill whole brackets, and with fewer values than centres."""
+    assert kernel.round_between() is not None, "a C++ compiler is here, so the kernel must build"
     generator = torch.Generator().manual_seed(seed)
     grad = torch.randn(n, generator=generator)
     with_signed_zero_ties(grad, ties, generator)
     fused = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernel, "round_sorted", lambda: None)
+    with kernels(on=False):
         plain = quantize_gradient(grad, bits, rounding, torch.Generator().manual_seed(seed))
     assert torch.equal(bits_of(fused), bits_of(plain))
 
 
-def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel(monkeypatch):
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=seeds,
+    n=st.integers(2, 3000),
+    bits=st.sampled_from([2, 4, 8]),
+    ties=st.sampled_from([0.0, 0.5]),
+)
+def test_each_gradient_value_lands_on_one_of_the_two_centres_around_it(seed, n, bits, ties):
+    """Brackets by value, ties included: no value moves past a centre it does not lie beside."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=generator)
+    with_signed_zero_ties(grad, ties, generator)
+    centres = quantile_centres(grad, bits)
+    quantized = quantize_gradient(grad, bits, "stochastic", torch.Generator().manual_seed(seed))
+    below = centres[(torch.searchsorted(centres, grad, right=True) - 1).clamp(0, len(centres) - 2)]
+    above = centres[torch.searchsorted(centres, grad, right=False).clamp(1, len(centres) - 1)]
+    assert ((quantized == below) | (quantized == above) | (quantized == grad)).all()
+
+
+def test_a_large_gradient_quantizes_the_same_with_and_without_the_fused_kernel():
     grad = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * 0.01
     quantized = {}
-    for name, loader in (("kernel", kernel.round_between), ("tensor ops", lambda: None)):
-        monkeypatch.setattr(kernel, "round_between", loader)
+    for fused in (True, False):
         for rounding in ("stochastic", "deterministic"):
             generator = torch.Generator().manual_seed(4)
-            quantized[name, rounding] = quantize_gradient(grad, 6, rounding, generator)
+            with kernels(on=fused):
+                quantized[fused, rounding] = quantize_gradient(grad, 6, rounding, generator)
     for rounding in ("stochastic", "deterministic"):
-        assert torch.equal(
-            bits_of(quantized["kernel", rounding]), bits_of(quantized["tensor ops", rounding])
-        )
+        assert torch.equal(bits_of(quantized[True, rounding]), bits_of(quantized[False, rounding]))
 
 
 def test_each_python_environment_builds_the_kernels_under_its_own_name(monkeypatch):

@@ -1,12 +1,12 @@
 """Fused C++ loops for the low-bit step's hottest element-wise work, built on first use.
 
-- ``round_between``: rounding each of a large layer's gradient values between its two quantile
-  centres takes, in tensor ops, a binary search (``torch.searchsorted``) and five more passes (two
-  gathers, a division, a comparison, one more gather); here one pass per element: 3.6-4.7x
-  faster on a 2.4 M-element layer (docs/BENCHMARKS.md), with the same search predicate as
-  ``torch.searchsorted(..., right=True)``.
-- ``round_sorted``: the exact (sorted) layers' rounding after their sort: each rank's bracket,
-  the rounding and the scatter back to each value's place in one pass instead of seven.
+- ``round_between``: rounding each of a layer's gradient values between its two quantile centres
+  takes, in tensor ops, a binary search (``torch.searchsorted``) and five more passes (two
+  gathers, a division, a comparison, one more gather) besides the noise; here one pass per
+  element, with the same search predicate as ``torch.searchsorted(..., right=True)`` and the
+  noise made where it is used.
+- ``counter_uniform`` / ``stochastic_round_``: ``common.lowbit.noise``'s counter-based draws, and
+  the weights' stochastic projection onto their grid (floor, draw, compare, add) in one pass.
 - ``bounded_quantize`` / ``masked_gradient`` / ``decode_codes``: DoReFa's activation (clamp, the
   clamp's one-bit mask, round, divide, and the codes the next layer saves) in one pass instead
   of six, its backward (unpack the mask and multiply) in one instead of two, and saved codes back
@@ -15,7 +15,8 @@
 
 Each gives the tensor ops' floats bit for bit: the same float32 arithmetic (compiled with
 ``-ffp-contract=off``: no fused multiply-add), ties to even as ``torch.round``, signed zeros and
-NaN kept as ``torch.clamp`` keeps them, the same noise tensor; ``tests/test_quant.py`` and
+NaN kept as ``torch.clamp`` keeps them, the same noise (``common.lowbit.noise``);
+``tests/test_quant.py``, ``tests/test_noise.py`` and
 ``tests/test_saved_codes.py`` hold them to the tensor-op paths. All run in parallel on torch's
 own intra-op threads (``at::parallel_for``).
 
@@ -53,49 +54,65 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-// What both gradient kernels share: the values checked, the centres, each bracket's gap (a zero
-// gap divides by inf: fraction 0, the lower centre, which equals the upper one) and the noise
-// (none: deterministic rounding at 0.5)
-struct CentreRounding {
-  const float* c;
-  int64_t count;
-  std::vector<float> gaps;
-  const float* noise;
+// stochastic rounding's noise (common.lowbit.noise): SplitMix64's output for counter i of the
+// draw with this seed, its top 24 bits over 2^24 (a float in [0, 1) on torch.rand's grid)
+static inline float counter_uniform_at(uint64_t seed, int64_t i) {
+  uint64_t z = seed + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * 0x1p-24f;
+}
 
-  CentreRounding(const torch::Tensor& values, const torch::Tensor& centres,
-                 const c10::optional<torch::Tensor>& draws)
-      : c(centres.data_ptr<float>()), count(centres.numel()), noise(nullptr) {
-    for (const auto& t : {values, centres}) {
-      TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
-    }
-    TORCH_CHECK(count >= 2, "at least two centres");
-    if (draws.has_value()) {
-      TORCH_CHECK(draws->is_cpu() && draws->scalar_type() == torch::kFloat &&
-                  draws->is_contiguous() && draws->numel() == values.numel());
-      noise = draws->data_ptr<float>();
-    }
-    gaps.resize(count - 1);
-    for (int64_t k = 0; k + 1 < count; ++k) {
-      const float gap = c[k + 1] - c[k];
-      gaps[k] = gap > 0 ? gap : std::numeric_limits<float>::infinity();
-    }
-  }
+static uint64_t checked_seed(int64_t seed) {
+  TORCH_CHECK(seed >= 0 && seed < (int64_t{1} << 62), "seed outside [0, 2^62)");
+  return static_cast<uint64_t>(seed);
+}
 
-  // x (the i-th value) rounded to c[b] or c[b + 1]: upward where (x - c[b]) / gap > threshold
-  float operator()(float x, int64_t b, int64_t i) const {
-    const float fraction = (x - c[b]) / gaps[b];
-    const float threshold = noise ? noise[i] : 0.5f;
-    return c[b + (fraction > threshold ? 1 : 0)];
-  }
-};
+// the draw's first count values
+torch::Tensor counter_uniform(int64_t seed, int64_t count) {
+  const uint64_t s = checked_seed(seed);
+  auto out = torch::empty({count}, torch::dtype(torch::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, count, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = counter_uniform_at(s, i);
+  });
+  return out;
+}
+
+// x rounded in place to floor(x) or floor(x) + 1, upward where x - floor(x) > the draw's value i
+// (common.lowbit.quantizers._round_: floor + (x - floor > noise))
+void stochastic_round_(torch::Tensor x, int64_t seed) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous());
+  const uint64_t s = checked_seed(seed);
+  float* v = x.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float low = std::floor(v[i]);
+      v[i] = static_cast<float>((v[i] - low) > counter_uniform_at(s, i)) + low;
+    }
+  });
+}
 
 // values rounded between centres[b] and centres[b + 1], b = upper_bound(centres, value) - 1
-// clamped to [0, count - 2] (the sampled-quantile layers)
+// clamped to [0, count - 2]: upward where (value - c[b]) / gap > the draw's value i (no seed:
+// deterministic rounding at 0.5); a zero gap divides by inf (fraction 0: the lower centre, which
+// equals the upper one)
 torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
-                            c10::optional<torch::Tensor> noise) {
-  const CentreRounding round(values, centres, noise);
-  const int64_t n = values.numel(), count = round.count;
-  const float* c = round.c;
+                            c10::optional<int64_t> seed) {
+  for (const auto& t : {values, centres}) {
+    TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
+  }
+  const int64_t n = values.numel(), count = centres.numel();
+  TORCH_CHECK(count >= 2, "at least two centres");
+  const bool stochastic = seed.has_value();
+  const uint64_t s = stochastic ? checked_seed(*seed) : 0;
+  const float* c = centres.data_ptr<float>();
+  std::vector<float> gaps(count - 1);
+  for (int64_t k = 0; k + 1 < count; ++k) {
+    const float gap = c[k + 1] - c[k];
+    gaps[k] = gap > 0 ? gap : std::numeric_limits<float>::infinity();
+  }
   auto out = torch::empty_like(values);
   const float* v = values.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -111,28 +128,9 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
       }
       int64_t b = (base - c) + (!(x < *base) ? 1 : 0) - 1;
       b = b < 0 ? 0 : (b > count - 2 ? count - 2 : b);
-      o[i] = round(x, b, i);
-    }
-  });
-  return out;
-}
-
-// the exact layers, after their sort: the value of rank i (ordered[i], at order[i] in the
-// layer) lies in bracket floor(i * (count - 1) / (n - 1)) clamped to count - 2, is rounded
-// there with noise[i], and lands back at order[i]
-torch::Tensor round_sorted(torch::Tensor ordered, torch::Tensor order, torch::Tensor centres,
-                           c10::optional<torch::Tensor> noise) {
-  const CentreRounding round(ordered, centres, noise);
-  const int64_t n = ordered.numel(), count = round.count;
-  TORCH_CHECK(n >= 2 && order.is_cpu() && order.scalar_type() == torch::kLong &&
-              order.is_contiguous() && order.numel() == n);
-  auto out = torch::empty_like(ordered);
-  const float* v = ordered.data_ptr<float>();
-  const int64_t* place = order.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      o[place[i]] = round(v[i], std::min(i * (count - 1) / (n - 1), count - 2), i);
+      const float fraction = (x - c[b]) / gaps[b];
+      const float threshold = stochastic ? counter_uniform_at(s, i) : 0.5f;
+      o[i] = c[b + (fraction > threshold ? 1 : 0)];
     }
   });
   return out;
@@ -355,8 +353,9 @@ torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
 
 _log = logging.getLogger(__name__)
 _FUNCTIONS = [
+    "counter_uniform",
+    "stochastic_round_",
     "round_between",
-    "round_sorted",
     "bounded_quantize",
     "masked_gradient",
     "decode_codes",
@@ -408,19 +407,29 @@ def build_name() -> str:
     return "fedqssl_kernels_" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
 
 
+def fusable(tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether the kernels take ``tensor``: contiguous on the CPU, of one of ``dtypes``."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in dtypes
+
+
 def _function(name: str) -> Callable[..., object] | None:
     module = compiled()
     return None if module is None else getattr(module, name)
 
 
+def counter_uniform() -> Callable[..., torch.Tensor] | None:
+    """``counter_uniform(seed, count)``: a draw of ``common.lowbit.noise``."""
+    return _function("counter_uniform")
+
+
+def stochastic_round_() -> Callable[..., None] | None:
+    """``stochastic_round_(x, seed)``: x rounded in place, up with the draw's probability."""
+    return _function("stochastic_round_")
+
+
 def round_between() -> Callable[..., torch.Tensor] | None:
-    """``round_between(values, centres, noise | None)``: the sampled-quantile rounding."""
+    """``round_between(values, centres, seed | None)``: the gradient quantizer's rounding."""
     return _function("round_between")
-
-
-def round_sorted() -> Callable[..., torch.Tensor] | None:
-    """``round_sorted(ordered, order, centres, noise | None)``: the exact layers' rounding."""
-    return _function("round_sorted")
 
 
 def bounded_quantize() -> Callable[..., list[torch.Tensor]] | None:

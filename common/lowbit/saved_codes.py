@@ -51,7 +51,7 @@ class _BoundedQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, levels: int, keep_codes: bool) -> torch.Tensor:  # type: ignore[override]
         ctx.shape = x.shape
-        fused = kernel.bounded_quantize() if _fusable(x) else None
+        fused = kernel.bounded_quantize() if kernel.fusable(x) else None
         if fused is not None:  # one pass, the same floats (common.lowbit.kernel)
             code_bytes = code_dtype(levels).itemsize if keep_codes else 0
             out, packed, codes = fused(x, levels, code_bytes)
@@ -73,7 +73,7 @@ class _BoundedQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (packed,) = ctx.saved_tensors
-        fused = kernel.masked_gradient() if _fusable(grad) else None
+        fused = kernel.masked_gradient() if kernel.fusable(grad) else None
         if fused is not None:
             return fused(grad, packed), None, None
         passes = unpack_bits(packed, ctx.shape)
@@ -83,12 +83,6 @@ class _BoundedQuantize(torch.autograd.Function):
 
 
 _CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
-
-
-def _fusable(tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    """Whether the fused kernels take ``tensor``: contiguous on the CPU, of one of ``dtypes``."""
-    return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in dtypes
-
 
 _BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
 
@@ -164,7 +158,7 @@ class _WindowMaxPool(torch.autograd.Function):
 
 def _window_pool_kernel(x: torch.Tensor) -> Callable[..., list[torch.Tensor]] | None:
     """The fused window max-pool where it takes ``x`` (a contiguous 4-D float32 CPU batch)."""
-    return kernel.window_max_pool() if _fusable(x) and x.dim() == 4 else None
+    return kernel.window_max_pool() if kernel.fusable(x) and x.dim() == 4 else None
 
 
 def _window_elements(x: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -268,7 +262,7 @@ def _unpack(packed: object) -> torch.Tensor:
     kind, *rest = packed  # type: ignore[misc]
     if kind == "codes":
         codes, levels, dtype = rest
-        fusable = dtype == torch.float32 and _fusable(codes, _CODE_DTYPES)
+        fusable = dtype == torch.float32 and kernel.fusable(codes, _CODE_DTYPES)
         fused = kernel.decode_codes() if fusable else None
         return fused(codes, levels) if fused is not None else codes.to(dtype) / levels
     layer, packed_inputs = rest
