@@ -80,20 +80,6 @@ torch::Tensor counter_uniform(int64_t seed, int64_t count) {
   return out;
 }
 
-// x rounded in place to floor(x) or floor(x) + 1, upward where x - floor(x) > the draw's value i
-// (common.lowbit.quantizers._round_: floor + (x - floor > noise))
-void stochastic_round_(torch::Tensor x, int64_t seed) {
-  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous());
-  const uint64_t s = checked_seed(seed);
-  float* v = x.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float low = std::floor(v[i]);
-      v[i] = static_cast<float>((v[i] - low) > counter_uniform_at(s, i)) + low;
-    }
-  });
-}
-
 // values rounded between centres[b] and centres[b + 1], b = upper_bound(centres, value) - 1
 // clamped to [0, count - 2]: upward where (value - c[b]) / gap > the draw's value i (no seed:
 // deterministic rounding at 0.5); a zero gap divides by inf (fraction 0: the lower centre, which
@@ -116,21 +102,29 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
   auto out = torch::empty_like(values);
   const float* v = values.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  // the binary search runs for a block of values in lockstep: each step's loads and compares
+  // are independent across the block, where one value's steps wait on each other
+  constexpr int64_t block = 16;
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float x = v[i];
-      const float* base = c;  // branchless upper bound, searchsorted's predicate !(x < centre)
-      int64_t length = count;
-      while (length > 1) {
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t lanes = std::min(block, end - first);
+      int64_t base[block] = {};  // branchless upper bound, searchsorted's !(x < centre)
+      for (int64_t length = count; length > 1;) {
         const int64_t half = length / 2;
-        base += static_cast<int64_t>(!(x < base[half])) * half;  // no branch to mispredict
+        for (int64_t j = 0; j < lanes; ++j) {
+          base[j] += static_cast<int64_t>(!(v[first + j] < c[base[j] + half])) * half;
+        }
         length -= half;
       }
-      int64_t b = (base - c) + (!(x < *base) ? 1 : 0) - 1;
-      b = b < 0 ? 0 : (b > count - 2 ? count - 2 : b);
-      const float fraction = (x - c[b]) / gaps[b];
-      const float threshold = stochastic ? counter_uniform_at(s, i) : 0.5f;
-      o[i] = c[b + (fraction > threshold ? 1 : 0)];
+      for (int64_t j = 0; j < lanes; ++j) {
+        const int64_t i = first + j;
+        const float x = v[i];
+        int64_t b = base[j] + (!(x < c[base[j]]) ? 1 : 0) - 1;
+        b = b < 0 ? 0 : (b > count - 2 ? count - 2 : b);
+        const float fraction = (x - c[b]) / gaps[b];
+        const float threshold = stochastic ? counter_uniform_at(s, i) : 0.5f;
+        o[i] = c[b + static_cast<int64_t>(fraction > threshold)];
+      }
     }
   });
   return out;
@@ -151,6 +145,36 @@ static inline float4 load4(const float* from) {
 static inline void store4(float* to, float4 lanes) { std::memcpy(to, &lanes, sizeof lanes); }
 
 static const int4 low_lane_bits = {1, 2, 4, 8};
+
+// x rounded in place to floor(x) or floor(x) + 1, upward where x - floor(x) > the draw's value i
+// (common.lowbit.quantizers._round_: (x - floor > noise) + floor): the floor by torch's
+// vectorized op (a scalar loop would call libm for each), the rest four lanes at a time (a
+// scalar loop branched on the random comparison: 5x slower)
+void stochastic_round_(torch::Tensor x, int64_t seed) {
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous());
+  const uint64_t s = checked_seed(seed);
+  const auto floors = torch::floor(x);
+  const float* f = floors.data_ptr<float>();
+  float* v = x.data_ptr<float>();
+  const int4 one = (int4)(float4{} + 1.0f);
+  const auto lanes = [&](const float* value, const float* low, float* to, int64_t i) {
+    const float4 draw = {counter_uniform_at(s, i), counter_uniform_at(s, i + 1),
+                         counter_uniform_at(s, i + 2), counter_uniform_at(s, i + 3)};
+    const int4 up = (load4(value) - load4(low)) > draw;
+    store4(to, (float4)(up & one) + load4(low));
+  };
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) lanes(v + i, f + i, v + i, i);
+    if (i < end) {  // the last lanes: padded with zeros, dropped
+      float value[4] = {}, low[4] = {}, result[4];
+      std::memcpy(value, v + i, (end - i) * sizeof(float));
+      std::memcpy(low, f + i, (end - i) * sizeof(float));
+      lanes(value, low, result, i);
+      std::memcpy(v + i, result, (end - i) * sizeof(float));
+    }
+  });
+}
 
 // DoReFa's activation on four values (common.lowbit.saved_codes._BoundedQuantize, the same
 // floats): bounded = clamp(x, 0, 1) (NaN and -0.0 kept, as torch.clamp), out = round(bounded *
