@@ -5,6 +5,7 @@
   gathers, a division, a comparison, one more gather) besides the noise; here one pass per
   element, with the same search predicate as ``torch.searchsorted(..., right=True)`` and the
   noise made where it is used.
+- ``decode_table``: weight codes to weights, one table lookup each (``codes_to_weight``).
 - ``counter_uniform`` / ``stochastic_round_``: ``common.lowbit.noise``'s counter-based draws, and
   the weights' stochastic projection onto their grid (floor, draw, compare, add) in one pass.
 - ``bounded_quantize`` / ``masked_gradient`` / ``decode_codes``: DoReFa's activation (clamp, the
@@ -354,6 +355,35 @@ torch::Tensor window_max_unpool(torch::Tensor grad, torch::Tensor argmax, int64_
   return out;
 }
 
+// weight codes (uint8, int16, int32, or whole-number float32) to their layer's weights: out[i] =
+// table[codes[i]] (common.lowbit.quantizers.codes_to_weight); a NaN float code gives NaN, as
+// the tensor ops do
+torch::Tensor decode_table(torch::Tensor codes, torch::Tensor table) {
+  TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
+  TORCH_CHECK(table.is_cpu() && table.scalar_type() == torch::kFloat && table.is_contiguous());
+  auto out = torch::empty_like(codes, codes.options().dtype(torch::kFloat));
+  const float* t = table.data_ptr<float>();
+  const int64_t size = table.numel();
+  float* o = out.data_ptr<float>();
+  const auto run = [&](const auto* c) {
+    at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto code = c[i];
+        o[i] = (code >= 0 && code < size) ? t[static_cast<int64_t>(code)]
+                                          : std::numeric_limits<float>::quiet_NaN();
+      }
+    });
+  };
+  switch (codes.scalar_type()) {
+    case torch::kUInt8: run(codes.data_ptr<uint8_t>()); break;
+    case torch::kInt16: run(codes.data_ptr<int16_t>()); break;
+    case torch::kInt32: run(codes.data_ptr<int32_t>()); break;
+    case torch::kFloat: run(codes.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "decode_table: codes are uint8, int16, int32 or float32");
+  }
+  return out;
+}
+
 // saved codes back to the float activation: float(code) / levels, as codes.to(float) / levels
 torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
   TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
@@ -383,6 +413,7 @@ _FUNCTIONS = [
     "bounded_quantize",
     "masked_gradient",
     "decode_codes",
+    "decode_table",
     "window_max_pool",
     "window_max_unpool",
 ]
@@ -474,6 +505,11 @@ def window_max_pool() -> Callable[..., list[torch.Tensor]] | None:
 def window_max_unpool() -> Callable[..., torch.Tensor] | None:
     """``window_max_unpool(grad, argmax, k, height, width)``: that max-pool's backward."""
     return _function("window_max_unpool")
+
+
+def decode_table() -> Callable[..., torch.Tensor] | None:
+    """``decode_table(codes, table)``: weight codes to their layer's weights."""
+    return _function("decode_table")
 
 
 def decode_codes() -> Callable[..., torch.Tensor] | None:
