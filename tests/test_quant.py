@@ -59,12 +59,19 @@ def test_forward_weights_are_decoded_codes_with_at_most_2_pow_s_values(bits, see
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=low_bits, seed=seeds, std=st.sampled_from([1e-3, 0.2, 3.0]))
-def test_weight_quantizer_is_idempotent_and_keeps_magnitude(bits, seed, std):
-    """Codes and scale again, bit for bit: a decoded model projected again does not move."""
+@given(
+    bits=low_bits,
+    seed=seeds,
+    std=st.sampled_from([1e-3, 0.2, 3.0]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+)
+def test_weight_quantizer_is_idempotent_and_keeps_magnitude(bits, seed, std, rounding):
+    """Codes and scale again, bit for bit, also after the stochastic projection's codes: a
+    decoded model projected again does not move (``mark_on_grid`` relies on it)."""
     weight = random_weight(seed, std=std)
-    once = quantize_weight(weight, bits)
-    codes_once, scale_once = weight_codes(weight, bits)
+    generator = torch.Generator().manual_seed(seed)
+    codes_once, scale_once = weight_codes(weight, bits, rounding, generator)
+    once = codes_to_weight(codes_once, scale_once, bits)
     codes_twice, scale_twice = weight_codes(once, bits)
     assert torch.equal(codes_once, codes_twice)
     assert torch.equal(bits_of(scale_once), bits_of(scale_twice))
@@ -512,6 +519,53 @@ def test_quantizing_once_reuses_a_weights_quantization_until_the_weight_changes(
     assert again is first and other_bits is not first and unused is not first
     assert after_step is not first and not torch.equal(after_step, first)
     assert outside[0] is not outside[1] and torch.equal(outside[0], after_step)
+
+
+def test_a_projected_weight_is_its_own_quantization_until_it_changes():
+    model = torch.nn.Sequential(QuantConv2d(2, 3, 3, bias=False))
+    layer = model[0]
+    project_weights_(model, 4, "stochastic", torch.Generator().manual_seed(1))
+    assert quantize_weight(layer.weight, 4) is layer.weight
+    assert torch.equal(
+        bits_of(codes_to_weight(*weight_codes(layer.weight, 4), 4)), bits_of(layer.weight)
+    )
+    assert quantize_weight(layer.weight, 6) is not layer.weight  # another grid
+    with torch.no_grad():
+        layer.weight.add_(0.05)  # an optimizer step: the version counter moves
+    assert quantize_weight(layer.weight, 4) is not layer.weight
+    project_weights_(model, 4, "deterministic")
+    assert quantize_weight(layer.weight, 4) is layer.weight
+    layer.weight.data = layer.weight.data.clone()  # new storage, the same version
+    assert quantize_weight(layer.weight, 4) is not layer.weight
+
+
+@pytest.mark.parametrize("save_codes", [True, False])
+def test_training_on_the_grid_is_the_same_with_and_without_the_projected_shortcut(save_codes):
+    """Three grid-update steps: every parameter, bit for bit, whether the forward pass takes a
+    just-projected weight as it is or quantizes it again."""
+    from common.learning.models import build_ssl_model
+    from common.learning.training import LowBitSettings, prepare_model, train_step
+    from common.lowbit import quantizers
+
+    settings = LowBitSettings(bits=4, save_codes=save_codes)
+    trained = []
+    for shortcut in (True, False):
+        torch.manual_seed(5)
+        model = build_ssl_model("small_cnn", 4, 1, width=8)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        views = torch.rand(3, 2, 16, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+        generator = torch.Generator().manual_seed(7)
+        with pytest.MonkeyPatch.context() as patch:
+            if not shortcut:
+                patch.setattr(quantizers, "on_grid", lambda weight, bits: False)
+            prepare_model(model, settings)
+            for first, second in views:
+                train_step(model, first, second, optimizer, settings, generator=generator)
+        if shortcut:  # each step's forward pass took the projected weights as they were
+            layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+            assert all(quantizers.on_grid(m.weight, 4) for m in layers)
+        trained.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*trained, strict=True))
 
 
 @pytest.mark.parametrize("save_codes", [True, False])

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from common.lowbit.quantizers import (
     Rounding,
     codes_to_weight,
+    mark_on_grid,
     quantize_activation,
     quantize_gradient,
     quantize_weight,
@@ -138,3 +139,4 @@ def project_weights_(
     for layer in quantized_layers(model):
         codes, scale = weight_codes(layer.weight, bits, rounding, generator)
         layer.weight.copy_(codes_to_weight(codes, scale, bits))
+        mark_on_grid(layer.weight, bits)

@@ -196,7 +196,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
     The value is bit-for-bit ``codes_to_weight(*weight_codes(weight, bits), bits)``.
     """
-    if bits == FULL_PRECISION:
+    if bits == FULL_PRECISION or on_grid(weight, bits):
         return weight
     holding = _holding()
     held = holding.get(id(weight)) if holding is not None else None
@@ -219,6 +219,23 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
         kept = None if keep_codes else out
         holding[id(weight)] = _Held(weight, weight._version, bits, codes, scale, kept)
     return out
+
+
+def mark_on_grid(weight: torch.Tensor, bits: int) -> None:
+    """Record that ``weight`` holds decoded ``bits``-bit codes (``project_weights_`` wrote them).
+
+    Decoding and quantizing again gives the same codes and scale (``weight_table``), so until
+    the weight changes ``quantize_weight`` returns it as it is: its own quantization bit for bit,
+    without the tanh, scale and decode passes, and nothing new for backward to keep (the
+    parameter itself). A change is any in-place write (its version counter: the optimizer step,
+    ``load_state_dict``) or new storage (``.to(device)``).
+    """
+    weight._on_grid = (bits, weight._version, weight.data_ptr())  # type: ignore[attr-defined]
+
+
+def on_grid(weight: torch.Tensor, bits: int) -> bool:
+    """Whether ``weight`` is unchanged since ``mark_on_grid(weight, bits)``."""
+    return getattr(weight, "_on_grid", None) == (bits, weight._version, weight.data_ptr())
 
 
 def _decode_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype):
