@@ -355,23 +355,16 @@ torch::Tensor window_max_unpool(torch::Tensor grad, torch::Tensor argmax, int64_
   return out;
 }
 
-// weight codes (uint8, int16, int32, or whole-number float32) to their layer's weights: out[i] =
-// table[codes[i]] (common.lowbit.quantizers.codes_to_weight); a NaN float code gives NaN, as
-// the tensor ops do
-torch::Tensor decode_table(torch::Tensor codes, torch::Tensor table) {
+// codes (uint8, int16, int32, or whole-number float32) to floats, decode(code) each: the one
+// loop both decoders below run
+template <typename Decode>
+torch::Tensor map_codes(const torch::Tensor& codes, const char* name, const Decode& decode) {
   TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
-  TORCH_CHECK(table.is_cpu() && table.scalar_type() == torch::kFloat && table.is_contiguous());
   auto out = torch::empty_like(codes, codes.options().dtype(torch::kFloat));
-  const float* t = table.data_ptr<float>();
-  const int64_t size = table.numel();
   float* o = out.data_ptr<float>();
-  const auto run = [&](const auto* c) {
+  const auto run = [&](const auto* c) {  // one loop for each type codes are kept in
     at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const auto code = c[i];
-        o[i] = (code >= 0 && code < size) ? t[static_cast<int64_t>(code)]
-                                          : std::numeric_limits<float>::quiet_NaN();
-      }
+      for (int64_t i = begin; i < end; ++i) o[i] = decode(c[i]);
     });
   };
   switch (codes.scalar_type()) {
@@ -379,29 +372,28 @@ torch::Tensor decode_table(torch::Tensor codes, torch::Tensor table) {
     case torch::kInt16: run(codes.data_ptr<int16_t>()); break;
     case torch::kInt32: run(codes.data_ptr<int32_t>()); break;
     case torch::kFloat: run(codes.data_ptr<float>()); break;
-    default: TORCH_CHECK(false, "decode_table: codes are uint8, int16, int32 or float32");
+    default: TORCH_CHECK(false, name, ": codes are uint8, int16, int32 or float32");
   }
   return out;
 }
 
+// weight codes to their layer's weights: out[i] = table[codes[i]]
+// (common.lowbit.quantizers.codes_to_weight); a NaN float code gives NaN, as the tensor ops do
+torch::Tensor decode_table(torch::Tensor codes, torch::Tensor table) {
+  TORCH_CHECK(table.is_cpu() && table.scalar_type() == torch::kFloat && table.is_contiguous());
+  const float* t = table.data_ptr<float>();
+  const int64_t size = table.numel();
+  return map_codes(codes, "decode_table", [&](auto code) {
+    return (code >= 0 && code < size) ? t[static_cast<int64_t>(code)]
+                                      : std::numeric_limits<float>::quiet_NaN();
+  });
+}
+
 // saved codes back to the float activation: float(code) / levels, as codes.to(float) / levels
 torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
-  TORCH_CHECK(codes.is_cpu() && codes.is_contiguous());
-  auto out = torch::empty_like(codes, codes.options().dtype(torch::kFloat));
   const float scale = static_cast<float>(levels);
-  float* o = out.data_ptr<float>();
-  const auto run = [&](const auto* c) {  // one loop for each type codes are kept in
-    at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<float>(c[i]) / scale;
-    });
-  };
-  switch (codes.scalar_type()) {
-    case torch::kUInt8: run(codes.data_ptr<uint8_t>()); break;
-    case torch::kInt16: run(codes.data_ptr<int16_t>()); break;
-    case torch::kInt32: run(codes.data_ptr<int32_t>()); break;
-    default: TORCH_CHECK(false, "decode_codes: codes are uint8, int16 or int32");
-  }
-  return out;
+  return map_codes(codes, "decode_codes",
+                   [&](auto code) { return static_cast<float>(code) / scale; });
 }
 """
 
