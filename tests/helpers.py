@@ -1,7 +1,9 @@
 """Helpers the test modules share: a tiny config, an in-process federation, record comparison, and
 what a server round gave each client."""
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from flwr.common import RecordDict
 from PIL import Image
 
 from common.config import ExperimentConfig
+from common.lowbit import kernel
 from common.runs.experiment import server_data
 from fedqssl_client.client import LowBitClient
 from fedqssl_server.results import RunRecorder
@@ -22,6 +25,16 @@ needs_compiler = pytest.mark.skipif(
     shutil.which("c++") is None or shutil.which("ninja") is None,
     reason="the fused kernels are built with a C++ compiler and ninja (scripts/setup.sh: both)",
 )
+
+
+@contextlib.contextmanager
+def kernels(on: bool) -> Iterator[None]:
+    """The fused kernels as built here (on), or every accessor None (off: the tensor ops, as on
+    a machine without a compiler)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not on:
+            patch.setattr(kernel, "compiled", lambda: None)
+        yield
 
 
 def bits_of(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ draws uniform and independent enough for unbiased stochastic rounding."""
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +23,7 @@ def splitmix64(seed: int, index: int) -> float:
 
 
 def tensor_ops_uniform(seed: int, count: int) -> torch.Tensor:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernel, "counter_uniform", lambda: None)
+    with kernels(on=False):
         return noise.uniform(seed, count)
 
 

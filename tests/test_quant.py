@@ -5,11 +5,10 @@ import itertools
 import logging
 import math
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import bits_of, needs_compiler
+from helpers import bits_of, kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,15 +316,6 @@ def plain_round_between(values, centres, bracket, rounding, generator):
     else:
         pick_upper = noise.uniform(noise.draw_seed(generator), values.numel()) < frac
     return torch.where(pick_upper, upper, lower)
-
-
-@contextlib.contextmanager
-def kernels(on: bool) -> Iterator[None]:
-    """The fused kernels as built here (on), or every accessor None (off: the tensor ops)."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not on:
-            patch.setattr(kernel, "compiled", lambda: None)
-        yield
 
 
 @settings(max_examples=60, deadline=None)

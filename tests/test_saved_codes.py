@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import bits_of, needs_compiler
+from helpers import bits_of, kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +102,6 @@ def activation_through(x, grad, bits, keep_codes):
     return results
 
 
-ACTIVATION_KERNELS = ("bounded_quantize", "masked_gradient", "decode_codes")
 SPECIAL_VALUES = [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 1.0000001, -1e-38, 1e-38]
 
 
@@ -131,9 +130,7 @@ def test_the_fused_activation_kernels_give_the_tensor_ops_floats(
     grad = torch.randn(n, generator=generator)
     grad[: min(n, 4)] = torch.tensor([math.inf, -0.0, math.nan, -1.0])[: min(n, 4)]
     fused = activation_through(x, grad, bits, keep_codes)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ACTIVATION_KERNELS:
-            patch.setattr(kernel, name, lambda: None)
+    with kernels(on=False):
         plain = activation_through(x, grad, bits, keep_codes)
     if keep_codes:  # a NaN's code is whatever the float-to-integer conversion gives
         fused[2], plain[2] = fused[2][~x.isnan()], plain[2][~x.isnan()]
@@ -201,16 +198,10 @@ def test_masks_pack_to_one_bit_each_and_back(shape):
     assert torch.equal(saved_codes._unpack_bits_tensor(packed, mask.shape), mask)
 
 
-WINDOW_KERNELS = ("window_max_pool", "window_max_unpool")
-
-
 def window_pool_through(x, grad_out, size, fused: bool):
     """_WindowMaxPool's output, saved argmax and input gradient, with its fused kernels or its
     tensor ops."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not fused:
-            for name in WINDOW_KERNELS:
-                patch.setattr(kernel, name, lambda: None)
+    with kernels(on=fused):
         x = x.clone().requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
