@@ -25,9 +25,11 @@ from common.lowbit.quantizers import (
     MAX_SCALE,
     _centres_of_sorted,
     codes_to_weight,
+    project_to_grid_,
     quantile_centres,
     quantize_activation,
     quantize_gradient,
+    quantize_gradients_,
     quantize_weight,
     quantizing_once,
     round_between,
@@ -349,6 +351,79 @@ def test_weight_codes_and_decoding_equal_the_plain_formulas_bit_for_bit(
     assert torch.allclose(decoded.double(), exact, rtol=5e-7, atol=1e-38)
     for code in codes.unique():
         assert decoded[codes == code].unique().numel() == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=low_bits,
+    seed=seeds,
+    std=st.sampled_from([1e-3, 0.5, 6.0]),
+    size=st.integers(1, 3000),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+    fused=st.booleans(),
+)
+def test_the_grid_projection_writes_the_decoded_codes_bit_for_bit(
+    bits, seed, std, size, rounding, fused
+):
+    """``project_to_grid_`` (one fused pass for stochastic rounding) against the codes decoded,
+    also on NaN, infinite and zero weights and partial lanes; it bumps the version counter."""
+    weight = torch.randn(size, generator=torch.Generator().manual_seed(seed)) * std
+    weight[:4] = torch.tensor([math.nan, math.inf, -math.inf, -0.0])[: min(size, 4)]
+    expected = codes_to_weight(
+        *weight_codes(weight, bits, rounding, torch.Generator().manual_seed(seed)), bits
+    )
+    projected = weight.clone()
+    version = projected._version
+    with kernels(on=fused):
+        project_to_grid_(projected, bits, rounding, torch.Generator().manual_seed(seed))
+    assert torch.equal(bits_of(projected), bits_of(expected))
+    assert projected._version > version
+
+
+@needs_compiler
+def test_the_grid_projection_is_the_same_with_and_without_the_fused_kernel():
+    weight = random_weight(5, shape=(64, 64, 3, 3))
+    projected = {}
+    for fused in (True, False):
+        projected[fused] = weight.clone()
+        with kernels(on=fused):
+            project_to_grid_(projected[fused], 4, "stochastic", torch.Generator().manual_seed(6))
+    assert torch.equal(bits_of(projected[True]), bits_of(projected[False]))
+    assert not torch.equal(projected[True], weight)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=seeds,
+    bits=st.sampled_from([2, 6, 14]),
+    rounding=st.sampled_from(["deterministic", "stochastic"]),
+    fused=st.booleans(),
+)
+def test_quantizing_a_models_gradients_at_once_equals_one_layer_after_another(
+    seed, bits, rounding, fused
+):
+    """In place, sorts on threads, draws in layer order: the numbers of ``quantize_gradient``
+    layer by layer with one generator, for exact and sampled layers, a one-value layer, a
+    non-contiguous and a float64 gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(size, generator=generator) for size in (3000, 1, 70_000, 500, 90_000)]
+    grads[3] = torch.randn(40, 30, generator=generator).t()  # non-contiguous
+    grads[4] = grads[4].double()
+    expected = []
+    generator = torch.Generator().manual_seed(seed)
+    for grad in grads:
+        expected.append(quantize_gradient(grad, bits, rounding, generator, sample_above=60_000))
+    quantized = [grad.clone() for grad in grads]
+    with kernels(on=fused):
+        quantize_gradients_(
+            quantized, bits, rounding, torch.Generator().manual_seed(seed), sample_above=60_000
+        )
+    for mine, theirs in zip(quantized, expected, strict=True):
+        assert mine.dtype == theirs.dtype
+        assert torch.equal(
+            mine.contiguous().view(torch.uint8), theirs.contiguous().view(torch.uint8)
+        )
+    assert not torch.equal(quantized[0], grads[0])
 
 
 @settings(max_examples=30, deadline=None)

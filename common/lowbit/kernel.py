@@ -85,11 +85,15 @@ torch::Tensor counter_uniform(int64_t seed, int64_t count) {
 // clamped to [0, count - 2]: upward where (value - c[b]) / gap > the draw's value i (no seed:
 // deterministic rounding at 0.5); a zero gap divides by inf (fraction 0: the lower centre, which
 // equals the upper one)
+// into out (a new tensor where none is given; it may be values itself: each value is read before
+// its own result is written)
 torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
-                            c10::optional<int64_t> seed) {
-  for (const auto& t : {values, centres}) {
+                            c10::optional<int64_t> seed, c10::optional<torch::Tensor> into) {
+  auto out = into.has_value() ? *into : torch::empty_like(values);
+  for (const auto& t : {values, centres, out}) {
     TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
   }
+  TORCH_CHECK(out.numel() == values.numel(), "round_between: out and values differ in size");
   const int64_t n = values.numel(), count = centres.numel();
   TORCH_CHECK(count >= 2, "at least two centres");
   const bool stochastic = seed.has_value();
@@ -100,7 +104,6 @@ torch::Tensor round_between(torch::Tensor values, torch::Tensor centres,
     const float gap = c[k + 1] - c[k];
     gaps[k] = gap > 0 ? gap : std::numeric_limits<float>::infinity();
   }
-  auto out = torch::empty_like(values);
   const float* v = values.data_ptr<float>();
   float* o = out.data_ptr<float>();
   // the binary search runs for a block of values in lockstep: each step's loads and compares
@@ -173,6 +176,49 @@ void stochastic_round_(torch::Tensor x, int64_t seed) {
       std::memcpy(low, f + i, (end - i) * sizeof(float));
       lanes(value, low, result, i);
       std::memcpy(v + i, result, (end - i) * sizeof(float));
+    }
+  });
+}
+
+// the weights' stochastic projection onto their grid in place (common.lowbit.quantizers.
+// project_to_grid_, the tensor ops' floats): from companded = tanh(weight), unit = clamp(companded
+// / divisor + 0.5, 0, 1) * levels (NaN kept, as torch.clamp), the code floor(unit) + (unit -
+// floor(unit) > the draw's value i), and the weight table[code] (NaN for a NaN unit); four lanes
+// at a time, the floor of 0 <= unit <= levels by truncation (no libm call)
+void project_to_grid_(torch::Tensor weight, torch::Tensor companded, double divisor,
+                      int64_t levels, int64_t seed, torch::Tensor table) {
+  for (const auto& t : {weight, companded, table}) {
+    TORCH_CHECK(t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous());
+  }
+  TORCH_CHECK(weight.numel() == companded.numel() && table.numel() == levels + 1 &&
+              levels >= 1 && levels < (1 << 23));
+  const uint64_t s = checked_seed(seed);
+  const float d = static_cast<float>(divisor), scale = static_cast<float>(levels);
+  const float* t = companded.data_ptr<float>();
+  const float* grid = table.data_ptr<float>();
+  float* w = weight.data_ptr<float>();
+  const float4 nan4 = float4{} + std::numeric_limits<float>::quiet_NaN();
+  const auto lanes = [&](const float* from, float* to, int64_t i) {
+    const float4 draw = {counter_uniform_at(s, i), counter_uniform_at(s, i + 1),
+                         counter_uniform_at(s, i + 2), counter_uniform_at(s, i + 3)};
+    float4 unit = load4(from) / d + 0.5f;
+    unit = unit < 0.0f ? float4{} : unit;
+    unit = unit > 1.0f ? float4{} + 1.0f : unit;
+    unit = unit * scale;
+    const int4 nan = unit != unit;
+    const int4 whole = __builtin_convertvector(unit, int4) & ~nan;
+    const int4 code = whole - ((unit - __builtin_convertvector(whole, float4)) > draw);
+    const float4 looked = {grid[code[0]], grid[code[1]], grid[code[2]], grid[code[3]]};
+    store4(to, nan ? nan4 : looked);
+  };
+  at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4) lanes(t + i, w + i, i);
+    if (i < end) {  // the last lanes: padded with zeros, dropped
+      float value[4] = {}, result[4];
+      std::memcpy(value, t + i, (end - i) * sizeof(float));
+      lanes(value, result, i);
+      std::memcpy(w + i, result, (end - i) * sizeof(float));
     }
   });
 }
@@ -401,6 +447,7 @@ _log = logging.getLogger(__name__)
 _FUNCTIONS = [
     "counter_uniform",
     "stochastic_round_",
+    "project_to_grid_",
     "round_between",
     "bounded_quantize",
     "masked_gradient",
@@ -474,8 +521,15 @@ def stochastic_round_() -> Callable[..., None] | None:
     return _function("stochastic_round_")
 
 
+def project_to_grid_() -> Callable[..., None] | None:
+    """``project_to_grid_(weight, companded, divisor, levels, seed, table)``: the weights'
+    stochastic grid projection, written into ``weight``."""
+    return _function("project_to_grid_")
+
+
 def round_between() -> Callable[..., torch.Tensor] | None:
-    """``round_between(values, centres, seed | None)``: the gradient quantizer's rounding."""
+    """``round_between(values, centres, seed | None, out | None)``: the gradient quantizer's
+    rounding (into ``out`` where given, ``values`` itself allowed)."""
     return _function("round_between")
 
 

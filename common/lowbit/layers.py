@@ -9,12 +9,11 @@ from torch.nn import functional as F
 
 from common.lowbit.quantizers import (
     Rounding,
-    codes_to_weight,
     mark_on_grid,
+    project_to_grid_,
     quantize_activation,
-    quantize_gradient,
+    quantize_gradients_,
     quantize_weight,
-    weight_codes,
 )
 from common.lowbit.saved_codes import mark_recomputable
 from common.vocabulary import FP_ACTIVATIONS, FULL_PRECISION, check_bits
@@ -114,11 +113,8 @@ def quantize_weight_grads_(
     """
     if bits == FULL_PRECISION:
         return
-    for layer in quantized_layers(model):
-        if layer.weight.grad is not None:
-            layer.weight.grad.copy_(
-                quantize_gradient(layer.weight.grad, bits + 2, rounding, generator)
-            )
+    grads = [layer.weight.grad for layer in quantized_layers(model)]
+    quantize_gradients_([grad for grad in grads if grad is not None], bits + 2, rounding, generator)
 
 
 @torch.no_grad()
@@ -137,6 +133,5 @@ def project_weights_(
     if bits == FULL_PRECISION:
         return
     for layer in quantized_layers(model):
-        codes, scale = weight_codes(layer.weight, bits, rounding, generator)
-        layer.weight.copy_(codes_to_weight(codes, scale, bits))
+        project_to_grid_(layer.weight, bits, rounding, generator)
         mark_on_grid(layer.weight, bits)

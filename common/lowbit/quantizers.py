@@ -18,9 +18,11 @@ sender's forward pass was.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -74,11 +76,40 @@ def weight_codes(
     projection of an updated weight back onto the grid (in the companded domain).
     """
     levels = _levels(bits)
-    companded = torch.tanh(weight.detach().float())  # once: the scale and the codes share it
-    scale = companded.abs().max().clamp(max=MAX_SCALE)
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    unit = companded.div_(2 * safe_scale).add_(0.5).clamp_(0.0, 1.0).mul_(levels)
+    companded, scale, divisor = _companded(weight)
+    unit = companded.div_(divisor).add_(0.5).clamp_(0.0, 1.0).mul_(levels)
     return _round_(unit, rounding, generator).clamp_(0, levels), scale
+
+
+def _companded(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tanh(weight)`` (a new float32 tensor: the scale and the codes share it), the scale M =
+    max |tanh(w)| capped at ``MAX_SCALE``, and the divisor 2M (2 for an all-zero layer) that
+    maps the companded weights to [-1/2, 1/2]."""
+    companded = torch.tanh(weight.detach().float())
+    low, high = torch.aminmax(companded)  # one pass: max |t| = max(high, -low), NaN kept
+    scale = torch.maximum(high, low.neg()).abs_().clamp_(max=MAX_SCALE)
+    return companded, scale, 2 * torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+@torch.no_grad()
+def project_to_grid_(
+    weight: torch.Tensor,
+    bits: int,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+) -> None:
+    """``weight <- codes_to_weight(*weight_codes(weight, bits, rounding, generator), bits)`` in
+    place, the same floats; the stochastic projection of a contiguous float32 CPU weight in one
+    fused pass from ``tanh(weight)`` (the codes are never materialised)."""
+    levels = _levels(bits)
+    fused = kernel.project_to_grid_() if kernel.fusable(weight) else None
+    if fused is None or rounding != "stochastic":
+        weight.copy_(codes_to_weight(*weight_codes(weight, bits, rounding, generator), bits))
+        return
+    companded, scale, divisor = _companded(weight)
+    seed = noise.draw_seed(generator)
+    fused(weight, companded, float(divisor), levels, seed, weight_table(scale, bits))
+    torch.autograd.graph.increment_version(weight)  # written through its pointer
 
 
 def codes_to_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -273,6 +304,21 @@ def quantile_centres(values: torch.Tensor, bits: int) -> torch.Tensor:
     return _centres_of_sorted(_sorted(values.detach().reshape(-1).float()), 1 << bits)
 
 
+def _sorted_all(flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``_sorted`` of each, on a thread per core where there are several to sort."""
+    if len(flats) < 2:
+        return [_sorted(flat) for flat in flats]
+    return list(_sorting_pool(os.getpid()).map(_sorted, flats))
+
+
+@functools.cache
+def _sorting_pool(pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The sorting threads of process ``pid`` (a forked child has none of its parent's)."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max(1, torch.get_num_threads()), thread_name_prefix="fedqssl-sort"
+    )
+
+
 def _sorted(flat: torch.Tensor) -> torch.Tensor:
     """``flat``'s values in ascending order (NaN last): NumPy's sort on the CPU (about 3.5x
     faster than ``torch.sort``, which also computes the indices), ``torch.sort`` elsewhere. Only
@@ -319,29 +365,73 @@ def quantize_gradient(
     """
     if bits >= FULL_PRECISION or grad.numel() < 2:
         return grad
-    flat = grad.detach().reshape(-1).float()
+    quantized = grad.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    quantize_gradients_([quantized], bits, rounding, generator, sample_above)
+    return quantized.to(grad.dtype)
+
+
+@dataclass(frozen=True)
+class _GradientPlan:
+    """One layer's part of ``quantize_gradients_``: its gradient, the gradient's values as flat
+    float32 (a view where it is contiguous float32), what to sort for its centres (the values,
+    or the sample), and its noise seed (None: deterministic rounding)."""
+
+    grad: torch.Tensor
+    flat: torch.Tensor
+    to_sort: torch.Tensor
+    sampled: bool
+    seed: int | None
+
+
+@torch.no_grad()
+def quantize_gradients_(
+    grads: list[torch.Tensor],
+    bits: int,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+    sample_above: int = SAMPLED_QUANTILES_ABOVE,
+) -> None:
+    """``quantize_gradient`` of each of ``grads``, written into it, the same numbers.
+
+    The generator's draws are taken layer by layer in order first (each sampled layer's sample
+    positions, then each layer's seed), so the numbers do not depend on what runs alongside;
+    then the layers' sorts run on a thread per core (NumPy's sort releases the GIL); then each
+    layer is rounded in place.
+    """
+    if bits >= FULL_PRECISION:
+        return
     count = 1 << bits
     sample_size = max(QUANTILE_SAMPLE, 4 * count)
-    if flat.numel() > max(sample_above, sample_size):
-        centres = _sampled_centres(flat, count, sample_size, generator)
-    else:
-        centres = _centres_of_sorted(_sorted(flat), count)
-    seed = None if rounding == "deterministic" else noise.draw_seed(generator)
-    return round_between(flat, centres, seed).reshape(grad.shape).to(grad.dtype)
+    plans = []
+    for grad in grads:
+        if grad.numel() < 2:
+            continue
+        flat = grad.detach().reshape(-1).float()
+        sampled = flat.numel() > max(sample_above, sample_size)
+        to_sort = flat
+        if sampled:
+            picks = torch.randint(
+                flat.numel(), (sample_size,), generator=generator, device=flat.device
+            )
+            to_sort = flat[picks]
+        seed = None if rounding == "deterministic" else noise.draw_seed(generator)
+        plans.append(_GradientPlan(grad, flat, to_sort, sampled, seed))
+    for plan, ordered in zip(plans, _sorted_all([p.to_sort for p in plans]), strict=True):
+        centres = _centres_of_sorted(ordered, count)
+        if plan.sampled:  # the tensor's own extremes: every value lies between two centres
+            centres[0], centres[-1] = torch.aminmax(plan.flat)
+        in_place = plan.flat.data_ptr() == plan.grad.data_ptr() and kernel.fusable(plan.grad)
+        rounded = round_between(plan.flat, centres, plan.seed, plan.flat if in_place else None)
+        if not in_place:
+            plan.grad.copy_(rounded.view(plan.grad.shape))
 
 
-def _sampled_centres(
-    flat: torch.Tensor, count: int, sample_size: int, generator: torch.Generator | None
+def round_between(
+    values: torch.Tensor,
+    centres: torch.Tensor,
+    seed: int | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``count`` centres: the sample's quantiles, with the tensor's own minimum and maximum at
-    the ends so that every value lies between two centres."""
-    picks = torch.randint(flat.numel(), (sample_size,), generator=generator, device=flat.device)
-    centres = _centres_of_sorted(_sorted(flat[picks]), count)
-    centres[0], centres[-1] = flat.min(), flat.max()
-    return centres
-
-
-def round_between(values: torch.Tensor, centres: torch.Tensor, seed: int | None) -> torch.Tensor:
     """Each of the flat float32 ``values`` rounded to the centre below or above it (ascending
     ``centres``; values outside them take the end brackets): upward where its fraction of the
     gap exceeds the ``common.lowbit.noise`` draw ``seed`` (None: 0.5, the nearer centre).
@@ -349,15 +439,17 @@ def round_between(values: torch.Tensor, centres: torch.Tensor, seed: int | None)
     In tensor ops, per element: the bracket (``searchsorted``), one gather of the lower centre
     and one of the gap, the fraction, one comparison, one gather of the pick. A zero gap divides
     by inf (fraction 0: the lower centre, which equals the upper one). The fused kernel does it
-    in one pass, the same floats.
+    in one pass, the same floats. ``out`` (contiguous float32, ``values`` itself allowed) takes
+    the result where given.
     """
     fused = kernel.round_between() if values.device.type == "cpu" else None
     if fused is not None:
-        return fused(values.contiguous(), centres.contiguous(), seed)
+        return fused(values.contiguous(), centres.contiguous(), seed, out)
     count = centres.numel()
     bracket = (torch.searchsorted(centres, values, right=True) - 1).clamp_(0, count - 2)
     gaps = centres[1:] - centres[:-1]
     safe_gaps = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf))
     frac = (values - centres[:-1][bracket]).div_(safe_gaps[bracket])
     threshold = 0.5 if seed is None else noise.uniform(seed, values.numel(), values.device)
-    return centres[bracket + (frac > threshold)]
+    rounded = centres[bracket + (frac > threshold)]
+    return rounded if out is None else out.copy_(rounded)
