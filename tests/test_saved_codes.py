@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from common.learning.models import CodesMaxPool2d, build_classifier, build_ssl_model
 from common.learning.training import objective_loss
 from common.lowbit import kernel, saved_codes
+from common.lowbit.layers import QuantConv2d
 from common.lowbit.quantizers import quantize_activation
 from common.lowbit.saved_codes import saving_codes
 from common.vocabulary import FULL_PRECISION
@@ -173,7 +174,9 @@ def saved_bytes(model, views, use_codes: bool) -> int:
 
 
 @pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
-def test_a_four_bit_step_keeps_under_a_third_of_what_float32_saves(model_name):
+def test_a_four_bit_step_keeps_under_a_third_of_what_float32_saves(model_name, monkeypatch):
+    """Every layer output recomputed (the deep layers' kept outputs: the next test)."""
+    monkeypatch.setattr(saved_codes, "KEEP_FROM_MACS", 1 << 62)
     torch.manual_seed(0)
     channels = 1 if model_name == "small_cnn" else 3
     views = views_for(model_name, 32, seed=3)
@@ -184,6 +187,34 @@ def test_a_four_bit_step_keeps_under_a_third_of_what_float32_saves(model_name):
     print(f"{model_name}: saved bytes fp32 {full}, 4-bit {without_codes}, as codes {with_codes}")
     assert with_codes < full / 3
     assert with_codes < without_codes / 3
+
+
+def test_outputs_costly_to_recompute_are_kept_in_float32_and_only_those(monkeypatch):
+    """ResNet-18's convs of 1024 multiply-adds or more per output element (128 or more input
+    channels at 3x3) keep their float32 outputs: exactly those outputs' bytes more than
+    recomputing every layer, and no other change."""
+    torch.manual_seed(0)
+    model = build_ssl_model("resnet18", 4, 3)
+    views = views_for("resnet18", 4, seed=5)
+    costly = [
+        layer
+        for layer in model.modules()
+        if isinstance(layer, QuantConv2d)
+        and layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        >= saved_codes.KEEP_FROM_MACS
+    ]
+    kept_bytes = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: kept_bytes.append(out.nbytes))
+        for layer in costly
+    ]
+    with_kept = saved_bytes(model, views, use_codes=True)
+    for hook in hooks:
+        hook.remove()
+    monkeypatch.setattr(saved_codes, "KEEP_FROM_MACS", 1 << 62)
+    every_one_recomputed = saved_bytes(model, views, use_codes=True)
+    assert len(costly) == 11  # the 3x3 convs of layer3 and layer4, layer2's but its first
+    assert with_kept - every_one_recomputed == sum(kept_bytes) > 0
 
 
 @settings(max_examples=40, deadline=None)

@@ -16,8 +16,9 @@ What this counts is the paper's model of low-bit hardware, **not what this PyTor
 here only the weight gradients are quantized (quantile grid, s + 2 bits); the error signals between
 layers stay float32 and every operation runs in float32 arithmetic. What backward keeps of the
 activations is their codes (``common.lowbit.saved_codes``), so measured step memory falls below
-fp32, but it also holds float32 gradients and one layer's recomputed output at a time: measured
-against this counter in docs/BENCHMARKS.md ("Memory a device really needs").
+fp32, but it also holds float32 gradients, one layer's recomputed output at a time and the float32
+outputs of the layers costliest to recompute (``saved_codes.KEEP_FROM_MACS``): measured against
+this counter in docs/BENCHMARKS.md ("Memory a device really needs").
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ model's bitwidth, over the quantizers of ``common.lowbit.quantizers``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,7 +39,13 @@ class QuantConv2d(nn.Conv2d):
         out = self._conv_forward(x, weight, self.bias)
         if self.bits != FULL_PRECISION:
             frozen_bias = _detached(self.bias)
-            mark_recomputable(out, lambda y, w: self._conv_forward(y, w, frozen_bias), x, weight)
+            mark_recomputable(
+                out,
+                lambda y, w: self._conv_forward(y, w, frozen_bias),
+                x,
+                weight,
+                macs_per_element=self.in_channels // self.groups * math.prod(self.kernel_size),
+            )
         return out
 
 
@@ -55,7 +63,13 @@ class QuantLinear(nn.Linear):
         out = F.linear(x, weight, self.bias)
         if self.bits != FULL_PRECISION:
             frozen_bias = _detached(self.bias)
-            mark_recomputable(out, lambda y, w: F.linear(y, w, frozen_bias), x, weight)
+            mark_recomputable(
+                out,
+                lambda y, w: F.linear(y, w, frozen_bias),
+                x,
+                weight,
+                macs_per_element=self.in_features,
+            )
         return out
 
 

@@ -245,7 +245,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     out = _StraightThrough.apply(weight, codes_to_weight(codes, scale, bits).to(weight.dtype))
     if keep_codes:
         decode = functools.partial(_decode_weight, scale=scale, bits=bits, dtype=weight.dtype)
-        mark_recomputable(out, decode, codes)
+        mark_recomputable(out, decode, codes, macs_per_element=0)  # a table lookup
     if holding is not None:
         kept = None if keep_codes else out
         holding[id(weight)] = _Held(weight, weight._version, bits, codes, scale, kept)

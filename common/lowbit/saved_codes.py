@@ -16,7 +16,12 @@ every low-bit training step) three rules apply, through PyTorch's ``saved_tensor
 3. a quantized layer's output (marked by ``mark_recomputable``) is not saved at all: backward
    recomputes it from the layer's saved input codes and weight (one extra conv or matmul per
    layer, the price of the memory), and a quantized weight is saved as its codes and scale and
-   decoded again (``common.lowbit.quantizers.quantize_weight``).
+   decoded again (``common.lowbit.quantizers.quantize_weight``). The exception: an output that
+   costs ``KEEP_FROM_MACS`` (1024) or more multiply-adds per element to recompute is kept in
+   float32. Those are the deep convs of ResNet-18 (128 or more input channels at 3x3): small
+   outputs, costly to recompute; keeping them costs 0.07 of an fp32 step's peak memory and
+   saves about 60% of the recomputation's time (docs/BENCHMARKS.md). No layer of the
+   small CNN (at most 576) is kept.
 
 Outside the context (evaluation, full precision) nothing is marked and nothing changes. The
 numbers are those of the float32 path: ``tests/test_saved_codes.py`` compares losses and every
@@ -220,16 +225,25 @@ def copy_mark(target: torch.Tensor, source: torch.Tensor) -> None:
         mark_codes(target, levels)
 
 
+# A layer output that costs this many multiply-adds per element or more to recompute is kept in
+# float32 instead (rule 3 above)
+KEEP_FROM_MACS = 1024
+
+
 def mark_recomputable(
-    output: torch.Tensor, layer: Callable[..., torch.Tensor], *inputs: torch.Tensor
+    output: torch.Tensor,
+    layer: Callable[..., torch.Tensor],
+    *inputs: torch.Tensor,
+    macs_per_element: int,
 ) -> None:
-    """Mark ``output`` as recomputable by ``layer(*inputs)`` in backward.
+    """Mark ``output`` as recomputable by ``layer(*inputs)`` in backward, unless recomputing it
+    costs ``KEEP_FROM_MACS`` or more multiply-adds per element (then it is saved as it is).
 
     Called after the layer ran, so its inputs have already been saved (as codes if marked): the
     recipe holds what the layer itself saved, nothing more. ``layer`` must not hold a float
     tensor the recipe is meant to spare.
     """
-    if active():
+    if active() and macs_per_element < KEEP_FROM_MACS:
         packed = tuple(_pack(tensor) for tensor in inputs)
         output._saved_codes_recipe = (layer, packed)  # type: ignore[attr-defined]
 
