@@ -359,9 +359,9 @@ def quantize_gradient(
     one (deterministic), or to the upper one with probability (g - lower) / (upper - lower)
     (stochastic, unbiased as the paper's Assumption 1 asks). Up to ``sample_above`` elements the
     centres are exact (one sort of the values); larger gradients take them from a random sample
-    (``_sampled_centres``: the exact minimum and maximum, sample quantiles between), still
-    unbiased, since every value lies between its two centres, at a fraction of a sort's cost
-    (docs/BENCHMARKS.md).
+    (the exact minimum and maximum, sample quantiles between), still unbiased, since every value
+    lies between its two centres, at a fraction of a sort's cost (docs/BENCHMARKS.md). A training
+    step quantizes all its layers at once: ``quantize_gradients_``, the same numbers.
     """
     if bits >= FULL_PRECISION or grad.numel() < 2:
         return grad
