@@ -6,8 +6,9 @@
   element, with the same search predicate as ``torch.searchsorted(..., right=True)`` and the
   noise made where it is used.
 - ``decode_table``: weight codes to weights, one table lookup each (``codes_to_weight``).
-- ``counter_uniform`` / ``stochastic_round_``: ``common.lowbit.noise``'s counter-based draws, and
-  the weights' stochastic projection onto their grid (floor, draw, compare, add) in one pass.
+- ``counter_uniform`` / ``project_to_grid_``: ``common.lowbit.noise``'s counter-based draws, and
+  the weights' stochastic projection onto their grid (scale, floor, draw, compare, table lookup)
+  in one pass, written into the weight.
 - ``bounded_quantize`` / ``masked_gradient`` / ``decode_codes``: DoReFa's activation (clamp, the
   clamp's one-bit mask, round, divide, and the codes the next layer saves) in one pass instead
   of six, its backward (unpack the mask and multiply) in one instead of two, and saved codes back
@@ -149,36 +150,6 @@ static inline float4 load4(const float* from) {
 static inline void store4(float* to, float4 lanes) { std::memcpy(to, &lanes, sizeof lanes); }
 
 static const int4 low_lane_bits = {1, 2, 4, 8};
-
-// x rounded in place to floor(x) or floor(x) + 1, upward where x - floor(x) > the draw's value i
-// (common.lowbit.quantizers._round_: (x - floor > noise) + floor): the floor by torch's
-// vectorized op (a scalar loop would call libm for each), the rest four lanes at a time (a
-// scalar loop branched on the random comparison: 5x slower)
-void stochastic_round_(torch::Tensor x, int64_t seed) {
-  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous());
-  const uint64_t s = checked_seed(seed);
-  const auto floors = torch::floor(x);
-  const float* f = floors.data_ptr<float>();
-  float* v = x.data_ptr<float>();
-  const int4 one = (int4)(float4{} + 1.0f);
-  const auto lanes = [&](const float* value, const float* low, float* to, int64_t i) {
-    const float4 draw = {counter_uniform_at(s, i), counter_uniform_at(s, i + 1),
-                         counter_uniform_at(s, i + 2), counter_uniform_at(s, i + 3)};
-    const int4 up = (load4(value) - load4(low)) > draw;
-    store4(to, (float4)(up & one) + load4(low));
-  };
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + 4 <= end; i += 4) lanes(v + i, f + i, v + i, i);
-    if (i < end) {  // the last lanes: padded with zeros, dropped
-      float value[4] = {}, low[4] = {}, result[4];
-      std::memcpy(value, v + i, (end - i) * sizeof(float));
-      std::memcpy(low, f + i, (end - i) * sizeof(float));
-      lanes(value, low, result, i);
-      std::memcpy(v + i, result, (end - i) * sizeof(float));
-    }
-  });
-}
 
 // the weights' stochastic projection onto their grid in place (common.lowbit.quantizers.
 // project_to_grid_, the tensor ops' floats): from companded = tanh(weight), unit = clamp(companded
@@ -446,7 +417,6 @@ torch::Tensor decode_codes(torch::Tensor codes, int64_t levels) {
 _log = logging.getLogger(__name__)
 _FUNCTIONS = [
     "counter_uniform",
-    "stochastic_round_",
     "project_to_grid_",
     "round_between",
     "bounded_quantize",
@@ -514,11 +484,6 @@ def _function(name: str) -> Callable[..., object] | None:
 def counter_uniform() -> Callable[..., torch.Tensor] | None:
     """``counter_uniform(seed, count)``: a draw of ``common.lowbit.noise``."""
     return _function("counter_uniform")
-
-
-def stochastic_round_() -> Callable[..., None] | None:
-    """``stochastic_round_(x, seed)``: x rounded in place, up with the draw's probability."""
-    return _function("stochastic_round_")
 
 
 def project_to_grid_() -> Callable[..., None] | None:

@@ -48,14 +48,12 @@ def _levels(bits: int) -> int:
 
 def _round_(x: torch.Tensor, rounding: Rounding, generator: torch.Generator | None) -> torch.Tensor:
     """Round float32 ``x`` to integers in place (returned); stochastic rounding is unbiased:
-    E[round(x)] = x, with one ``common.lowbit.noise`` draw (seeded from ``generator``)."""
+    E[round(x)] = x, with one ``common.lowbit.noise`` draw (seeded from ``generator``). The
+    training step's stochastic rounding of weights is ``project_to_grid_``'s fused pass; this is
+    its tensor-op reference (and the path of ``weight_codes`` called on its own)."""
     if rounding == "deterministic":
         return x.round_()
     seed = noise.draw_seed(generator)
-    fused = kernel.stochastic_round_() if kernel.fusable(x) else None
-    if fused is not None:  # one pass, the same numbers (common.lowbit.kernel)
-        fused(x, seed)
-        return x
     floor = torch.floor(x)
     draws = noise.uniform(seed, x.numel(), x.device).view(x.shape)
     return x.sub_(floor).gt_(draws).add_(floor)  # floor + (x - floor > draw)
