@@ -418,7 +418,8 @@ def quantize_gradients_(
         centres = _centres_of_sorted(ordered, count)
         if plan.sampled:  # the tensor's own extremes: every value lies between two centres
             centres[0], centres[-1] = torch.aminmax(plan.flat)
-        in_place = plan.flat.data_ptr() == plan.grad.data_ptr() and kernel.fusable(plan.grad)
+        # a contiguous float32 gradient is rounded into itself through its flat view
+        in_place = plan.flat.is_contiguous() and plan.flat.data_ptr() == plan.grad.data_ptr()
         rounded = round_between(plan.flat, centres, plan.seed, plan.flat if in_place else None)
         if not in_place:
             plan.grad.copy_(rounded.view(plan.grad.shape))
