@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from common.config import ConfigError
+from common.runs import provenance
 from common.runs.checkpoint import CheckpointError
 from common.runs.launcher import (
     APP_DIR,
@@ -125,6 +126,8 @@ def main() -> int:
     except (ConfigError, OSError, ValueError, yaml.YAMLError) as error:
         return refuse(f"invalid configuration: {error}")
     flwr_home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or APP_DIR / ".flwr").resolve()
+    launch = provenance.launch_record(sys.argv, APP_DIR, args.cpus_per_client, args.gpus_per_client)
+    started_at = provenance.started_now()
     env = flower_env(flwr_home, ray_address)
     if shutil.which("flwr", path=env["PATH"]) is None:
         return refuse("flwr not found: run `bash scripts/setup.sh` and use .venv/bin/python")
@@ -135,12 +138,15 @@ def main() -> int:
         superlink = simulation_superlink(flwr_home, env, superlink_address, args.keep_superlink)
         with superlink as link:
             announce(link, args.keep_superlink)
-            failed = run_all(runs, points, args.cpus_per_client, args.gpus_per_client, link.env)
+            failed = run_all(
+                runs, points, args.cpus_per_client, args.gpus_per_client, link.env, launch
+            )
     except SuperLinkError as error:
         return refuse(f"cannot start the run: {error}", status=1)
     if len(runs) == 1:
         return 1 if failed else print_summary(Path(runs[0][2].output_dir))
-    write_report(plan, runs, output_dir, time.perf_counter() - started)
+    invocation = provenance.invocation_provenance(launch, started_at)
+    write_report(plan, runs, output_dir, time.perf_counter() - started, invocation)
     for row, seed in failed:
         print(f"run failed: {row}, seed {seed}", file=sys.stderr)
     return 1 if failed else 0

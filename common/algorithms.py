@@ -15,6 +15,10 @@ baseline is one entry, not another training loop.
 - ``buffer-only``: a control for what D_g alone teaches. No client trains; the server trains the
   global model with SimCLR on D_g for the optimizer steps Fed-QSSL's server takes in the same
   round (its de- and re-quantizations), and sends it rounded to each bitwidth.
+- ``local-only``: the personalization control (personalized FL's "Local" row). Each client
+  trains SimCLR at its bitwidth on its own data for the whole run and keeps its model: the server
+  sends each client its own model back. The global score is of the average of the local models
+  (never sent); the local scores are what federation must beat.
 - ``fedavg`` / ``fedprox``: supervised (labels) locally, sample-weighted averaging, rounding;
   FedProx adds ``proximal-mu / 2 * ||w - w_global||^2`` to the local loss.
 - ``fedpaq``: supervised; clients send their model *update*, QSGD-quantized (unbiased) at their
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Objective = Literal["simclr", "simsiam", "supervised"]
-ServerStep = Literal["fedqssl", "finetune", "buffer", "average", "update"]
+ServerStep = Literal["fedqssl", "finetune", "buffer", "average", "update", "none"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("fedsimclr", "Fed-SimCLR", "simclr", "average"),
         Algorithm("fedsimclr-ft", "Fed-SimCLR + D_g fine-tune", "simclr", "finetune"),
         Algorithm("buffer-only", "D_g only (no clients)", "simclr", "buffer", local_training=False),
+        Algorithm("local-only", "Local only (no federation)", "simclr", "none"),
         Algorithm("fedsimsiam", "Fed-SimSiam", "simsiam", "average"),
         Algorithm("fedavg", "FedAvg", "supervised", "average"),
         Algorithm("fedprox", "FedProx", "supervised", "average", proximal=True),

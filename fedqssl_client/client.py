@@ -21,6 +21,7 @@ from common.learning.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_li
 from common.learning.models import extract_features
 from common.learning.objectives import objective
 from common.learning.training import Trained, fit_local, recipe
+from common.lowbit import kernel
 from common.memory import allocator_mode, peak_resident_mb, reset_peak
 from common.runs.experiment import ClientData, client_data, new_model
 from common.runs.saved_models import save_client_model
@@ -142,6 +143,8 @@ class LowBitClient(NumPyClient):
                     "torch-threads": torch.get_num_threads(),
                     **({"peak-rss-mb": peak} if (peak := peak_resident_mb()) is not None else {}),
                     "allocator": allocator_mode(),
+                    "device": next(self.model.parameters()).device.type,
+                    **({"fused-kernels": used} if (used := kernel.loaded()) is not None else {}),
                     **({"ray-node": self.ray_node} if self.ray_node else {}),
                     **(
                         {"gpu-peak-mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {}

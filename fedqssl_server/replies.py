@@ -43,6 +43,14 @@ def _allocator_mode(value: object) -> bool:
     return value in ("lean", "fast")
 
 
+def _device_type(value: object) -> bool:
+    return value in ("cpu", "cuda", "mps")
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
 _RULES: dict[Check, str] = {
     _is_int: "an int",
     _is_number: "a finite number",
@@ -50,6 +58,8 @@ _RULES: dict[Check, str] = {
     _non_negative_number: "a finite number >= 0",
     _fraction: "a number in [0, 1]",
     _allocator_mode: "lean or fast",
+    _device_type: "cpu, cuda or mps",
+    _is_bool: "a bool",
     _hex_id: "an id of at most 64 letters and digits",
 }
 
@@ -65,6 +75,8 @@ FIT_METRICS: dict[str, tuple[Check, bool]] = {
     "gpu-peak-mb": (_non_negative_number, False),
     "peak-rss-mb": (_non_negative_number, False),
     "allocator": (_allocator_mode, False),
+    "device": (_device_type, False),
+    "fused-kernels": (_is_bool, False),
     "ray-node": (_hex_id, False),
 }
 EVALUATE_METRICS: dict[str, tuple[Check, bool]] = {

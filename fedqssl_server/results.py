@@ -14,7 +14,11 @@ import numpy as np
 from common.algorithms import Algorithm
 from common.atomic import claim_new_folder
 from common.config import ExperimentConfig
+from common.runs import provenance
 from common.vocabulary import FULL_PRECISION
+
+# the app's root in the copy Flower runs (or the checkout): what a record's code-hash covers
+APP_ROOT = Path(__file__).resolve().parents[1]
 
 # what each client's evaluation reports: its score, the SSL probe's, both on the initial model,
 # and the cross-entropy behind its score (the loss Flower's History shows)
@@ -36,6 +40,8 @@ FIT_RECORD_KEYS = (
     "gpu-peak-mb",
     "peak-rss-mb",
     "allocator",
+    "device",
+    "fused-kernels",
     "ray-node",
 )
 
@@ -226,12 +232,15 @@ def default_output_dir() -> Path:
 
 
 class RunRecorder:
-    """Writes one JSON line per round as it ends, and the summary and plots at the end."""
+    """Writes one JSON line per round as it ends, and the summary and plots at the end; every
+    round names the code that ran it (``code-hash``), the summary its ``provenance``."""
 
     def __init__(self, config: ExperimentConfig, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
+        self.started_at = provenance.started_now()
+        self.code = provenance.code_hash(APP_ROOT)
         self.rounds: list[dict[str, Any]] = []
         # a run owns its folder's records: an earlier run's rounds or summary left there would
         # read as this run's (rounds 1, 2, 1, 2, 3; a summary of a run that then failed)
@@ -255,14 +264,22 @@ class RunRecorder:
         return time.perf_counter() - self.started
 
     def add_round(self, record: dict[str, Any]) -> None:
-        """Append one round's record to ``rounds.jsonl``."""
+        """Append one round's record to ``rounds.jsonl``, with the hash of the code that ran it."""
+        record = {**record, "code-hash": self.code}
         self.rounds.append(record)
         with open(self.output_dir / "rounds.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write ``summary.json`` (with the wall time) and the plots."""
-        summary = {**summary, "wall-seconds": self.elapsed()}
+    def finish(self, summary: dict[str, Any], server: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``summary.json`` (with the wall time and the run's provenance; ``server``: this
+        process's threads, device and fused-kernel use) and the plots."""
+        summary = {
+            **summary,
+            "wall-seconds": self.elapsed(),
+            "provenance": provenance.run_provenance(
+                self.code, self.started_at, server, self.rounds
+            ),
+        }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot(summary.get("untrained-knn-accuracy"))
         return summary

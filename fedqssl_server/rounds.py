@@ -89,6 +89,8 @@ class RoundOutcome:
     steps: dict[str, int] = field(default_factory=dict)  # the server's optimizer steps by phase
     seconds: dict[str, float] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
+    # each client's own next model, by key (``local-only``: its own, sent back); empty otherwise
+    personal: dict[int, State] = field(default_factory=dict)
 
 
 class ServerRound:
@@ -384,12 +386,40 @@ class BufferOnlyRound(BufferRound):
         return self.train_on(current, FULL_PRECISION, [batches], seed, "buffer")[0]
 
 
+class LocalOnlyRound(ServerRound):
+    """The ``local-only`` control, personalized FL's "Local" row: every client trains its own
+    SimCLR model at its bitwidth from the seed's initial weights and keeps it; the server sends
+    each client its own model back (the codes it sent re-encode to themselves), so no client
+    sees another's. The global model is the sample-weighted average of the local models, scored
+    as the others are and never sent: its global score says what one-shot averaging of
+    independent models would give."""
+
+    def dequantized(self, received, views, server_round):
+        """Each received model as it is, kept as its client's own next model."""
+        self.own: dict[int, State] = {}
+        for key, state, loss, steps in super().dequantized(received, views, server_round):
+            self.own[key] = dict(state)
+            yield key, state, loss, steps
+
+    def requantize(self, server_round, global_state, bitwidths):
+        """No shared downlink: each client gets its own model (``personal``)."""
+        return {}
+
+    def run(self, server_round, current, received, examples, bitwidths) -> RoundOutcome:
+        """Plain averaging for the global score; each kept client's own model as ``personal``."""
+        outcome = super().run(server_round, current, received, examples, bitwidths)
+        outcome.personal = {key: self.own[key] for key in outcome.clients}
+        self.own = {}
+        return outcome
+
+
 ROUNDS: dict[str, type[ServerRound]] = {
     "fedqssl": FedQSSLRound,
     "finetune": FineTuneRound,
     "buffer": BufferOnlyRound,
     "average": ServerRound,
     "update": UpdateRound,
+    "none": LocalOnlyRound,
 }
 
 

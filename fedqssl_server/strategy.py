@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from flwr.server.strategy import Strategy
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
+from common.lowbit import kernel
 from common.runs import checkpoint
-from common.runs.experiment import ServerData
+from common.runs.experiment import ServerData, torch_device
 from common.runs.saved_models import save_run_models
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import encode_state, payload_nbytes
@@ -96,7 +97,8 @@ class FedQSSL(Strategy):
         self.fp32_bytes = payload_nbytes(self._global_payload())
         self.nodes = Participants(config)
         self.round_offset = 0  # rounds completed before this process started (resume)
-        self.downlink: dict[int, list[np.ndarray]] = {}
+        self.downlink: dict[int, list[np.ndarray]] = {}  # by bitwidth
+        self.personal: dict[int, list[np.ndarray]] = {}  # by partition (local-only)
         self.ledger = self._new_ledger(0)
         self.final_scores: dict[str, float] = {}
         self.saved_models: dict[str, str] = {}  # name -> file in the run folder
@@ -107,6 +109,7 @@ class FedQSSL(Strategy):
         partitions and records."""
         self._set_global({k: torch.from_numpy(v) for k, v in saved.global_state.items()})
         self.downlink = saved.downlink
+        self.personal = saved.personal
         self.nodes.partition_bits = dict(saved.partition_bits)
         self.round_offset = saved.round
         if self.recorder is not None:
@@ -131,6 +134,12 @@ class FedQSSL(Strategy):
         """The initial (or restored) global model, full precision."""
         return ndarrays_to_parameters(self._global_payload())
 
+    @property
+    def sends_own_models(self) -> bool:
+        """Whether each node now needs a model of its own (its bitwidth's, or its partition's):
+        then the server must know which partition every node is before sending."""
+        return bool(self.downlink or self.personal)
+
     def _set_global(self, state: dict) -> None:
         self.global_state = state
         self.global_payload = None
@@ -142,8 +151,10 @@ class FedQSSL(Strategy):
         return self.global_payload
 
     def _payload_for(self, partition: int | None) -> list[np.ndarray]:
-        """The partition's own re-quantized model; the full-precision global one before there
-        is one for its bitwidth or before the node is known."""
+        """The partition's own model (``local-only``) or its bitwidth's re-quantized one; the
+        full-precision global one before there is one or before the node is known."""
+        if partition in self.personal:
+            return self.personal[partition]
         bits = None if partition is None else self.config.bitwidths[partition]
         if bits in self.downlink:
             return self.downlink[bits]
@@ -159,7 +170,7 @@ class FedQSSL(Strategy):
         self.ledger = self._new_ledger(server_round)
         # once there are downlinks each node needs its own bitwidth's: know who is who first
         sampled, left_out = self.nodes.sample(
-            client_manager, server_round, know_all=bool(self.downlink)
+            client_manager, server_round, know_all=self.sends_own_models
         )
         self.ledger.left_out_by_sampling(left_out)
         instructions = []
@@ -219,6 +230,10 @@ class FedQSSL(Strategy):
         self.downlink = {
             bits: encode_state(state, bits) for bits, state in outcome.requantized.items()
         }
+        self.personal = {
+            key: encode_state(state, self.config.bitwidths[key])
+            for key, state in outcome.personal.items()
+        }
         ledger.close_fit(outcome)
         return ndarrays_to_parameters(self._global_payload()), {}
 
@@ -276,6 +291,14 @@ class FedQSSL(Strategy):
                 models[f"client-{client['partition-id']}"] = client["saved-model"]
         return models
 
+    def _server_resources(self) -> dict[str, Any]:
+        """What this process ran with, as resolved: torch threads, device, fused kernels."""
+        return {
+            "threads": torch.get_num_threads(),
+            "device": torch_device(self.config).type,
+            "fused-kernels": kernel.loaded(),
+        }
+
     def _save_checkpoint(self, server_round: int) -> None:
         """What the rounds after ``server_round`` depend on, to resume from (``restore``)."""
         if self.recorder is None:
@@ -286,6 +309,7 @@ class FedQSSL(Strategy):
                 config=self.config.to_dict(),
                 global_state={k: v.numpy() for k, v in self.global_state.items()},
                 downlink=self.downlink,
+                personal=self.personal,
                 partition_bits=self.nodes.partition_bits,
                 records=self.recorder.rounds,
                 wall_seconds=self.recorder.elapsed(),
@@ -308,9 +332,11 @@ class FedQSSL(Strategy):
             return []
         client_manager.wait_for(1)
         clients = sorted(client_manager.all().values(), key=lambda c: c.cid)
-        if self.downlink:  # each node scores its own bitwidth's model: know who is who
+        if self.sends_own_models:  # each node scores its own model: know who is who
             self.nodes.identify(clients, server_round)
-        known = [c for c in clients if not self.downlink or c.cid in self.nodes.partition_of]
+        known = [
+            c for c in clients if not self.sends_own_models or c.cid in self.nodes.partition_of
+        ]
         return [
             (
                 client,
@@ -364,7 +390,7 @@ class FedQSSL(Strategy):
                 ),
                 self.recorder.output_dir,
             )
-            self.recorder.finish({**summary, "models": models})
+            self.recorder.finish({**summary, "models": models}, self._server_resources())
             checkpoint.checkpoint_path(self.recorder.output_dir).unlink(missing_ok=True)
         return weighted_loss(local), {"local-accuracy": mean_local or 0.0}
 

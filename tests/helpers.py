@@ -85,12 +85,13 @@ def federate(config, client_data=None, model_dirs=None):
 
 def without_timings(value):
     """A record with every measured figure dropped: wall-clock seconds, resident memory
-    (``*-mb``) and the Ray node a client ran on differ run to run; nothing else may."""
+    (``*-mb``), the Ray node a client ran on and when a process started differ run to run;
+    nothing else may."""
     if isinstance(value, dict):
         return {
             k: without_timings(v)
             for k, v in value.items()
-            if not k.endswith(("seconds", "-mb")) and k != "ray-node"
+            if not k.endswith(("seconds", "-mb")) and k not in ("ray-node", "started")
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]

@@ -20,6 +20,7 @@ from fedqssl_server.rounds import (
     BufferOnlyRound,
     FedQSSLRound,
     FineTuneRound,
+    LocalOnlyRound,
     ServerRound,
     UpdateRound,
     server_round_for,
@@ -46,9 +47,12 @@ def test_every_algorithm_federates_two_rounds_with_low_bit_payloads(tmp_path, al
     if get_algorithm(algorithm).self_supervised:
         assert summary["global-accuracy"] == summary["global-probe-accuracy"]
         assert summary["untrained-global-accuracy"] == summary["untrained-global-probe-accuracy"]
-    # round 2's downlink is each client's own bitwidth: packed codes, not fp32
-    for bits in (4, 8):
-        assert payload_bits(strategy.downlink[bits]) == bits
+    # round 2's downlink is each client's own bitwidth (local-only: its own model): packed
+    # codes, not fp32
+    for partition, bits in enumerate((4, 8)):
+        sent = strategy._payload_for(partition)
+        assert payload_bits(sent) == bits
+        assert (sent is strategy.personal.get(partition)) == (algorithm == "local-only")
     record = strategy.recorder.rounds[-1]
     uplink = {c["bitwidth"]: c["uplink-bytes"] for c in record["clients"]}
     assert uplink[4] < uplink[8] < record["fp32-equivalent-bytes"] / 2
@@ -83,6 +87,7 @@ def test_fedpaq_at_two_and_three_bits_keeps_its_global_model_usable(tmp_path):
         ("fedsimclr", ServerRound),
         ("fedsimclr-ft", FineTuneRound),
         ("buffer-only", BufferOnlyRound),
+        ("local-only", LocalOnlyRound),
         ("fedsimsiam", ServerRound),
         ("fedavg", ServerRound),
         ("fedprox", ServerRound),

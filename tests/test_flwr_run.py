@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from superlinks import superlinks_mentioning
 
-from common.runs import launcher
+from common.runs import launcher, provenance
 from common.runs.superlink import free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,10 @@ def test_the_readme_flwr_run_command_completes(tmp_path):
     assert status["status"] == "finished:completed", completed.stdout[-3000:]
     summary = json.loads((output_dir / "summary.json").read_text())
     assert sorted(c["bitwidth"] for c in summary["local-accuracy"]) == [4, 8, 12]
+    # no launcher: the ServerApp's copy of the app knows its code, not its command or commit
+    record = summary["provenance"]
+    assert record["launcher"] is None and record["commit"] is None and record["command"] is None
+    assert record["code-hash"] == provenance.code_hash(ROOT) and record["versions"]["flwr"]
 
 
 def test_the_app_bundle_holds_what_nodes_run_and_nothing_else(tmp_path):

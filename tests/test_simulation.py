@@ -18,7 +18,7 @@ from superlinks import announced_superlink, running
 import simulation
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
-from common.runs import launcher
+from common.runs import launcher, provenance
 from common.runs.checkpoint import reuse_problem
 from common.runs.plan import algorithm_row, plan_runs, safe_name
 from common.runs.superlink import (
@@ -133,6 +133,20 @@ def test_simulation_finishes_and_writes_results(tiny_run):
     down = {c["bitwidth"]: c["downlink-bytes"] for c in rounds[1]["clients"]}
     assert down[4] < down[8] < down[12] < rounds[0]["clients"][0]["downlink-bytes"]
 
+    # what made it: this checkout's commit (stamped by the launcher, though the run went to
+    # another SuperLink), the code the ServerApp ran, packages, CPU, resources as resolved
+    record = summary["provenance"]
+    head, dirty = provenance.git_state(ROOT)
+    assert (record["commit"], record["dirty"]) == (head, dirty) and record["commit"]
+    assert record["code-hash"] == provenance.code_hash(ROOT)
+    assert record["launcher"] == "simulation.py" and "--superlink" in record["command"]
+    assert record["versions"] == provenance.versions() and record["cpu"]["isa"]
+    assert record["device"] == {"server": "cpu", "clients": ["cpu"]}
+    assert record["allocator"] == {"clients": ["fast"]}  # auto: fast in a simulation
+    assert record["threads"]["clients"] == [1] and record["threads"]["server"] >= 1
+    assert record["same-code-every-round"] and record["started"]
+    assert all(r["code-hash"] == record["code-hash"] for r in rounds)
+
     config = json.loads((output_dir / "config.json").read_text())
     assert config["bitwidths"] == [4, 8, 12] and config["num-rounds"] == 2
     # the records hold no path of this machine (results get moved and committed)
@@ -237,6 +251,11 @@ def test_comparison_runs_its_rows_end_to_end_and_tabulates(comparison_run):
     assert "1/1 |" in table
     data = json.loads((output_dir / "comparison.json").read_text())
     assert list(data["rows"]) == ["untrained", *ALL_ROWS] and data["seeds"] == [0]
+    # the invocation's provenance, and every run of it at the same commit
+    assert data["provenance"]["commit"] == provenance.git_state(ROOT)[0]
+    assert data["provenance"]["versions"]["flwr"] == provenance.versions()["flwr"]
+    commits = {s["provenance"]["commit"] for r in ALL_ROWS for s in data["rows"][r]["summaries"]}
+    assert commits == {data["provenance"]["commit"]}
     # the untrained row is the floor of the first low-bit SSL row (Fed-QSSL), in the score keys
     floor = data["rows"]["untrained"]["summaries"][0]
     first_ssl = data["rows"]["fedqssl"]["summaries"][0]

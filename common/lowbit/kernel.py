@@ -464,6 +464,14 @@ def compiled() -> object | None:
         cpp_log.setLevel(level)
 
 
+def loaded() -> bool | None:
+    """Whether this process runs the fused kernels: True once built or loaded, False where they
+    are off or did not build, None before any step asked for them (for provenance records)."""
+    if compiled.cache_info().currsize == 0:
+        return None
+    return compiled() is not None
+
+
 def build_name() -> str:
     """The extension's name, one per Python environment: torch keeps one build folder per name,
     and two environments (another venv's include paths and flags) taking turns with one folder

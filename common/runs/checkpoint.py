@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class Checkpoint:
     partition_bits: dict[int, int]
     records: list[dict[str, Any]]
     wall_seconds: float
+    # each partition's own model, by partition, for an algorithm whose clients keep theirs
+    # (``local-only``); empty otherwise
+    personal: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
 
 def checkpoint_path(output_dir: str | os.PathLike[str]) -> Path:
@@ -62,14 +65,16 @@ def checkpoint_path(output_dir: str | os.PathLike[str]) -> Path:
 def save(checkpoint: Checkpoint, path: Path) -> None:
     """Write ``checkpoint`` to ``path`` atomically (temp file, fsync, rename, fsync the folder)."""
     arrays = {f"state/{name}": array for name, array in checkpoint.global_state.items()}
-    for bits, payload in checkpoint.downlink.items():
-        for index, array in enumerate(payload):
-            arrays[f"downlink/{bits}/{index}"] = array
+    for kind, payloads in (("downlink", checkpoint.downlink), ("personal", checkpoint.personal)):
+        for key, payload in payloads.items():
+            for index, array in enumerate(payload):
+                arrays[f"{kind}/{key}/{index}"] = array
     meta = {
         "round": checkpoint.round,
         "config": checkpoint.config,
         "state-names": list(checkpoint.global_state),
         "downlink-lengths": {str(b): len(p) for b, p in checkpoint.downlink.items()},
+        "personal-lengths": {str(k): len(p) for k, p in checkpoint.personal.items()},
         "partition-bits": {str(k): v for k, v in checkpoint.partition_bits.items()},
         "records": checkpoint.records,
         "wall-seconds": checkpoint.wall_seconds,
@@ -84,10 +89,13 @@ def load(path: Path) -> Checkpoint:
         with np.load(path, allow_pickle=False) as archive:
             meta = _checked_meta(json.loads(archive[_META].tobytes().decode()))
             state = {name: archive[f"state/{name}"].copy() for name in meta["state-names"]}
-            downlink = {
-                int(bits): [archive[f"downlink/{bits}/{i}"].copy() for i in range(count)]
-                for bits, count in meta["downlink-lengths"].items()
-            }
+            downlink, personal = (
+                {
+                    int(key): [archive[f"{kind}/{key}/{i}"].copy() for i in range(count)]
+                    for key, count in meta.get(f"{kind}-lengths", {}).items()
+                }
+                for kind in ("downlink", "personal")
+            )
         return Checkpoint(
             round=int(meta["round"]),
             config=dict(meta["config"]),
@@ -96,6 +104,7 @@ def load(path: Path) -> Checkpoint:
             partition_bits={int(k): int(v) for k, v in meta["partition-bits"].items()},
             records=list(meta["records"]),
             wall_seconds=float(meta["wall-seconds"]),
+            personal=personal,
         )
     except _DAMAGED as error:
         raise _damaged(path, error) from None
@@ -108,6 +117,9 @@ def _checked_meta(meta: object) -> dict[str, Any]:
     for key, kind in (("round", int), ("config", dict), ("records", list)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise ValueError(f"its metadata has no {key!r} of type {kind.__name__}")
+    for key in ("downlink-lengths", "personal-lengths"):  # personal: absent in older files
+        if not isinstance(meta.get(key, {}), dict):
+            raise ValueError(f"its metadata's {key!r} is not a mapping")
     return meta
 
 

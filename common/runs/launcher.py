@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.atomic import claim_new_folder
 from common.config import ConfigError, ExperimentConfig
+from common.runs import provenance
 from common.runs.checkpoint import ResumePoint, resume_point, reuse_problem
 from common.runs.plan import Plan, RunSpec, plan_runs
 from common.runs.restore import checked_checkpoint
@@ -276,9 +277,11 @@ def run_all(
     cpus_per_client: int,
     gpus_per_client: float,
     env: dict[str, str],
+    launch: dict | None = None,
 ) -> list[tuple[str, int]]:
-    """Each run in turn (a resumed one from its ``points`` entry; a finished one skipped);
-    returns the (row, seed) of those that failed."""
+    """Each run in turn (a resumed one from its ``points`` entry; a finished one skipped), each
+    completed one's summary stamped with ``launch`` (``provenance.stamp_summary``); returns the
+    (row, seed) of those that failed."""
     failed = []
     for index, (row, seed, config) in enumerate(runs, 1):
         if len(runs) > 1:
@@ -290,4 +293,6 @@ def run_all(
                 continue
         if run_once(config, cpus_per_client, gpus_per_client, env) != 0:
             failed.append((row, seed))
+        elif launch is not None:
+            provenance.stamp_summary(Path(config.output_dir) / "summary.json", launch, APP_DIR)
     return failed

@@ -77,9 +77,11 @@ def floor_source(plan: Plan, rows: dict[str, report.Row]) -> report.Row:
     return next(iter(rows.values()))
 
 
-def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> None:
+def write_report(
+    plan: Plan, runs: list, output_dir: Path, seconds: float, provenance: dict | None = None
+) -> None:
     """comparison.* or sweep.*: the tables (with the untrained floor), the per-run numbers and
-    the plot."""
+    the plot; the JSON carries the invocation's ``provenance`` (``common.runs.provenance``)."""
     rows = {name: report.Row(name) for name in plan.rows}
     for name, seed, config in runs:
         rows[name].seeds.append(seed)
@@ -161,6 +163,7 @@ def write_report(plan: Plan, runs: list, output_dir: Path, seconds: float) -> No
                 "base-config": plan.base,
                 "seeds": plan.seeds,
                 "wall-seconds": seconds,
+                "provenance": provenance,
                 "rows": {
                     name: {"label": row.name, "seeds": row.seeds, "summaries": row.summaries}
                     for name, row in (({"untrained": floor} if floor else {}) | rows).items()

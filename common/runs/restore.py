@@ -49,6 +49,13 @@ def checkpoint_problem(
             decode_state(payload, expect_bits=bits, template=template)
         except PayloadError as error:
             return f"its {bits}-bit downlink does not decode: {error}"
+    for partition, payload in saved.personal.items():
+        if not 0 <= partition < config.num_clients:
+            return f"it holds the own model of partition {partition}, not a partition of this run"
+        try:
+            decode_state(payload, expect_bits=config.bitwidths[partition], template=template)
+        except PayloadError as error:
+            return f"partition {partition}'s own model does not decode: {error}"
     for partition, bits in saved.partition_bits.items():
         if not 0 <= partition < config.num_clients or config.bitwidths[partition] != bits:
             return f"partition {partition} at {bits} bits is not a partition of this run"

@@ -1,0 +1,208 @@
+"""The results of record (docs/results/manifest.yaml): re-run them, publish them, regenerate and
+check the tables the docs show, and verify them on your own machine.
+
+    python scripts/results.py run fmnist-lowbit-budget          # into results/record/NAME
+    python scripts/results.py run fmnist-lowbit-budget --resume # continue it (another session)
+    python scripts/results.py publish fmnist-lowbit-budget      # its records -> docs/results
+    python scripts/results.py tables                            # rewrite the generated tables
+    python scripts/results.py check                             # pages == records? (exit 1 if not)
+    python scripts/results.py verify fmnist-lowbit-budget       # seed 0 of its decisive rows, here
+
+``run`` trains seed by seed (every row of seed 0, then of seed 1, ...), so an interrupted
+experiment holds whole seeds to compare; it refuses a checkout with uncommitted changes (a record
+names the commit that made it) and a staging folder made at another commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.runs import provenance  # noqa: E402
+from common.runs.records import (  # noqa: E402
+    MANIFEST,
+    Experiment,
+    ManifestError,
+    Records,
+    load_manifest,
+    read_records,
+)
+
+STAGING = ROOT / "results" / "record"
+# what a published run keeps: its records (models and per-run plots are re-made by re-running)
+RECORD_FILES = ("config.json", "summary.json", "rounds.jsonl", "run_config.toml")
+
+
+class ResultsError(RuntimeError):
+    """A request that cannot be carried out; the message says why and what to do."""
+
+
+def experiments(names: list[str]) -> list[Experiment]:
+    """The manifest's experiments named (all of them for none); an unknown name is refused."""
+    manifest = load_manifest(ROOT / MANIFEST)
+    unknown = [name for name in names if name not in manifest]
+    if unknown:
+        raise ResultsError(f"unknown experiment(s) {unknown}: the manifest has {list(manifest)}")
+    return [manifest[name] for name in names] if names else list(manifest.values())
+
+
+def clean_head() -> str:
+    """The checkout's commit, refused when tracked files have uncommitted changes."""
+    commit, dirty = provenance.git_state(ROOT)
+    if commit is None:
+        raise ResultsError(f"{ROOT} is not a git checkout: a record must name its commit")
+    if dirty:
+        raise ResultsError(
+            "the checkout has uncommitted changes, which its records could not name: commit "
+            "them, or run from a worktree of a commit (git worktree add ../record HEAD)"
+        )
+    return commit
+
+
+def staged(experiment: Experiment) -> Path:
+    return STAGING / experiment.name
+
+
+def seed_order(experiment: Experiment) -> list[tuple[int, tuple[str, ...]]]:
+    """(seed, rows) in the order ``run`` trains them: seed by seed, each seed's rows together."""
+    seeds = sorted({seed for _, group in experiment.runs for seed in group})
+    return [
+        (seed, tuple(row for rows, group in experiment.runs if seed in group for row in rows))
+        for seed in seeds
+    ]
+
+
+def prepare_staging(experiment: Experiment, commit: str, resume: bool) -> Path:
+    """The staging folder, checked: a new run refuses one that holds runs; ``--resume`` starts
+    from the published records of this commit where no staging folder is left (a new session),
+    and refuses records of another commit."""
+    folder = staged(experiment)
+    has_runs = folder.is_dir() and any(folder.glob("*/seed-*/config.json"))
+    if has_runs and not resume:
+        raise ResultsError(f"{folder} holds runs of {experiment.name}: continue with --resume")
+    if resume and not has_runs and (ROOT / experiment.folder).is_dir():
+        published = read_records(experiment, ROOT / experiment.folder)
+        if published.summaries and published.commits == {commit}:
+            copy_records(experiment, published, ROOT / experiment.folder, folder)
+            print(f"==> resuming from the {len(published.summaries)} published runs")
+    records = read_records(experiment, folder)
+    others = records.commits - {commit}
+    if others:
+        raise ResultsError(
+            f"{folder} holds runs made at {sorted(map(str, others))}, not at {commit[:12]}: "
+            f"resume from a worktree of that commit, or move the folder away to start over"
+        )
+    return folder
+
+
+def run_experiment(experiment: Experiment, resume: bool) -> int:
+    """Every run of ``experiment`` into its staging folder, seed by seed, with progress."""
+    commit = clean_head()
+    folder = prepare_staging(experiment, commit, resume)
+    total = experiment.run_count
+    started = time.perf_counter()
+    for seed, rows in seed_order(experiment):
+        records = read_records(experiment, folder)
+        done = len(records.summaries)
+        todo = [row for row in rows if (row, seed) not in records.summaries]
+        if not todo:
+            continue
+        walls = [s["wall-seconds"] for s in records.summaries.values()]
+        left = (total - done) * sum(walls) / len(walls) / 60 if walls else None
+        estimate = f", about {left:.0f} min left" if left is not None else ""
+        print(
+            f"\n==> {experiment.name}: seed {seed}, rows {', '.join(todo)} "
+            f"({done}/{total} runs done{estimate})",
+            flush=True,
+        )
+        has_runs = folder.is_dir() and any(folder.glob("*/seed-*/config.json"))
+        command = [
+            sys.executable,
+            str(ROOT / "simulation.py"),
+            experiment.preset,
+            "--compare",
+            ",".join(todo),
+            "--seeds",
+            str(seed),
+            *(["--resume", str(folder)] if has_runs else ["--output-dir", str(folder)]),
+        ]
+        if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
+            print(f"==> {experiment.name}: seed {seed} had a failed run", file=sys.stderr)
+            return 1
+    records = read_records(experiment, folder)
+    print(
+        f"\n==> {experiment.name}: {len(records.summaries)}/{total} runs in {folder} "
+        f"({(time.perf_counter() - started) / 60:.0f} min); publish them with "
+        f"`python scripts/results.py publish {experiment.name}`"
+    )
+    return 0
+
+
+def copy_records(experiment: Experiment, records: Records, source: Path, target: Path) -> None:
+    """Each recorded run's ``RECORD_FILES`` from ``source`` to ``target``."""
+    for row, seed in records.summaries:
+        origin = experiment.run_folder(source, row, seed)
+        destination = experiment.run_folder(target, row, seed)
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (origin / name).exists():
+                shutil.copy2(origin / name, destination / name)
+
+
+def publish(experiment: Experiment) -> int:
+    """Replace the experiment's published folder by its staged records, once they are checked
+    (every one with provenance, one commit): built beside it, then swapped in."""
+    folder = staged(experiment)
+    records = read_records(experiment, folder)
+    if records.problems:
+        raise ResultsError("not published:\n  " + "\n  ".join(records.problems))
+    if not records.summaries:
+        raise ResultsError(f"{folder} holds no finished run of {experiment.name}")
+    target = ROOT / experiment.folder
+    fresh = target.with_name(target.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    copy_records(experiment, records, folder, fresh)
+    if read_records(experiment, fresh).summaries.keys() != records.summaries.keys():
+        raise ResultsError(f"copying into {fresh} lost records: nothing published")
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    missing = records.missing
+    print(
+        f"==> published {len(records.summaries)} runs of {experiment.name} to {experiment.folder}"
+        + (f"; {len(missing)} still to run (--resume)" if missing else "")
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("action", choices=["run", "publish"])
+    parser.add_argument("names", nargs="*", help="experiments of the manifest (default: all)")
+    parser.add_argument("--resume", action="store_true", help="run: continue the staging folder")
+    args = parser.parse_args()
+    try:
+        chosen = experiments(args.names)
+        if args.action == "run":
+            return max(run_experiment(e, args.resume) for e in chosen)
+        return max(publish(e) for e in chosen)
+    except (ResultsError, ManifestError) as error:
+        print(f"results: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
