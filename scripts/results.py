@@ -25,17 +25,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.runs import provenance  # noqa: E402
+from common.runs import provenance, record_tables  # noqa: E402
 from common.runs.records import (  # noqa: E402
     MANIFEST,
+    SCORES,
     Experiment,
     ManifestError,
     Records,
     load_manifest,
+    prediction_interval,
     read_records,
 )
 
 STAGING = ROOT / "results" / "record"
+VERIFY = ROOT / "results" / "verify"
+# the pages whose generated blocks come from the records
+PAGES = (ROOT / "README.md", ROOT / "docs" / "RESULTS.md")
 # what a published run keeps: its records (models and per-run plots are re-made by re-running)
 RECORD_FILES = ("config.json", "summary.json", "rounds.jsonl", "run_config.toml")
 
@@ -184,20 +189,130 @@ def publish(experiment: Experiment) -> int:
     return 0
 
 
+def published_records() -> dict[str, Records]:
+    """Every experiment's published records, by name."""
+    return {e.name: read_records(e, ROOT / e.folder) for e in experiments([])}
+
+
+def write_tables() -> int:
+    """Rewrite every generated block of the pages from the published records."""
+    make = record_tables.renderers(published_records())
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        new = record_tables.rewrite(text, make)
+        if new != text:
+            page.write_text(new, encoding="utf-8")
+            print(f"==> {page.relative_to(ROOT)}: generated blocks rewritten")
+    return 0
+
+
+def check() -> int:
+    """0 when every generated block of the pages says what the records give and the records
+    shown are sound; 1 with each difference named otherwise. Trains nothing."""
+    all_records = published_records()
+    make = record_tables.renderers(all_records)
+    problems = [f"stale: {key}" for page in PAGES for key in record_tables.stale_blocks(page, make)]
+    texts = [page.read_text(encoding="utf-8") for page in PAGES]
+    shown = {key.split("/")[0] for text in texts for key, _ in record_tables.blocks(text)}
+    if shown & {"answer", "headline"}:
+        shown.add(record_tables.ANSWER_EXPERIMENT)
+    for name in sorted(shown & set(all_records)):
+        problems += all_records[name].problems
+    for name, records in all_records.items():
+        pending = len(records.missing)
+        if pending:
+            print(f"note: {name}: {pending} of {records.experiment.run_count} runs not published")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print("results: run `python scripts/results.py tables` (or re-run the records)")
+        return 1
+    checked = sorted(shown & set(all_records))
+    print(f"==> the pages' generated blocks match the records of {checked}")
+    return 0
+
+
+def verify(experiment: Experiment) -> int:
+    """Seed 0 of the experiment's decisive rows on this machine, each number set beside the
+    recorded seed 0 and the 95 % prediction interval of the recorded seeds."""
+    recorded = read_records(experiment, ROOT / experiment.folder)
+    if not recorded.summaries:
+        raise ResultsError(f"{experiment.name} has no published records to verify against")
+    folder = VERIFY / f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [
+        sys.executable,
+        str(ROOT / "simulation.py"),
+        experiment.preset,
+        "--compare",
+        ",".join(experiment.decisive),
+        "--seeds",
+        "0",
+        "--output-dir",
+        str(folder),
+    ]
+    if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
+        return 1
+    lines, outside = compared(experiment, read_records(experiment, folder), recorded)
+    print("\n".join(lines))
+    return 1 if outside else 0
+
+
+def compared(experiment: Experiment, mine: Records, recorded: Records) -> tuple[list[str], int]:
+    """Each decisive number of this machine's seed 0 beside the recorded seed 0 and the 95 %
+    prediction interval of the recorded seeds; (lines, how many fell outside)."""
+    sample = next(iter(recorded.summaries.values()))["provenance"]
+    here = provenance.host_record()
+    same = (
+        provenance.git_state(ROOT)[0] == sample.get("commit")
+        and here["versions"] == sample.get("versions")
+        and here["cpu"]["isa"] == sample.get("cpu", {}).get("isa")
+    )
+    lines = [
+        f"\n==> verify {experiment.name}: this machine "
+        + ("matches" if same else "differs from")
+        + " the records' commit, versions and vector extensions; the same digits are expected "
+        "only where all three match, a number within the interval otherwise"
+    ]
+    outside = 0
+    for row in experiment.decisive:
+        for score, key in SCORES.items():
+            value = mine.values(row, key).get(0)
+            seeds = recorded.values(row, key)
+            if value is None or not seeds:
+                continue
+            low, high = prediction_interval([100 * v for v in seeds.values()])
+            inside = low <= 100 * value <= high
+            outside += not inside
+            was = seeds.get(0)
+            lines.append(
+                f"  {row} {score}: {100 * value:.2f} (recorded seed 0: "
+                f"{'n/a' if was is None else f'{100 * was:.2f}'}; {len(seeds)} seeds' 95 % "
+                f"prediction interval [{low:.2f}, {high:.2f}]: "
+                f"{'within' if inside else 'OUTSIDE'})"
+            )
+    return lines, outside
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("action", choices=["run", "publish"])
+    parser.add_argument("action", choices=["run", "publish", "tables", "check", "verify"])
     parser.add_argument("names", nargs="*", help="experiments of the manifest (default: all)")
     parser.add_argument("--resume", action="store_true", help="run: continue the staging folder")
     args = parser.parse_args()
     try:
+        if args.action == "tables":
+            return write_tables()
+        if args.action == "check":
+            return check()
         chosen = experiments(args.names)
         if args.action == "run":
             return max(run_experiment(e, args.resume) for e in chosen)
+        if args.action == "verify":
+            return max(verify(e) for e in chosen)
         return max(publish(e) for e in chosen)
     except (ResultsError, ManifestError) as error:
         print(f"results: {error}", file=sys.stderr)

@@ -93,7 +93,8 @@ def test_a_new_run_in_a_used_folder_starts_its_own_records(config):
     (folder / "summary.json").write_text('{"global-accuracy": 0.9}\n')
     recorder = RunRecorder(config, folder)
     recorder.add_round({"round": 1})
-    assert (folder / "rounds.jsonl").read_text() == '{"round": 1}\n'
+    (line,) = (folder / "rounds.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"round": 1, "code-hash": recorder.code}
     assert not (folder / "summary.json").exists()
     # the recorded config names the folder it sits in, not this machine's path to it
     recorded = json.loads((folder / "config.json").read_text())

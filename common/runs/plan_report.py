@@ -28,29 +28,39 @@ def print_summary(output_dir: Path) -> int:
     if summary is None:
         print(f"\nthe run finished but wrote no {output_dir / 'summary.json'}", file=sys.stderr)
         return 1
-    print(f"\n==> results summary ({summary.get('label', '')})")
-    print(f"global accuracy (final epoch):           {summary['global-accuracy']:.4f}")
+    print("\n" + "\n".join(summary_lines(summary, str(output_dir))))
+    return 0
+
+
+def summary_lines(summary: dict, where: str) -> list[str]:
+    """What a finished run prints: its scores beside the untrained floor, uplink, budget, time
+    and where its files are (``where``)."""
+    lines = [
+        f"==> results summary ({summary.get('label', '')})",
+        f"global accuracy (final epoch):           {summary['global-accuracy']:.4f}",
+    ]
     if summary["mean-local-accuracy"] is not None:
-        print(f"mean local accuracy (per-client models): {summary['mean-local-accuracy']:.4f}")
-    print(f"untrained floor (initial model, same protocol): {floor_line(summary)}")
+        local = summary["mean-local-accuracy"]
+        lines.append(f"mean local accuracy (per-client models): {local:.4f}")
+    lines.append(f"untrained floor (initial model, same protocol): {floor_line(summary)}")
     for client in summary["local-accuracy"]:
-        print(
+        lines.append(
             f"  client {client['partition-id']:>2} ({client['bitwidth']:>2}-bit): "
             f"{client['local-accuracy']:.4f} (untrained {client['untrained-local-accuracy']:.4f}) "
             f"on {client['test-examples']} local test images"
         )
     fp32_megabytes = summary["fp32-equivalent-uplink-bytes"] / 1e6
-    print(
+    lines.append(
         f"uplink: {summary['uplink-bytes'] / 1e6:.2f} MB, "
         f"{summary['uplink-ratio-to-fp32']:.3f} of fp32 ({fp32_megabytes:.2f} MB)"
     )
     if "server-steps" in summary:
-        print(
+        lines.append(
             f"budget: {summary['train-steps']} client optimizer steps, "
             f"{summary['server-steps']} server steps over {summary['rounds']} rounds"
         )
-    print(f"wall time: {summary['wall-seconds']:.0f} s; files in {output_dir}")
-    return 0
+    lines.append(f"wall time: {summary['wall-seconds']:.0f} s; files in {where}")
+    return lines
 
 
 def floor_line(summary: dict) -> str:

@@ -245,12 +245,15 @@ def paired(records: Records, first: str, second: str, score: str) -> Paired:
     return Paired({seed: 100 * (mine[seed] - theirs[seed]) for seed in mine if seed in theirs})
 
 
-def mean_and_interval(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95 % t-interval (None below 2 values)."""
+def prediction_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Where one more run of the same setting lands with 95 % probability, by the recorded
+    seeds' mean and spread (t with n - 1 degrees of freedom, sd * sqrt(1 + 1/n)); a single
+    recorded value gives the interval of that value alone."""
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, None
-    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return mean, mean
+    half = t975(len(values) - 1) * statistics.stdev(values) * math.sqrt(1 + 1 / len(values))
+    return mean - half, mean + half
 
 
 def per_round(summaries: Mapping[int, Mapping[str, Any]], key: str) -> float | None:
