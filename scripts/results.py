@@ -72,6 +72,7 @@ def clean_head() -> str:
 
 
 def staged(experiment: Experiment) -> Path:
+    """Where ``run`` trains the experiment and ``publish`` takes it from."""
     return STAGING / experiment.name
 
 
@@ -302,7 +303,16 @@ def main() -> int:
     parser.add_argument("action", choices=["run", "publish", "tables", "check", "verify"])
     parser.add_argument("names", nargs="*", help="experiments of the manifest (default: all)")
     parser.add_argument("--resume", action="store_true", help="run: continue the staging folder")
+    parser.add_argument(
+        "--staging",
+        type=Path,
+        help="run/publish: the folder of staged experiments (default: results/record), e.g. "
+        "a worktree's, to publish what it ran into this checkout",
+    )
     args = parser.parse_args()
+    if args.staging is not None:
+        global STAGING
+        STAGING = args.staging.resolve()
     try:
         if args.action == "tables":
             return write_tables()
