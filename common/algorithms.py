@@ -71,6 +71,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     )
 }
 ALGORITHM_NAMES = tuple(ALGORITHMS)
+SELF_SUPERVISED = tuple(name for name, a in ALGORITHMS.items() if a.self_supervised)
 
 
 def get_algorithm(name: str) -> Algorithm:

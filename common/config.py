@@ -51,55 +51,154 @@ class ConfigError(ValueError):
     """An invalid configuration value or key; the message names the key and the allowed values."""
 
 
+def _key(default: Any, doc: str, allowed: tuple[str, ...] = ()) -> Any:
+    """A config key: its default, what it sets (``doc``) and its allowed values, which
+    ``docs/configuration.md`` is generated from (``common.config_reference``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "allowed": allowed})
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one Fed-QSSL run needs. Defaults are the CPU quickstart."""
 
-    algorithm: str = "fedqssl"
-    dataset: str = "fashion-mnist"
-    data_dir: str = ""
-    download: bool = False
-    buffer_dir: str = ""
-    probe_dir: str = ""
-    local_test_fraction: float = 0.2
-    model: str = "small_cnn"
-    model_width: int = 16
-    num_clients: int = 4
-    bitwidths: tuple[int, ...] = (4, 6, 8, 12)
-    dirichlet_beta: float = 0.1
-    balanced_partition: bool = False
-    partition_balance: float = 0.0
-    buffer_ratio: float = 0.01
-    num_rounds: int = 4
-    local_epochs: int = 3
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    temperature: float = 0.5
-    weight_update: str = "grid"
-    grad_rounding: str = "stochastic"
-    save_codes: bool = True
-    fp_activation: str = "relu"
-    augmentation: str = "batched"
-    dq_epochs: int | str = 1
-    rq_epochs: int | str = 1
-    dq_temperature: float = 1.0
-    dq_weighting: str = "softmax"
-    bn_recalibrate: str = "none"
-    server_workers: int = 1
-    proximal_mu: float = 0.01
-    qsgd_bucket: int = 512
-    fraction_fit: float = 1.0
-    min_fit_clients: int = 2
-    round_timeout: float = 0.0
-    partition_bindings: str = ""
-    max_samples_per_client: int = 2000
-    max_client_examples: int = 100_000
-    probe_samples: int = 200
-    seed: int = 0
-    device: str = "auto"
-    allocator: str = "auto"
-    output_dir: str = ""
-    resume: bool = False
+    algorithm: str = _key(
+        "fedqssl",
+        "the federated algorithm (a row of `common/algorithms.py`)",
+        allowed=ALGORITHM_NAMES,
+    )
+    dataset: str = _key(
+        "fashion-mnist",
+        "fashion-mnist (offline, Debian's package), cifar10 / cifar100 (from `data-dir`), "
+        "synthetic (tests)",
+        allowed=DATASET_NAMES,
+    )
+    data_dir: str = _key("", "folder holding CIFAR-10/100 (empty: the default place)")
+    download: bool = _key(
+        False, "let torchvision download CIFAR into `data-dir` (needs internet; off here)"
+    )
+    buffer_dir: str = _key(
+        "",
+        "a folder of the server's own unlabelled images for D_g, instead of a share of the dataset",
+    )
+    probe_dir: str = _key(
+        "", "a folder of the server's own labelled images for the global probe and kNN"
+    )
+    local_test_fraction: float = _key(
+        0.2, "share of a device's own labelled data held out for its local score"
+    )
+    model: str = _key(
+        "small_cnn", "small_cnn (CPU) or resnet18 (the CIFAR ResNet-18, GPU)", allowed=MODEL_NAMES
+    )
+    model_width: int = _key(16, "the small CNN's first-layer channels")
+    num_clients: int = _key(4, "clients, one data partition (and SuperNode) each")
+    bitwidths: tuple[int, ...] = _key(
+        (4, 6, 8, 12), "one per client (2..16, or 32 for full precision), or one for all"
+    )
+    dirichlet_beta: float = _key(
+        0.1, "label skew of the partition, Dirichlet(beta) (smaller: more skewed)"
+    )
+    balanced_partition: bool = _key(
+        False, "a client stops taking classes at N/K samples, as the authors' code"
+    )
+    partition_balance: float = _key(
+        0.0,
+        "redraw the partition until every client holds (1 +- this) x the mean (0: off; the "
+        "authors': 0.5)",
+    )
+    buffer_ratio: float = _key(0.01, "share of the training pool kept as the server buffer D_g")
+    num_rounds: int = _key(4, "federated rounds")
+    local_epochs: int = _key(3, "E, each client's epochs a round")
+    batch_size: int = _key(128, "client and server batch size")
+    learning_rate: float = _key(3e-3, "Adam's learning rate, clients and server")
+    temperature: float = _key(0.5, "SimCLR's NT-Xent temperature")
+    weight_update: str = _key(
+        "grid",
+        "grid: weights rounded back onto the s-bit grid after every step (the paper's w <- Q(w - "
+        "lr g)); latent: float32 weights quantized in the forward pass only",
+        allowed=WEIGHT_UPDATES,
+    )
+    grad_rounding: str = _key(
+        "stochastic",
+        "how a gradient value is rounded between its two quantile centres: stochastic (unbiased, "
+        "the paper's Assumption 1) or deterministic (nearest)",
+        allowed=GRAD_ROUNDINGS,
+    )
+    save_codes: bool = _key(
+        True,
+        "backward keeps low-bit codes instead of float32 copies, recomputing cheap layer outputs "
+        "(the same numbers, less memory)",
+    )
+    fp_activation: str = _key(
+        "relu",
+        "a 32-bit model's nonlinearity: relu (the paper's) or clamp (the low-bit clients' clamp(0,"
+        " 1), a control)",
+        allowed=FP_ACTIVATIONS,
+    )
+    augmentation: str = _key(
+        "batched",
+        "SimCLR's views: batched (tensor ops on whole batches, CPU or GPU) or per-image "
+        "(torchvision)",
+        allowed=AUGMENTATIONS,
+    )
+    dq_epochs: int | str = _key(
+        1,
+        "epochs of D_g per de-quantization, or `local` (the clients' `local-epochs`, as the "
+        "authors' code)",
+    )
+    rq_epochs: int | str = _key(
+        1, "epochs of D_g per re-quantization, or `local`; 0 re-quantizes by rounding"
+    )
+    dq_temperature: float = _key(1.0, "T in p_k = softmax(-L_DQ / T)")
+    dq_weighting: str = _key(
+        "softmax",
+        "softmax (the paper's p_k) or uniform (p_k = 1/K, the control)",
+        allowed=DQ_WEIGHTINGS,
+    )
+    bn_recalibrate: str = _key(
+        "none",
+        "re-estimate BatchNorm statistics on D_g after aggregation: none, global (the global "
+        "model), all (each downlink too, at its bitwidth)",
+        allowed=BN_RECALIBRATIONS,
+    )
+    server_workers: int = _key(
+        1,
+        "processes running the server's fine-tunes side by side (CPU only; the same numbers up to "
+        "float order)",
+    )
+    proximal_mu: float = _key(0.01, "FedProx's mu")
+    qsgd_bucket: int = _key(512, "FedPAQ: entries per QSGD norm (0: the whole tensor)")
+    fraction_fit: float = _key(
+        1.0, "share of clients a round samples (seeded by the seed and round)"
+    )
+    min_fit_clients: int = _key(2, "a round with fewer usable models fails, and the run with it")
+    round_timeout: float = _key(
+        0.0, "seconds a round waits for its clients (0: every sampled client); for deployments"
+    )
+    partition_bindings: str = _key(
+        "",
+        "a JSON file binding each partition to a SuperNode's key (written by "
+        "`scripts/deploy/register.sh`)",
+    )
+    max_samples_per_client: int = _key(
+        2000, "cap on a client's training images, a seeded draw (0: all)"
+    )
+    max_client_examples: int = _key(
+        100_000,
+        "a reply claiming more training examples is refused (it would outweigh every other client)",
+    )
+    probe_samples: int = _key(200, "labelled train images of the global probe and kNN monitor")
+    seed: int = _key(0, "every random draw of the run derives from it (`common/seeds.py`)")
+    device: str = _key(
+        "auto", "auto (the GPU where the process sees one), cpu or cuda", allowed=DEVICES
+    )
+    allocator: str = _key(
+        "auto",
+        "a client process's memory: lean (freed memory goes back: lower peaks, slower), fast "
+        "(glibc's default), auto (lean on a SuperNode, fast in a simulation)",
+        allowed=ALLOCATORS,
+    )
+    output_dir: str = _key("", "the run's folder (empty: a new `results/run-<time>/`)")
+    resume: bool = _key(False, "continue the run in `output-dir` from its checkpoint")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -14,7 +14,7 @@ from flwr.client import NumPyClient
 from flwr.common import ArrayRecord, RecordDict
 
 from common import seeds
-from common.algorithms import get_algorithm
+from common.algorithms import SELF_SUPERVISED, get_algorithm
 from common.config import ConfigError, ExperimentConfig
 from common.data.datasets import ImageData
 from common.learning.evaluation import LOCAL_PROBE_EPOCHS, LinearProbe, train_linear_probe
@@ -68,7 +68,7 @@ class LowBitClient(NumPyClient):
             raise ConfigError(
                 f"{config.algorithm} trains on labels, but client {partition_id}'s data has "
                 "none: give it labelled data (class folders 0, 1, ...) or run a self-supervised "
-                "algorithm (fedqssl, fedsimclr, fedsimsiam)"
+                f"algorithm ({', '.join(SELF_SUPERVISED)})"
             )
         self.model = new_model(config, bits, *self._shape())
         self.ray_node = ""  # the Ray node it trains on, in a Ray simulation (set by client_fn)

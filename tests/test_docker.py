@@ -112,6 +112,11 @@ def test_dockerfile_builds_from_the_pinned_superexec_image_with_the_projects_pin
     assert "==" not in dockerfile, "pins live in pyproject.toml only"
     assert "requirements.py /tmp/fedqssl/pyproject.toml" in dockerfile
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in dockerfile
+    # nodes build the fused kernels: a compiler and ninja, installed as root, then back to app
+    assert "apt-get install -y --no-install-recommends g++ ninja-build" in dockerfile
+    assert dockerfile.index("USER root") < dockerfile.index("g++") < dockerfile.index("USER app")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "results" in ignored  # not sent as build context
 
 
 @pytest.mark.slow

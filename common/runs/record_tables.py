@@ -228,6 +228,8 @@ def headline(all_records: Mapping[str, Records]) -> str:
     """README's results at a glance: the decisive pairs of the answer's experiment, each with its
     interval, n and the floor and budget beside it."""
     records = all_records[ANSWER_EXPERIMENT]
+    if not records.summaries:
+        return f"`{ANSWER_EXPERIMENT}` has no published run yet (docs/RESULTS.md says which).\n"
     lines = [
         "| Comparison (global probe, points) | Mean | 95 % interval | n | Reading |",
         "|---|---:|---|---:|---|",
