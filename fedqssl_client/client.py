@@ -28,6 +28,7 @@ from common.runs.saved_models import save_client_model
 from common.vocabulary import FULL_PRECISION
 from common.wire.payload import (
     PayloadError,
+    check_plausible,
     decode_state,
     encode_state,
     encode_update,
@@ -77,14 +78,20 @@ class LowBitClient(NumPyClient):
         return self.data.spec.channels, self.data.spec.num_classes
 
     def _load(self, parameters: list[np.ndarray]) -> None:
-        """Decode a downlink payload: at this device's bitwidth, or the fp32 initial model."""
-        offered = payload_bits(parameters)
-        if offered not in (self.bits, FULL_PRECISION):
+        """Decode a downlink payload (at this device's bitwidth, or the fp32 initial model) and
+        hold it to the rules the server holds every uplink to (``check_plausible``): a device
+        never trains on, or scores, a model it would refuse from a peer."""
+        try:
+            offered = payload_bits(parameters)
+            if offered not in (self.bits, FULL_PRECISION):
+                raise PayloadError(f"a {offered}-bit model, this device trains at {self.bits} bits")
+            state = decode_state(parameters, template=self.model.state_dict())
+            check_plausible(state)
+        except ValueError as error:  # PayloadError, or the codec's own checks
             raise PayloadError(
-                f"client {self.partition_id} trains at {self.bits} bits but was sent a "
-                f"{offered}-bit model"
-            )
-        self.model.load_state_dict(decode_state(parameters, template=self.model.state_dict()))
+                f"client {self.partition_id} refuses the server's model: {error}"
+            ) from None
+        self.model.load_state_dict(state)
 
     def _metrics(self, **values: Scalar) -> dict[str, Scalar]:
         return {"partition-id": self.partition_id, "bitwidth": self.bits, **values}
@@ -101,7 +108,12 @@ class LowBitClient(NumPyClient):
         codes (FedPAQ: the update)."""
         self._load(parameters)
         received = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
-        server_round = int(config.get("server-round", 0))
+        server_round = config.get("server-round", 0)
+        if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 0:
+            raise PayloadError(
+                f"client {self.partition_id} refuses the fit config: server-round must be an "
+                f"int >= 0, got {server_round!r}"
+            )
         seed = seeds.client_round_seed(self.config.seed, server_round, self.partition_id)
         on_gpu = next(self.model.parameters()).is_cuda
         if on_gpu:

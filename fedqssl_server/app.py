@@ -19,11 +19,18 @@ from fedqssl_server.strategy import strategy_for
 
 def server_fn(context: Context) -> ServerAppComponents:
     """The run's strategy; with ``resume`` it continues the run in ``output-dir`` from its last
-    checkpoint (a finished run there: nothing to do; another config there: refused)."""
+    checkpoint (a finished run there: nothing to do; another config there: refused). Without
+    ``resume`` a folder holding a finished run is refused before anything in it is touched."""
     config = ExperimentConfig.from_mapping(context.run_config)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
     if config.resume and not config.output_dir:
         raise ConfigError("resume needs output-dir: the folder of the run to continue")
+    if not config.resume and (output_dir / "summary.json").exists():
+        raise ConfigError(
+            f"{output_dir} holds a finished run (summary.json); nothing was changed. To keep it "
+            "and its results, resume it (run config resume=true, or simulation.py --resume), or "
+            "give another output-dir for a new run"
+        )
     point = resume_point(output_dir, config.to_dict()) if config.resume else None
     log(
         INFO,

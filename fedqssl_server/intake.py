@@ -14,14 +14,17 @@ import torch
 from flwr.common import EvaluateRes, FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from common.wire.payload import PayloadError, decode_state, payload_nbytes
+from common.wire.payload import (
+    MAX_MAGNITUDE,
+    PayloadError,
+    check_plausible,
+    decode_state,
+    payload_nbytes,
+)
 from fedqssl_server.nodes import NodeRegistry
 from fedqssl_server.replies import EVALUATE_METRICS, FIT_METRICS, reply_problem
 
-# The largest magnitude a float tensor of a received model may hold. Trained weights, BatchNorm
-# statistics and biases of these models are orders of magnitude below it; a value beyond it can only
-# be an attack or a diverged client, and one such model would dominate any average.
-MAX_MAGNITUDE = 1e6
+__all__ = ["MAX_MAGNITUDE", "check_plausible"]  # the rules the clients apply to the downlink too
 
 
 class Accepted(NamedTuple):
@@ -147,20 +150,3 @@ def evaluation_replies(
 
 def _decoded(parameters: Parameters, bits: int, template: Mapping[str, torch.Tensor]) -> dict:
     return decode_state(parameters_to_ndarrays(parameters), bits, template)
-
-
-def check_plausible(state: Mapping[str, torch.Tensor], update: bool = False) -> None:
-    """``PayloadError`` unless every float is within ``MAX_MAGNITUDE`` and, for a model (not an
-    ``update``), every BatchNorm running variance is finite and >= 0: what the codec's format
-    checks cannot know, a sane model's range."""
-    for name, tensor in state.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        largest = float(tensor.abs().max())
-        if not largest <= MAX_MAGNITUDE:
-            raise PayloadError(
-                f"tensor {name!r} holds {largest:.3g}, beyond the {MAX_MAGNITUDE:g} a sane model "
-                "holds (fedqssl_server.intake.MAX_MAGNITUDE)"
-            )
-        if not update and name.endswith("running_var") and float(tensor.min()) < 0:
-            raise PayloadError(f"tensor {name!r}: a BatchNorm variance below 0")

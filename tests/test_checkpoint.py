@@ -9,7 +9,7 @@ import pytest
 from flower_fakes import FakeManager, drive
 from helpers import differences, federation, start, tiny, without_timings
 
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig
 from common.runs import checkpoint
 from common.runs.checkpoint import CheckpointError, resume_point
 from fedqssl_server.results import knn_curve
@@ -160,3 +160,28 @@ def test_metadata_of_the_wrong_shape_is_a_damaged_checkpoint_not_a_traceback(tmp
     for read in (checkpoint.load, checkpoint.read_meta):
         with pytest.raises(CheckpointError, match="not a readable checkpoint"):
             read(path)
+
+
+def test_a_new_start_on_a_finished_runs_folder_is_refused_and_changes_nothing(tmp_path):
+    """Bare ``flwr run`` with another seed into a finished run's folder once deleted its records
+    before round 1; now the ServerApp refuses, naming the two ways on."""
+    from flwr.common import Context, RecordDict
+
+    from fedqssl_server.app import server_fn
+
+    config = tiny(tmp_path, "run")
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True)
+    files = {
+        "summary.json": '{"global-accuracy": 0.7}\n',
+        "rounds.jsonl": '{"round": 1}\n',
+        "config.json": json.dumps(config.to_dict()),
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    other_seed = {**config.to_run_config(), "seed": 5}
+    context = Context(0, 0, {}, RecordDict(), other_seed)
+    with pytest.raises(ConfigError, match=r"holds a finished run.*resume=true.*another output-dir"):
+        server_fn(context)
+    assert {name: (folder / name).read_text() for name in files} == files
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)

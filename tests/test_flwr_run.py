@@ -100,3 +100,16 @@ def test_the_app_bundle_holds_what_nodes_run_and_nothing_else(tmp_path):
     top = {name.split("/")[0] for name in names}
     assert top == {"common", "fedqssl_client", "fedqssl_server", "pyproject.toml", ".info"}
     assert "fedqssl_server/strategy.py" in names and "common/wire/payload.py" in names
+
+
+@pytest.mark.slow
+def test_a_new_flwr_run_into_a_finished_runs_folder_fails_and_keeps_it(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    files = {"summary.json": '{"global-accuracy": 0.7}\n', "rounds.jsonl": '{"round": 1}\n'}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    _, status, output_dir = flwr_run(tmp_path, "--federation-config", "num-supernodes=3")
+    assert output_dir == folder and status["status"] == "finished:failed", status
+    assert "holds a finished run" in status["status-details"]
+    assert {name: (folder / name).read_text() for name in files} == files

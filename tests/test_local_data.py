@@ -14,6 +14,7 @@ from flwr.common import Context, RecordDict
 from helpers import federate, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from common.config import ConfigError
 from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, make_synthetic
@@ -382,3 +383,22 @@ def test_a_device_with_fewer_than_two_training_images_is_refused_at_load(tmp_pat
     config = tiny_config(tmp_path, "fedqssl")
     with pytest.raises(DatasetFormatError, match=r"1 training image\(s\); a device needs at least"):
         client_data(config, 0, str(tmp_path / "one"))
+
+
+def test_zero_images_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "empty.npz"
+    np.savez(path, images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64))
+    with pytest.raises(DatasetNotFoundError, match=r"empty.npz holds 0 images"):
+        load_images(path, 1, 28, 10)
+
+
+def test_an_empty_class_folder_beside_the_others_is_named_in_a_warning(tmp_path, caplog):
+    folder = tmp_path / "device"
+    (folder / "0").mkdir(parents=True)
+    (folder / "7").mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((28, 28), 40 * index, np.uint8)).save(folder / "0" / f"{index}.png")
+    with caplog.at_level("WARNING"):
+        data = load_images(folder, 1, 28, 10)
+    assert len(data) == 2 and data.labels.tolist() == [0, 0]
+    assert "class folder(s) 7 hold no image" in caplog.text and str(folder) in caplog.text

@@ -186,3 +186,43 @@ def test_a_weight_sent_as_floats_under_a_low_bit_header_is_refused_against_the_t
     decode_state(forged)  # the format alone cannot tell
     with pytest.raises(PayloadError, match="sent as 'float'; at 4 bits"):
         decode_state(forged, template=template)
+
+
+def _client_and_downlink(tmp_path):
+    from helpers import tiny_config
+
+    from fedqssl_client.client import LowBitClient
+
+    config = tiny_config(tmp_path, "fedsimclr", bitwidths="32,32")
+    client = LowBitClient(config, 0, 32, None)
+    return client, dict(client.model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("huge", r"holds 3e\+38, beyond the 1e\+06 a sane model holds"),
+        ("negative-variance", r"a BatchNorm variance below 0"),
+    ],
+)
+def test_a_client_refuses_a_downlink_it_would_refuse_from_a_peer(tmp_path, damage, reason):
+    client, state = _client_and_downlink(tmp_path)
+    variance = next(k for k in state if k.endswith("running_var"))
+    weight = variance.replace("running_var", "weight")  # that BatchNorm's gamma
+    if damage == "huge":
+        state[weight] = torch.full_like(state[weight], 3e38)
+    else:
+        state[variance] = -torch.ones_like(state[variance])
+    before = {k: v.clone() for k, v in client.model.state_dict().items()}
+    with pytest.raises(PayloadError, match=r"client 0 refuses the server's model: .*" + reason):
+        client.fit(encode_state(state, 32), {"server-round": 1})
+    with pytest.raises(PayloadError, match=reason):
+        client.evaluate(encode_state(state, 32), {})
+    assert all(torch.equal(v, client.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("value", ["abc", -1, 1.5, True])
+def test_a_client_refuses_a_fit_config_whose_round_is_not_a_round(tmp_path, value):
+    client, state = _client_and_downlink(tmp_path)
+    with pytest.raises(PayloadError, match=r"server-round must be an int >= 0, got"):
+        client.fit(encode_state(state, 32), {"server-round": value})

@@ -17,6 +17,7 @@ test split; otherwise a seeded, class-stratified share of labelled data is held 
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+_log = logging.getLogger(__name__)
 LAYOUTS = (
     "class sub-folders named 0, 1, ... holding images, a flat folder of images (unlabelled), one "
     ".npz with 'images' [and 'labels'], or an idx pair (*images*idx3-ubyte, *labels*idx1-ubyte)"
@@ -49,6 +51,8 @@ def load_images(
     else:
         images, labels = _read_folder(path, channels, image_size)
     images = _to_nchw(images, channels, image_size, path)
+    if len(images) == 0:
+        raise DatasetNotFoundError(f"{path} holds 0 images: a device needs images to train on")
     if labels is not None:
         labels = _checked_labels(labels, len(images), num_classes, path)
     return ImageData(images, labels, num_classes)
@@ -156,6 +160,14 @@ def _read_class_folders(
             f"device labels a class alike; found {', '.join(wrong[:5])}"
         )
     samples = [(file, int(name)) for name in folders for file in _image_files(path / name)]
+    empty = [name for name in folders if not any(f.parent.name == name for f, _ in samples)]
+    if empty and samples:
+        _log.warning(
+            "%s: class folder(s) %s hold no image: those classes are absent from this device's "
+            "data (remove the folders if that is meant)",
+            path,
+            ", ".join(empty),
+        )
     if not samples:
         raise DatasetNotFoundError(f"{path}: its class folders hold no images; give {LAYOUTS}")
     images = _decode_all([file for file, _ in samples], channels, size)

@@ -60,6 +60,30 @@ class PayloadError(ValueError):
     """A received payload is malformed; the message says what is wrong."""
 
 
+# The largest magnitude a float tensor of a received model may hold. Trained weights, BatchNorm
+# statistics and biases of these models are orders of magnitude below it; a value beyond it can
+# only be an attack or a diverged peer, and one such model would dominate any average.
+MAX_MAGNITUDE = 1e6
+
+
+def check_plausible(state: Mapping[str, torch.Tensor], update: bool = False) -> None:
+    """``PayloadError`` unless every float is within ``MAX_MAGNITUDE`` and, for a model (not an
+    ``update``), every BatchNorm running variance is finite and >= 0: what the codec's format
+    checks cannot know, a sane model's range. The server applies it to every uplink, each
+    client to its downlink."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = float(tensor.abs().max())
+        if not largest <= MAX_MAGNITUDE:
+            raise PayloadError(
+                f"tensor {name!r} holds {largest:.3g}, beyond the {MAX_MAGNITUDE:g} a sane model "
+                "holds (common.wire.payload.MAX_MAGNITUDE)"
+            )
+        if not update and name.endswith("running_var") and float(tensor.min()) < 0:
+            raise PayloadError(f"tensor {name!r}: a BatchNorm variance below 0")
+
+
 # ---------------------------------------------------------------- model payloads
 
 
