@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from common.algorithms import Algorithm
-from common.atomic import claim_new_folder
+from common.atomic import claim_new_folder, write_text_atomically
 from common.config import ExperimentConfig
 from common.runs import provenance
 from common.vocabulary import FULL_PRECISION
@@ -280,7 +280,10 @@ class RunRecorder:
                 self.code, self.started_at, server, self.rounds
             ),
         }
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # atomic: a process killed here leaves no half summary that reads as a damaged record
+        write_text_atomically(
+            self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n"
+        )
         self._plot(summary.get("untrained-knn-accuracy"))
         return summary
 

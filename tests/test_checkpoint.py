@@ -1,13 +1,17 @@
 """Checkpoints and resumption, in process: a run interrupted after round R and resumed equals the
 uninterrupted run; a changed config, a damaged checkpoint and a finished run are handled."""
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flower_fakes import FakeManager, drive
 from helpers import differences, federation, start, tiny, without_timings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.config import ConfigError, ExperimentConfig
 from common.runs import checkpoint
@@ -97,7 +101,7 @@ def test_a_key_newer_than_the_saved_run_counts_as_its_default():
     assert checkpoint.config_differences(saved, clamp) == ["fp-activation: 'relu' -> 'clamp'"]
 
 
-def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_not_finished(
+def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_refused(
     tmp_path,
 ):
     config = tiny(tmp_path, "run", **{"num-rounds": 2})
@@ -113,10 +117,72 @@ def test_a_finished_run_of_another_config_is_refused_and_a_damaged_summary_is_no
     assert curve[0][1] == 100 * summary["untrained-knn-accuracy"]
     with pytest.raises(CheckpointError, match=r"num-rounds: 2 -> 5"):
         resume_point(folder, {**config.to_dict(), "num-rounds": 5})
-    (folder / "summary.json").write_text('{"global-accura')  # truncated as a crash leaves it
-    point = resume_point(folder, config.to_dict())
-    assert not point.finished and point.checkpoint is None
-    assert "summary.json is unreadable" in point.note
+    records = {name: (folder / name).read_bytes() for name in ("rounds.jsonl", "config.json")}
+    path = folder / "summary.json"
+    for damage in ('{"global-accura', "{}", "directory"):  # truncated, empty, not a file
+        path.rmdir() if path.is_dir() else path.unlink()
+        if damage == "directory":
+            path.mkdir()
+        else:
+            path.write_text(damage)
+        # no checkpoint: the run was finished; resuming must not train it again
+        with pytest.raises(CheckpointError, match=r"summary.json is not a readable summary"):
+            resume_point(folder, config.to_dict())
+    assert {name: (folder / name).read_bytes() for name in records} == records
+
+
+def test_a_damaged_summary_beside_a_checkpoint_resumes_from_the_checkpoint(tmp_path):
+    config = tiny(tmp_path, "run", **{"num-rounds": 3})
+    clients, proxies = federation(config, ["a", "b", "c"])
+    drive(start(config), clients, FakeManager(proxies), 2, evaluate_at_end=False)
+    (Path(config.output_dir) / "summary.json").write_text("{")  # killed while writing it
+    point = resume_point(config.output_dir, config.to_dict())
+    assert point.round == 2 and point.checkpoint is not None
+    assert "summary.json is unreadable; resuming after round 2" in point.note
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_mutated_checkpoint_is_read_or_refused_naming_it_never_a_traceback(
+    tmp_path_factory, data
+):
+    """Random bytes flipped, cut or members replaced by raw bytes or JSON: ``load`` returns a
+    checkpoint or raises ``CheckpointError`` naming the file, nothing else."""
+    folder = tmp_path_factory.mktemp("mutated")
+    path = folder / "checkpoint.npz"
+    arrays = {"state/w": np.arange(6, dtype=np.float32)}
+    meta = {"round": 1, "config": {}, "records": [{"round": 1}], "state-names": ["w"],
+            "downlink-lengths": {}, "partition-bits": {}, "wall-seconds": 1.0}  # fmt: skip
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    blob = bytearray(path.read_bytes())
+    kind = data.draw(st.sampled_from(["flip", "cut", "raw-member", "json-member"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            at = data.draw(st.integers(0, len(blob) - 1))
+            blob[at] ^= data.draw(st.integers(1, 255))
+        path.write_bytes(bytes(blob))
+    elif kind == "cut":
+        path.write_bytes(bytes(blob[: data.draw(st.integers(0, len(blob) - 1))]))
+    else:
+        member = data.draw(st.sampled_from(["meta", "state/w"]))
+        payload = b"raw bytes" if kind == "raw-member" else json.dumps(meta).encode()
+        with zipfile.ZipFile(path, "w") as archive:  # the member without its .npy header
+            for name, array in arrays.items():
+                if name == member:
+                    archive.writestr(name, payload)
+                else:
+                    archive.writestr(f"{name}.npy", _npy_bytes(array))
+    try:
+        checkpoint.load(path)
+    except CheckpointError as error:
+        assert str(path) in str(error)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -83,15 +83,28 @@ def save(checkpoint: Checkpoint, path: Path) -> None:
     write_npz_atomically(path, arrays)
 
 
+def _array(archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    """Member ``key`` of a checkpoint, which must be a ``.npy`` array (an archive member that is
+    not one reads back as raw bytes)."""
+    value = archive[key]
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"its member {key!r} is not a .npy array")
+    return value.copy()
+
+
+def _meta_of(archive: np.lib.npyio.NpzFile) -> dict[str, Any]:
+    return _checked_meta(json.loads(_array(archive, _META).tobytes().decode()))
+
+
 def load(path: Path) -> Checkpoint:
     """Read a checkpoint; a damaged or foreign file is a ``CheckpointError`` naming it."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            meta = _checked_meta(json.loads(archive[_META].tobytes().decode()))
-            state = {name: archive[f"state/{name}"].copy() for name in meta["state-names"]}
+            meta = _meta_of(archive)
+            state = {name: _array(archive, f"state/{name}") for name in meta["state-names"]}
             downlink, personal = (
                 {
-                    int(key): [archive[f"{kind}/{key}/{i}"].copy() for i in range(count)]
+                    int(key): [_array(archive, f"{kind}/{key}/{i}") for i in range(count)]
                     for key, count in meta.get(f"{kind}-lengths", {}).items()
                 }
                 for kind in ("downlink", "personal")
@@ -158,7 +171,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's round, config and records, without its arrays."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return _checked_meta(json.loads(archive[_META].tobytes().decode()))
+            return _meta_of(archive)
     except _DAMAGED as error:
         raise _damaged(path, error) from None
 
@@ -193,7 +206,13 @@ def resume_point(output_dir: str | os.PathLike[str], config: dict[str, Any]) -> 
     damaged = "summary.json is unreadable; " if (folder / "summary.json").exists() else ""
     path = checkpoint_path(folder)
     if not path.exists():
-        return ResumePoint(False, 0, None, f"{damaged}no checkpoint: the run starts from round 1")
+        if damaged:  # a finished run (its checkpoint is deleted at the end) whose record broke
+            raise CheckpointError(
+                f"{folder / 'summary.json'} is not a readable summary (truncated, empty or not "
+                "a file) and the folder holds no checkpoint, so the run looks finished: nothing "
+                "was changed; restore the summary, or move the folder away to run it again"
+            )
+        return ResumePoint(False, 0, None, "no checkpoint: the run starts from round 1")
     meta = read_meta(path)
     require_same_config(meta["config"], config, path)
     return ResumePoint(
