@@ -191,6 +191,11 @@ class ExperimentConfig:
     device: str = _key(
         "auto", "auto (the GPU where the process sees one), cpu or cuda", allowed=DEVICES
     )
+    tf32: bool = _key(
+        False,
+        "let CUDA convolutions and matmuls run in TF32 (false: the stated precision, which the "
+        "bitwidth comparisons assume; a 12-bit activation keeps its 4,096 levels)",
+    )
     allocator: str = _key(
         "auto",
         "a client process's memory: lean (freed memory goes back: lower peaks, slower), fast "

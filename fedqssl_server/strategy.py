@@ -297,6 +297,7 @@ class FedQSSL(Strategy):
             "threads": torch.get_num_threads(),
             "device": torch_device(self.config).type,
             "fused-kernels": kernel.loaded(),
+            "tf32": torch.backends.cudnn.allow_tf32,
         }
 
     def _save_checkpoint(self, server_round: int) -> None:

@@ -136,3 +136,21 @@ def test_reading_a_config_loads_no_torch():
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert completed.stdout.strip() == "False", completed.stderr
+
+
+def test_tf32_is_off_unless_asked_wherever_the_device_is_chosen():
+    """cuDNN runs convolutions in TF32 by default: a 12-bit activation's 4,096 levels would
+    become about 3,000 values inside a conv. The device choice sets both switches."""
+    import torch
+
+    from common.runs.experiment import torch_device
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+        torch_device(ExperimentConfig())
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        torch_device(ExperimentConfig.from_mapping({"tf32": True}))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -250,9 +250,18 @@ def _probe_folder(config: ExperimentConfig, spec: DatasetSpec) -> tuple[ImageDat
     return train, test
 
 
+def set_precision(config: ExperimentConfig) -> None:
+    """CUDA's TF32 switches, by the config's ``tf32`` (off by default: cuDNN convolutions would
+    otherwise run in TF32, about 10 mantissa bits, whatever the bitwidth a row states)."""
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.allow_tf32 = config.tf32
+
+
 def torch_device(config: ExperimentConfig) -> torch.device:
     """Where models train: ``auto`` is the GPU when this process sees one (in a Ray simulation,
-    clients see one only with ``--gpus-per-client`` > 0), else the CPU."""
+    clients see one only with ``--gpus-per-client`` > 0), else the CPU; CUDA's TF32 use is set
+    by the config (``set_precision``) wherever the device is chosen."""
+    set_precision(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             "device is 'cuda' but torch sees no GPU here: set device to 'auto' or 'cpu', or give "

@@ -178,6 +178,7 @@ def run_provenance(
             "server": server.get("fused-kernels"),
             "clients": _distinct(c.get("fused-kernels") for c in clients),
         },
+        "tf32": server.get("tf32"),
         "started": started,
     }
 
