@@ -97,6 +97,12 @@ class FineTunes:
         self.config = config
         self.workers = config.server_workers
         self._pool: ProcessPoolExecutor | None = None
+        # refused at start, before any client trains, not at the first fine-tune
+        if self.workers > 1 and torch_device(config).type != "cpu":
+            raise ConfigError(
+                "server-workers: worker processes run the server's fine-tunes on CPU cores; on a "
+                "GPU the fine-tunes already run there one after another: set server-workers: 1"
+            )
 
     def one(self, job: FineTune) -> FineTuned:
         """A single fine-tune, in this process: with every core its threads have."""
@@ -125,11 +131,6 @@ class FineTunes:
             list(self._started_pool().map(int, range(self.workers)))
 
     def _started_pool(self) -> ProcessPoolExecutor:
-        if torch_device(self.config).type != "cpu":
-            raise ConfigError(
-                "server-workers: worker processes run the server's fine-tunes on CPU cores; on a "
-                "GPU the fine-tunes already run there one after another: set server-workers: 1"
-            )
         if self._pool is None:
             threads = max(1, usable_cores() // self.workers)
             self._pool = ProcessPoolExecutor(

@@ -23,8 +23,8 @@ from fedqssl_server.strategy import strategy_for
 
 def with_workers(config: ExperimentConfig, workers: int, **keys: object) -> ExperimentConfig:
     """``config`` with ``server-workers`` and any other run-config ``keys`` set."""
-    return ExperimentConfig.from_mapping(
-        {**config.to_run_config(), "server-workers": workers, **keys}
+    return ExperimentConfig.from_mapping(  # on the CPU by name: workers are for CPU cores
+        {**config.to_run_config(), "server-workers": workers, "device": "cpu", **keys}
     )
 
 
@@ -130,3 +130,12 @@ def test_the_strategy_stops_its_workers_after_the_last_round_not_before(config, 
         assert not any(worker.is_alive() for worker in workers)
     finally:
         strategy.steps.close()
+
+
+def test_workers_on_a_gpu_are_refused_at_start_not_at_the_first_fine_tune(config, monkeypatch):
+    from fedqssl_server import fine_tunes
+
+    monkeypatch.setattr(fine_tunes, "torch_device", lambda _: torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"server-workers: .* set server-workers: 1"):
+        FineTunes(with_workers(config, 2))
+    FineTunes(with_workers(config, 1))  # one process: nothing to refuse
