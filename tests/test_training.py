@@ -190,3 +190,21 @@ def test_fit_local_refuses_labels_for_an_ssl_model_and_none_for_a_classifier():
                 0,
                 labels=labels,
             )
+
+
+@pytest.mark.parametrize("mode", ["per-image", "batched"])
+def test_shared_views_are_on_the_device_asked_for_in_either_augmentation(mode):
+    """The server's shared views (D_g's epochs, the monitor's loss) feed a model on the server's
+    device; per-image views came back on the CPU, a crash on a GPU. ``meta`` stands in for
+    another device here."""
+    from common.learning.training import augmented_epochs
+    from common.runs.experiment import DatasetSpec
+
+    images = torch.randint(0, 255, (20, 1, 28, 28), dtype=torch.uint8)
+    transform = DatasetSpec.of("fashion-mnist").augmentation(mode)
+    device = torch.device("meta") if mode == "per-image" else torch.device("cpu")
+    epochs = augmented_epochs(images, transform, 2, 8, 0, device)
+    assert len(epochs) == 2 and epochs[0]
+    assert {t.device.type for batches in epochs for views in batches for t in views} == {
+        device.type
+    }

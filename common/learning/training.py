@@ -224,10 +224,12 @@ def augmented_epochs(
 
     Training draws nothing else from the augmentations' generators, so ``fit_batches`` on these
     equals ``fit_local`` with the same seed (the server's de-quantization augments D_g once a
-    round).
+    round). Every view is on ``device`` when one is given, per-image (torchvision) views too.
     """
     loader = _loader(images, transform, batch_size, seed, None, device)
-    return [list(loader) for _ in range(epochs)]
+    if device is None or isinstance(transform, BatchSSLAugmentation):
+        return [list(loader) for _ in range(epochs)]
+    return [[(a.to(device), b.to(device)) for a, b in loader] for _ in range(epochs)]
 
 
 def fit_batches(
