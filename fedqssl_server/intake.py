@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Collection, Mapping
+from logging import WARNING
 from typing import NamedTuple
 
 import torch
 from flwr.common import EvaluateRes, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 
 from common.wire.payload import (
@@ -121,7 +123,24 @@ def take_replies(
         else:
             nodes.bind(client.cid, taken.key)
             accepted[taken.key] = taken
+            if "ray-node" not in result.metrics:  # a deployed SuperNode, not a Ray actor
+                warn_unbound_partitions(nodes)
     return [accepted[key] for key in sorted(accepted)], left_out
+
+
+def warn_unbound_partitions(nodes: NodeRegistry) -> None:
+    """Once a run: deployed nodes claim partitions and no ``partition-bindings`` binds them to
+    node keys, so the first authenticated node to claim a partition keeps it."""
+    if nodes.operator_bindings or nodes.warned_unbound:
+        return
+    nodes.warned_unbound = True
+    log(
+        WARNING,
+        "partitions are not bound to SuperNode keys (partition-bindings is empty): the first "
+        "node to claim a partition keeps it for the run. With SuperNode authentication, bind "
+        "them: scripts/deploy/register.sh writes the file, the partition-bindings key names it "
+        "(docs/deployment.md)",
+    )
 
 
 def evaluation_replies(

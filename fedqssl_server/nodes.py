@@ -68,6 +68,7 @@ class NodeRegistry:
         self.partition_of: dict[str, int] = {}
         # partitions that took part in the run so far -> their bitwidth (what to re-quantize for)
         self.partition_bits: dict[int, int] = {}
+        self.warned_unbound = False  # said once a run that no partition-bindings bind nodes
 
     def node_of(self, partition: int) -> str | None:
         """The node bound to ``partition``, if any."""

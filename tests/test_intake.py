@@ -260,3 +260,36 @@ def test_plausibility_bounds_magnitudes_and_model_variances_not_update_variances
     for candidate in (beyond, {**state, conv: torch.full_like(state[conv], float("nan"))}):
         with pytest.raises(PayloadError, match="beyond"):
             check_plausible(candidate, update=True)
+
+
+def test_deployed_nodes_claiming_unbound_partitions_are_warned_about_once(config, monkeypatch):
+    """With no partition-bindings the first node to claim a partition keeps it: said once a
+    run when deployed SuperNodes (no Ray node in their replies) claim partitions, never in a
+    Ray simulation and never with bindings declared."""
+    from fedqssl_server import intake
+    from fedqssl_server.nodes import NodeRegistry
+
+    said = []
+    monkeypatch.setattr(intake, "log", lambda level, text, *args: said.append(text))
+    template = strategy_for(config, server_data(config)).global_state
+    proxies = [FakeProxy(str(i)) for i in range(2)]
+
+    def replies(ray_node):
+        results = []
+        for index, proxy in enumerate(proxies):
+            result = fit_result(config, config.bitwidths[index], index, index)
+            if ray_node:
+                result.metrics["ray-node"] = "abc123"
+            results.append((proxy, result))
+        return results
+
+    simulated = NodeRegistry(config.bitwidths)
+    intake.take_replies(replies(True), simulated, {"0", "1"}, template, False, 10**6)
+    assert said == []
+    deployed = NodeRegistry(config.bitwidths)
+    for _ in range(2):  # two rounds: one warning
+        intake.take_replies(replies(False), deployed, {"0", "1"}, template, False, 10**6)
+    assert len(said) == 1 and "partition-bindings is empty" in said[0]
+    bound = NodeRegistry(config.bitwidths, {0: "0", 1: "1"})
+    intake.take_replies(replies(False), bound, {"0", "1"}, template, False, 10**6)
+    assert len(said) == 1
