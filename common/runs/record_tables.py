@@ -154,11 +154,9 @@ def _phrase(result: Paired) -> str:
 
 
 def _sign(result: Paired) -> int:
-    """+1 where the interval lies above 0, -1 below, 0 where it holds 0 (or is missing)."""
-    interval = result.interval
-    if interval is None:
-        return 0
-    return 1 if interval[0] > 0 else -1 if interval[1] < 0 else 0
+    """+1 where the interval lies above 0, -1 below, 0 where it holds 0."""
+    low, high = result.interval
+    return 1 if low > 0 else -1 if high < 0 else 0
 
 
 # what each outcome of a comparison lets the answer say (by _sign: above, within, below 0)
@@ -208,7 +206,12 @@ def answer(all_records: Mapping[str, Records]) -> str:
         if not result.n:
             lines.append(f"- Against {what}: not run yet.")
             continue
-        lines.append(f"- Against {what}: {_phrase(result)}: {_READINGS[second][_sign(result)]}.")
+        reading = (
+            _READINGS[second][_sign(result)]
+            if result.interval is not None
+            else "one seed, no interval: no reading yet"
+        )
+        lines.append(f"- Against {what}: {_phrase(result)}: {reading}.")
     uniform = paired(records, "fedqssl", "fedqssl-uniform", "global-probe")
     if uniform.n:
         lines.append(
