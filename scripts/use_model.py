@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -24,9 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.algorithms import get_algorithm
-from common.config import ExperimentConfig
+from common.config import ConfigError, ExperimentConfig
 from common.data.local import load_images
 from common.learning.models import extract_features
+from common.readback import RecordError, read_json_object
 from common.runs.experiment import DatasetSpec, run_model, server_data
 from common.runs.saved_models import MODELS_FOLDER, load_model
 from fedqssl_server.monitor import GlobalMonitor
@@ -35,9 +35,12 @@ from fedqssl_server.monitor import GlobalMonitor
 def run_config(run: Path) -> ExperimentConfig:
     """The config the run in folder ``run`` recorded."""
     path = run / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise SystemExit(f"{run} holds no config.json: give the folder of a finished run")
-    return ExperimentConfig.from_mapping(json.loads(path.read_text()))
+    try:
+        return ExperimentConfig.from_mapping(read_json_object(path, "run config"))
+    except (RecordError, ConfigError) as error:
+        raise SystemExit(f"{path}: {error}") from None
 
 
 def model_path(run: Path, name: str) -> Path:

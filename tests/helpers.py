@@ -85,13 +85,13 @@ def federate(config, client_data=None, model_dirs=None):
 
 def without_timings(value):
     """A record with every measured figure dropped: wall-clock seconds, resident memory
-    (``*-mb``), the Ray node a client ran on and when a process started differ run to run;
-    nothing else may."""
+    (``*-mb``), the Ray node a client ran on, and how and when a process was started (its
+    provenance's ``command`` and ``started``) differ run to run; nothing else may."""
     if isinstance(value, dict):
         return {
             k: without_timings(v)
             for k, v in value.items()
-            if not k.endswith(("seconds", "-mb")) and k not in ("ray-node", "started")
+            if not k.endswith(("seconds", "-mb")) and k not in ("ray-node", "started", "command")
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]

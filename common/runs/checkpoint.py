@@ -27,6 +27,7 @@ import numpy as np
 
 from common.atomic import write_npz_atomically
 from common.config import ExperimentConfig
+from common.readback import RecordError, read_json_object
 
 CHECKPOINT_FILE = "checkpoint.npz"
 # keys that may change between an interrupted run and its resumption: where it writes, and the
@@ -247,7 +248,6 @@ def reuse_problem(output_dir: str | os.PathLike[str], config: dict[str, Any]) ->
 
 def _readable_json(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except RecordError:
         return None
-    return value if isinstance(value, dict) else None

@@ -12,14 +12,21 @@ from pathlib import Path
 
 from common.algorithms import get_algorithm
 from common.config import ExperimentConfig
+from common.readback import RecordError, read_json_object
 from common.runs import report
 from common.runs.plan import Plan
 
 
 def read_summary(output_dir: Path) -> dict | None:
-    """A run's ``summary.json``, or None when it has none."""
+    """A run's ``summary.json``, or None when it has none; a damaged one is a ``RecordError``
+    naming it."""
     path = output_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    summary = read_json_object(path, "run summary")
+    if "global-accuracy" not in summary:
+        raise RecordError(f"{path}: a run summary without its scores (no 'global-accuracy')")
+    return summary
 
 
 def print_summary(output_dir: Path) -> int:
