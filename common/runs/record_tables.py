@@ -170,7 +170,7 @@ _READINGS = {
         1: "Fed-QSSL's own steps (per-client de-quantization and weights) add to what training "
         "the average on D_g gives",
         0: "no difference is measured between Fed-QSSL and fine-tuning the plain average on the "
-        "same D_g, so the buffer's training accounts for what Fed-QSSL gains at this n",
+        "same D_g at this n",
         -1: "fine-tuning the plain average on D_g does better than Fed-QSSL",
     },
     "buffer-only": {
