@@ -3,6 +3,7 @@ check the tables the docs show, and verify them on your own machine.
 
     python scripts/results.py run fmnist-lowbit-budget          # into results/record/NAME
     python scripts/results.py run fmnist-lowbit-budget --resume # continue it (another session)
+    python scripts/results.py run NAME --resume --published ../main  # a worktree continuing
     python scripts/results.py publish fmnist-lowbit-budget      # its records -> docs/results
     python scripts/results.py tables                            # rewrite the generated tables
     python scripts/results.py check                             # pages == records? (exit 1 if not)
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.runs import provenance, record_tables  # noqa: E402
+from common.runs.launcher import has_runs  # noqa: E402
 from common.runs.records import (  # noqa: E402
     MANIFEST,
     SCORES,
@@ -37,7 +39,7 @@ from common.runs.records import (  # noqa: E402
     read_records,
 )
 
-STAGING = ROOT / "results" / "record"
+DEFAULT_STAGING = ROOT / "results" / "record"
 VERIFY = ROOT / "results" / "verify"
 # the pages whose generated blocks come from the records
 PAGES = (ROOT / "README.md", ROOT / "docs" / "RESULTS.md")
@@ -71,9 +73,9 @@ def clean_head() -> str:
     return commit
 
 
-def staged(experiment: Experiment) -> Path:
+def staged(experiment: Experiment, staging: Path) -> Path:
     """Where ``run`` trains the experiment and ``publish`` takes it from."""
-    return STAGING / experiment.name
+    return staging / experiment.name
 
 
 def seed_order(experiment: Experiment) -> list[tuple[int, tuple[str, ...]]]:
@@ -85,19 +87,23 @@ def seed_order(experiment: Experiment) -> list[tuple[int, tuple[str, ...]]]:
     ]
 
 
-def prepare_staging(experiment: Experiment, commit: str, resume: bool) -> Path:
+def prepare_staging(
+    experiment: Experiment, commit: str, resume: bool, staging: Path, published_in: Path
+) -> Path:
     """The staging folder, checked: a new run refuses one that holds runs; ``--resume`` starts
-    from the published records of this commit where no staging folder is left (a new session),
-    and refuses records of another commit."""
-    folder = staged(experiment)
-    has_runs = folder.is_dir() and any(folder.glob("*/seed-*/config.json"))
-    if has_runs and not resume:
+    from the records of this commit published in the checkout ``published_in`` where no staging
+    folder is left (a new session: a worktree of the records' commit lacks the seeds published
+    after it, so it names the main checkout), and refuses records of another commit."""
+    folder = staged(experiment, staging)
+    started = has_runs(folder)
+    if started and not resume:
         raise ResultsError(f"{folder} holds runs of {experiment.name}: continue with --resume")
-    if resume and not has_runs and (ROOT / experiment.folder).is_dir():
-        published = read_records(experiment, ROOT / experiment.folder)
+    source = published_in / experiment.folder
+    if resume and not started and source.is_dir():
+        published = read_records(experiment, source)
         if published.summaries and published.commits == {commit}:
-            copy_records(experiment, published, ROOT / experiment.folder, folder)
-            print(f"==> resuming from the {len(published.summaries)} published runs")
+            copy_records(experiment, published, source, folder)
+            print(f"==> resuming from the {len(published.summaries)} runs published in {source}")
     records = read_records(experiment, folder)
     others = records.commits - {commit}
     if others:
@@ -108,10 +114,10 @@ def prepare_staging(experiment: Experiment, commit: str, resume: bool) -> Path:
     return folder
 
 
-def run_experiment(experiment: Experiment, resume: bool) -> int:
+def run_experiment(experiment: Experiment, resume: bool, staging: Path, published_in: Path) -> int:
     """Every run of ``experiment`` into its staging folder, seed by seed, with progress."""
     commit = clean_head()
-    folder = prepare_staging(experiment, commit, resume)
+    folder = prepare_staging(experiment, commit, resume, staging, published_in)
     total = experiment.run_count
     started = time.perf_counter()
     for seed, rows in seed_order(experiment):
@@ -128,7 +134,6 @@ def run_experiment(experiment: Experiment, resume: bool) -> int:
             f"({done}/{total} runs done{estimate})",
             flush=True,
         )
-        has_runs = folder.is_dir() and any(folder.glob("*/seed-*/config.json"))
         command = [
             sys.executable,
             str(ROOT / "simulation.py"),
@@ -137,7 +142,7 @@ def run_experiment(experiment: Experiment, resume: bool) -> int:
             ",".join(todo),
             "--seeds",
             str(seed),
-            *(["--resume", str(folder)] if has_runs else ["--output-dir", str(folder)]),
+            *(["--resume", str(folder)] if has_runs(folder) else ["--output-dir", str(folder)]),
         ]
         if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
             print(f"==> {experiment.name}: seed {seed} had a failed run", file=sys.stderr)
@@ -162,10 +167,10 @@ def copy_records(experiment: Experiment, records: Records, source: Path, target:
                 shutil.copy2(origin / name, destination / name)
 
 
-def publish(experiment: Experiment) -> int:
+def publish(experiment: Experiment, staging: Path) -> int:
     """Replace the experiment's published folder by its staged records, once they are checked
     (every one with provenance, one commit): built beside it, then swapped in."""
-    folder = staged(experiment)
+    folder = staged(experiment, staging)
     records = read_records(experiment, folder)
     if records.problems:
         raise ResultsError("not published:\n  " + "\n  ".join(records.problems))
@@ -306,13 +311,19 @@ def main() -> int:
     parser.add_argument(
         "--staging",
         type=Path,
+        default=DEFAULT_STAGING,
         help="run/publish: the folder of staged experiments (default: results/record), e.g. "
         "a worktree's, to publish what it ran into this checkout",
     )
+    parser.add_argument(
+        "--published",
+        type=Path,
+        default=ROOT,
+        help="run --resume: the checkout whose published records a new staging folder starts "
+        "from (default: this one); a worktree of the records' commit names the main checkout",
+    )
     args = parser.parse_args()
-    if args.staging is not None:
-        global STAGING
-        STAGING = args.staging.resolve()
+    staging = args.staging.resolve()
     try:
         if args.action == "tables":
             return write_tables()
@@ -320,10 +331,12 @@ def main() -> int:
             return check()
         chosen = experiments(args.names)
         if args.action == "run":
-            return max(run_experiment(e, args.resume) for e in chosen)
+            return max(
+                run_experiment(e, args.resume, staging, args.published.resolve()) for e in chosen
+            )
         if args.action == "verify":
             return max(verify(e) for e in chosen)
-        return max(publish(e) for e in chosen)
+        return max(publish(e, staging) for e in chosen)
     except (ResultsError, ManifestError) as error:
         print(f"results: {error}", file=sys.stderr)
         return 2

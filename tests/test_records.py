@@ -1,6 +1,7 @@
 """The results of record: the manifest, records read back and checked, paired intervals and the
 words they allow, the generated tables, and the check that a page says what its records give."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -105,7 +106,8 @@ def test_paired_differences_are_taken_seed_by_seed_in_points(records_dir):
 @pytest.mark.parametrize(
     ("record", "problem"),
     [
-        ("{not json", "unreadable"),
+        ("{not json", "not JSON"),
+        ("[0.7]", "a run summary is an object"),
         ({"global-probe-accuracy": 0.7}, "no provenance"),
         (summary(0.7, provenance={"commit": COMMIT, "dirty": True}), "uncommitted changes"),
         (summary(0.7, provenance={"commit": None, "dirty": None}), "names no commit"),
@@ -175,7 +177,7 @@ def test_the_shipped_manifest_names_presets_and_rows_that_exist():
         assert list(plan.rows) == spec.rows, name
 
 
-def test_run_goes_seed_by_seed_and_refuses_to_mix_commits(records_dir, monkeypatch):
+def test_run_goes_seed_by_seed_and_refuses_to_mix_commits(records_dir):
     script = load_script()
     spec = experiment(records_dir)
     assert script.seed_order(spec) == [
@@ -183,13 +185,34 @@ def test_run_goes_seed_by_seed_and_refuses_to_mix_commits(records_dir, monkeypat
         (1, ("fedqssl", "fedsimclr", "local-only")),
         (2, ("fedqssl", "fedsimclr")),
     ]
-    monkeypatch.setattr(script, "staged", lambda e: records_dir)
+    staging = records_dir.parent
+    spec = dataclasses.replace(spec, name=records_dir.name)
     (records_dir / "fedqssl" / "seed-0" / "config.json").write_text("{}")
     with pytest.raises(script.ResultsError, match="continue with --resume"):
-        script.prepare_staging(spec, COMMIT, resume=False)
-    assert script.prepare_staging(spec, COMMIT, resume=True) == records_dir
+        script.prepare_staging(spec, COMMIT, False, staging, ROOT)
+    assert script.prepare_staging(spec, COMMIT, True, staging, ROOT) == records_dir
     with pytest.raises(script.ResultsError, match="resume from a worktree of that commit"):
-        script.prepare_staging(spec, "c" * 40, resume=True)
+        script.prepare_staging(spec, "c" * 40, True, staging, ROOT)
+
+
+def test_a_new_staging_folder_resumes_from_the_checkout_named(records_dir, tmp_path):
+    """A worktree of the records' commit lacks the seeds published after it: ``--published``
+    names the checkout that holds them, and only records of the worktree's commit are taken."""
+    script = load_script()
+    for name in ("config.json", "run_config.toml"):
+        (records_dir / "fedqssl" / "seed-0" / name).write_text("{}")
+    checkout = records_dir.parent
+    spec = dataclasses.replace(experiment(Path(records_dir.name)), name="tiny")
+    staging = tmp_path / "staging"
+    folder = script.prepare_staging(spec, COMMIT, True, staging, checkout)
+    assert folder == staging / "tiny"
+    assert (
+        read_records(spec, folder).summaries.keys()
+        == read_records(spec, records_dir).summaries.keys()
+    )
+    assert (folder / "fedqssl" / "seed-0" / "run_config.toml").is_file()
+    other = script.prepare_staging(spec, "c" * 40, True, tmp_path / "fresh", checkout)
+    assert not read_records(spec, other).summaries  # another commit's records are not taken
 
 
 def test_publish_replaces_the_folder_only_with_checked_records(records_dir, tmp_path, monkeypatch):
@@ -199,13 +222,14 @@ def test_publish_replaces_the_folder_only_with_checked_records(records_dir, tmp_
     (target / "old.txt").write_text("an older record")
     spec = experiment(target)
     monkeypatch.setattr(script, "ROOT", Path("/"))
-    monkeypatch.setattr(script, "staged", lambda e: records_dir)
+    staging = records_dir.parent
+    spec = dataclasses.replace(spec, name=records_dir.name)
     write(records_dir, "fedsimclr", 2, summary(0.69, provenance={"commit": COMMIT, "dirty": True}))
     with pytest.raises(script.ResultsError, match="not published"):
-        script.publish(spec)
+        script.publish(spec, staging)
     assert (target / "old.txt").exists()  # nothing changed
     write(records_dir, "fedsimclr", 2, summary(0.69))
-    assert script.publish(spec) == 0
+    assert script.publish(spec, staging) == 0
     assert not (target / "old.txt").exists()
     assert len(read_records(spec, target).summaries) == 8
 

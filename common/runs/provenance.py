@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import write_text_atomically
+from common.readback import read_json_object
 
 # the packages whose versions change what a run computes or how it is run
 PACKAGES = ("torch", "torchvision", "flwr", "ray", "numpy")
@@ -190,8 +191,8 @@ def stamp_summary(summary_path: Path, launch: Mapping[str, Any], app_dir: Path) 
     ``dirty`` is True. A summary without provenance (an older run, kept) is left as it is."""
     if not summary_path.is_file():
         return
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    record = summary.get("provenance") if isinstance(summary, dict) else None
+    summary = read_json_object(summary_path, "run summary")
+    record = summary.get("provenance")
     if not isinstance(record, dict):
         return
     edited = record.get("code-hash") != code_hash(app_dir)

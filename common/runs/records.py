@@ -9,7 +9,6 @@ with no uncommitted change.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from common.readback import RecordError, read_json_object
 from common.runs.plan import safe_name
 
 MANIFEST = Path("docs/results/manifest.yaml")
@@ -162,9 +162,9 @@ def read_records(experiment: Experiment, root: Path) -> Records:
             if not path.exists():
                 continue
             try:
-                summary = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                records.problems.append(f"{path}: unreadable ({error})")
+                summary = read_json_object(path, "run summary")
+            except RecordError as error:
+                records.problems.append(str(error))
                 continue
             problem = record_problem(summary)
             if problem is not None:
