@@ -96,6 +96,25 @@ def _signed(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.2f}" if values else "n/a"
 
 
+def _bounds(result: Paired, none: str = "n/a") -> str:
+    """``[+1.52, +3.30]``, the 95 % t-interval of a paired difference; ``none`` below 2 seeds."""
+    interval = result.interval
+    return none if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def _method_at_budget(records: Records) -> tuple[str, str, str, str]:
+    """Fed-QSSL's global probe and its untrained floor (mean ± sd, %) and its client and server
+    optimizer steps a round, as the answer and the headline state them."""
+    summaries = {s: v for (row, s), v in records.summaries.items() if row == "fedqssl"}
+    client, server = per_round(summaries, "train-steps"), per_round(summaries, "server-steps")
+    return (
+        _mean_sd(_percent(records, "fedqssl", SCORES["global-probe"])),
+        _mean_sd(_percent(records, "fedqssl", "untrained-" + SCORES["global-probe"])),
+        "n/a" if client is None else f"{client:.0f}",
+        "n/a" if server is None else f"{server:.0f}",
+    )
+
+
 def pairs_table(records: Records) -> str:
     """Every pair of the experiment on each score: the mean paired difference (points), its 95 %
     t-interval and n, each seed's difference, and what the interval allows to be said."""
@@ -108,11 +127,10 @@ def pairs_table(records: Records) -> str:
             result = paired(records, first, second, score)
             if not result.n:
                 continue
-            interval = result.interval
-            bounds = "n/a" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
             each = ", ".join(f"{d:+.2f}" for _, d in sorted(result.differences.items()))
             lines.append(
-                f"| {first} - {second} | {score} | {result.mean:+.2f} | {bounds} | {result.n} "
+                f"| {first} - {second} | {score} | {result.mean:+.2f} | {_bounds(result)} "
+                f"| {result.n} "
                 f"| {each} | {result.verdict(first, second)} |"
             )
     return "\n".join(lines) + "\n"
@@ -144,12 +162,7 @@ def status(records: Records) -> str:
 
 def _phrase(result: Paired) -> str:
     """``+2.41 points (95 % interval [+1.52, +3.30], n = 5)``."""
-    interval = result.interval
-    bounds = (
-        "no interval"
-        if interval is None
-        else (f"95 % interval [{interval[0]:+.2f}, {interval[1]:+.2f}]")
-    )
+    bounds = "no interval" if result.interval is None else f"95 % interval {_bounds(result)}"
     return f"{result.mean:+.2f} points ({bounds}, n = {result.n})"
 
 
@@ -185,16 +198,12 @@ def answer(all_records: Mapping[str, Records]) -> str:
     """The short answer to "does Fed-QSSL beat Fed-SimCLR, and why", from the experiment at the
     authors' server budget; every reading follows the interval of its comparison."""
     records = all_records[ANSWER_EXPERIMENT]
-    summaries = {s: v for (row, s), v in records.summaries.items() if row == "fedqssl"}
-    if not summaries:
+    if not records.values("fedqssl", SCORES["global-probe"]):
         return f"`{ANSWER_EXPERIMENT}` has no published run yet: nothing to answer with.\n"
-    client = per_round(summaries, "train-steps")
-    server = per_round(summaries, "server-steps")
-    floor = _mean_sd(_percent(records, "fedqssl", "untrained-" + SCORES["global-probe"]))
-    score = _mean_sd(_percent(records, "fedqssl", SCORES["global-probe"]))
+    score, floor, client, server = _method_at_budget(records)
     lines = [
-        f"Fashion-MNIST at CPU scale, 4 clients at 2/2/3/3 bits, {client:.0f} client and "
-        f"{server:.0f} server optimizer steps a round: Fed-QSSL's global probe is {score} % "
+        f"Fashion-MNIST at CPU scale, 4 clients at 2/2/3/3 bits, {client} client and "
+        f"{server} server optimizer steps a round: Fed-QSSL's global probe is {score} % "
         f"(untrained floor {floor} %)."
     ]
     for second, what in (
@@ -245,17 +254,12 @@ def headline(all_records: Mapping[str, Records]) -> str:
         result = paired(records, first, second, "global-probe")
         if not result.n:
             continue
-        interval = result.interval
-        bounds = "n/a" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
         lines.append(
             f"| {_label(records, first)} - {_label(records, second)} | {result.mean:+.2f} | "
-            f"{bounds} | {result.n} | {result.verdict(first, second)} |"
+            f"{_bounds(result)} | {result.n} | {result.verdict(first, second)} |"
         )
-    summaries = {s: v for (row, s), v in records.summaries.items() if row == "fedqssl"}
-    client, server = per_round(summaries, "train-steps"), per_round(summaries, "server-steps")
-    floor = _mean_sd(_percent(records, "fedqssl", "untrained-" + SCORES["global-probe"]))
-    score = _mean_sd(_percent(records, "fedqssl", SCORES["global-probe"]))
-    budget = "n/a" if client is None or server is None else f"{client:.0f} / {server:.0f}"
+    score, floor, client, server = _method_at_budget(records)
+    budget = f"{client} / {server}"
     lines.append("")
     lines.append(
         f"Fed-QSSL's global probe {score} %, untrained floor {floor} %; optimizer steps a round "
