@@ -1,12 +1,19 @@
-"""Checked readers for the JSON records a run writes and the project reads back: a damaged file
-is a ``RecordError`` naming the file and what is wrong, never a traceback from deep inside.
-Free of torch and Flower."""
+"""Checked readers for the files a run writes and the project reads back (JSON records, ``.npz``
+archives): a damaged file is an error naming the file and what is wrong, never a traceback from
+deep inside. Free of torch and Flower."""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+# what reading a damaged or foreign .npz (opened with allow_pickle=False) can raise; each reader
+# turns these into its own error naming the file
+NPZ_DAMAGE = (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile)
 
 
 class RecordError(ValueError):
@@ -32,4 +39,13 @@ def read_json_object(path: Path, what: str = "record") -> dict[str, Any]:
         raise RecordError(f"{path}: cannot be read ({error.strerror})") from None
     if not isinstance(value, dict):
         raise RecordError(f"{path}: holds a JSON {type(value).__name__}, a {what} is an object")
+    return value
+
+
+def npz_array(archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    """Member ``key`` of an archive, which must be a ``.npy`` array: a member that is not one
+    reads back as raw bytes, a ``ValueError`` here (a missing one is numpy's ``KeyError``)."""
+    value = archive[key]
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"its member {key!r} is not a .npy array")
     return value

@@ -2,9 +2,11 @@
 folders, and clients and server that run on folders instead of a global dataset."""
 
 import gzip
+import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -352,11 +354,20 @@ def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path
         load_images(tmp_path / "flat", 1, 28, 10)
 
 
-@pytest.mark.parametrize("damage", ["object", "truncated"])
+@pytest.mark.parametrize("damage", ["object", "truncated", "raw-images", "raw-labels"])
 def test_an_unreadable_npz_is_refused_naming_it(tmp_path, damage):
     path = tmp_path / "data.npz"
     if damage == "object":
         np.savez(path, images=np.array([{"a": 1}], dtype=object))
+    elif damage.startswith("raw-"):  # a member without its .npy header reads back as bytes
+        with zipfile.ZipFile(path, "w") as archive:
+            for name in ("images", "labels"):
+                if name == damage[4:]:
+                    archive.writestr(f"{name}.npy", b"raw bytes")
+                else:
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.zeros((4, 28, 28) if name == "images" else 4, np.uint8))
+                    archive.writestr(f"{name}.npy", buffer.getvalue())
     else:
         np.savez(path, images=np.zeros((4, 28, 28), np.uint8))
         path.write_bytes(path.read_bytes()[:100])

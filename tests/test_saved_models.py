@@ -1,14 +1,18 @@
 """A run keeps what it trained: the global model and every downlink saved in its folder without
 pickle, named in the summary, and loaded back as the same model (issue 24, part 1)."""
 
+import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import federate, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.data.local import save_images
 from common.learning.models import extract_features
@@ -118,3 +122,48 @@ def test_a_device_without_a_model_folder_keeps_nothing(tmp_path):
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert all(c["saved-model"] is None for c in summary["local-accuracy"])
     assert not any(key.startswith("client-") for key in summary["models"])
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_a_mutated_saved_model_loads_or_is_refused_naming_it(tmp_path_factory, finished_run, data):
+    """Mutated copies of a real ``models/*.npz`` (bytes flipped, cut, a member replaced by raw
+    bytes, JSON or another array): ``load_model`` gives a model or a ``SavedModelError`` naming
+    the file, never another exception."""
+    run, config, _ = finished_run
+    original = run / "models" / data.draw(st.sampled_from(["global.npz", "downlink-4bit.npz"]))
+    path = tmp_path_factory.mktemp("mutated") / "model.npz"
+    blob = bytearray(original.read_bytes())
+    kind = data.draw(st.sampled_from(["flip", "cut", "raw-member", "json-member", "array"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+        path.write_bytes(bytes(blob))
+    elif kind == "cut":
+        path.write_bytes(bytes(blob[: data.draw(st.integers(0, len(blob) - 1))]))
+    else:
+        member = data.draw(st.sampled_from(["header", "codes", "floats", "ints"]))
+        with np.load(original, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        if kind == "array":
+            shape = data.draw(st.lists(st.integers(0, 5), max_size=2))
+            dtype = data.draw(st.sampled_from([np.uint8, np.int64, np.float32, np.float64]))
+            size = int(np.prod(shape))
+            values = data.draw(st.lists(st.integers(-3, 300), min_size=size, max_size=size))
+            arrays[member] = np.asarray(values).astype(dtype).reshape(shape)
+            np.savez(path, **arrays)
+        else:
+            raw = b"raw bytes" if kind == "raw-member" else json.dumps({"bits": 2}).encode()
+            with zipfile.ZipFile(path, "w") as archive:  # the member without its .npy header
+                for key, array in arrays.items():
+                    if key != member:
+                        buffer = io.BytesIO()
+                        np.save(buffer, array)
+                        archive.writestr(f"{key}.npy", buffer.getvalue())
+                archive.writestr(f"{member}.npy", raw)
+    try:
+        assert isinstance(load_model(path, config), torch.nn.Module)
+    except SavedModelError as error:
+        assert str(path) in str(error)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
+from common.readback import NPZ_DAMAGE, npz_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _log = logging.getLogger(__name__)
@@ -106,8 +106,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 raise DatasetFormatError(
                     f"{path}: no 'images' array (found {', '.join(archive.files) or 'none'})"
                 )
-            return archive["images"], archive.get("labels")
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+            labels = npz_array(archive, "labels") if "labels" in archive else None
+            return npz_array(archive, "images"), labels
+    except NPZ_DAMAGE as error:
         if isinstance(error, DatasetFormatError):
             raise
         raise DatasetFormatError(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,16 @@ import numpy as np
 
 from common.atomic import write_npz_atomically
 from common.config import ExperimentConfig
-from common.readback import RecordError, read_json_object
+from common.readback import NPZ_DAMAGE, RecordError, npz_array, read_json_object
 
 CHECKPOINT_FILE = "checkpoint.npz"
 # keys that may change between an interrupted run and its resumption: where it writes, and the
 # instruction to resume itself
 RESUME_FREE_KEYS = ("output-dir", "resume")
 _META = "meta"
+
+
 # what reading a damaged or foreign file can raise
-_DAMAGED = (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile)
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, or made by a run with another config."""
 
@@ -84,17 +82,8 @@ def save(checkpoint: Checkpoint, path: Path) -> None:
     write_npz_atomically(path, arrays)
 
 
-def _array(archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
-    """Member ``key`` of a checkpoint, which must be a ``.npy`` array (an archive member that is
-    not one reads back as raw bytes)."""
-    value = archive[key]
-    if not isinstance(value, np.ndarray):
-        raise ValueError(f"its member {key!r} is not a .npy array")
-    return value.copy()
-
-
 def _meta_of(archive: np.lib.npyio.NpzFile) -> dict[str, Any]:
-    return _checked_meta(json.loads(_array(archive, _META).tobytes().decode()))
+    return _checked_meta(json.loads(npz_array(archive, _META).tobytes().decode()))
 
 
 def load(path: Path) -> Checkpoint:
@@ -102,10 +91,10 @@ def load(path: Path) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as archive:
             meta = _meta_of(archive)
-            state = {name: _array(archive, f"state/{name}") for name in meta["state-names"]}
+            state = {name: npz_array(archive, f"state/{name}") for name in meta["state-names"]}
             downlink, personal = (
                 {
-                    int(key): [_array(archive, f"{kind}/{key}/{i}") for i in range(count)]
+                    int(key): [npz_array(archive, f"{kind}/{key}/{i}") for i in range(count)]
                     for key, count in meta.get(f"{kind}-lengths", {}).items()
                 }
                 for kind in ("downlink", "personal")
@@ -120,7 +109,7 @@ def load(path: Path) -> Checkpoint:
             wall_seconds=float(meta["wall-seconds"]),
             personal=personal,
         )
-    except _DAMAGED as error:
+    except NPZ_DAMAGE as error:
         raise _damaged(path, error) from None
 
 
@@ -173,7 +162,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return _meta_of(archive)
-    except _DAMAGED as error:
+    except NPZ_DAMAGE as error:
         raise _damaged(path, error) from None
 
 

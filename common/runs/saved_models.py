@@ -10,7 +10,6 @@ new one.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from common.atomic import write_npz_atomically
 from common.config import ExperimentConfig
 from common.learning.evaluation import LinearProbe
 from common.learning.models import linear_probe
+from common.readback import NPZ_DAMAGE, npz_array
 from common.runs.experiment import run_model
 from common.wire.payload import PayloadError, decode_state, payload_bits
 
@@ -40,10 +40,10 @@ def read_payload(path: str | os.PathLike[str]) -> list[np.ndarray]:
     """A saved model's payload arrays; ``SavedModelError`` naming the file if it is not one."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            payload = [archive[key].copy() for key in PAYLOAD_KEYS]
+            payload = [npz_array(archive, key) for key in PAYLOAD_KEYS]
         payload_bits(payload)  # a readable header of this format
         return payload
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+    except NPZ_DAMAGE as error:
         raise SavedModelError(
             f"{path} is not a saved fedqssl model ({type(error).__name__}: {error})"
         ) from None
@@ -101,9 +101,11 @@ def load_probe(path: str | os.PathLike[str]) -> LinearProbe:
     bits = payload_bits(read_payload(path))
     try:
         with np.load(path, allow_pickle=False) as archive:
-            weight, bias, mean, std = (torch.from_numpy(archive[k].copy()) for k in PROBE_KEYS)
+            weight, bias, mean, std = (torch.from_numpy(npz_array(archive, k)) for k in PROBE_KEYS)
     except KeyError:
         raise SavedModelError(f"{path} holds no probe head (a supervised device's model)") from None
+    except NPZ_DAMAGE as error:
+        raise SavedModelError(f"{path}: its probe head is not readable ({error})") from None
     layer = linear_probe(weight.shape[1], weight.shape[0], bits)
     layer.load_state_dict({"weight": weight, "bias": bias})
     return LinearProbe(mean, std, layer.eval())
