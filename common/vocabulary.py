@@ -14,6 +14,12 @@ MODEL_NAMES = ("resnet18", "small_cnn")
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
 
 
+def is_whole_number(text: str) -> bool:
+    """Whether ``text`` is a whole number >= 0 written in ASCII digits: ``str.isdigit`` also
+    takes superscript two (which ``int`` refuses) and Arabic-Indic one (read by ``int`` as 1)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_bits(bits: int) -> int:
     """Return ``bits`` if it is a supported bitwidth (2..16 or 32), else raise ``ValueError``."""
     if isinstance(bits, bool) or not isinstance(bits, int):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, ExperimentConfig, check_bitwidth, parse_bitwidths
+from common.vocabulary import is_whole_number
 
 Scalar = bool | bytes | float | int | str
 # every key a node config may hold (Flower's simulation sets the first two)
@@ -38,7 +39,7 @@ def node_int(node_config: Mapping[str, Scalar], key: str) -> int:
     value = node_config[key]
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and is_whole_number(value.strip()):
         return int(value)
     raise ConfigError(f"node config {key} must be a whole number like 0, got {value!r}")
 

@@ -19,6 +19,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from common.config import ConfigError
+from common.vocabulary import is_whole_number
 
 MAX_BINDINGS_BYTES = 1 << 20  # a file of one line per partition; anything larger is not one
 
@@ -44,12 +45,12 @@ def read_partition_bindings(path: str, num_clients: int) -> dict[int, str]:
         raise ConfigError(f'{where}: must be a JSON object {{"PARTITION": "NODE_ID", ...}}')
     bindings: dict[int, str] = {}
     for key, node in raw.items():
-        if not key.isdigit() or not 0 <= int(key) < num_clients:
+        if not is_whole_number(key) or not 0 <= int(key) < num_clients:
             raise ConfigError(
                 f"{where}: partition {key!r} is not one of the run's 0..{num_clients - 1}"
             )
         node = str(node) if isinstance(node, int) and not isinstance(node, bool) else node
-        if not isinstance(node, str) or not node.isdigit():
+        if not isinstance(node, str) or not is_whole_number(node):
             raise ConfigError(f"{where}: partition {key}'s node id {node!r} is not a whole number")
         if node in bindings.values():
             raise ConfigError(f"{where}: node {node} is bound to two partitions")

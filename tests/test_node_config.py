@@ -76,3 +76,18 @@ def test_a_client_placed_without_a_gpu_says_cpu_itself():
     assert placed_device(cuda, [0]).device == "cuda"
     with pytest.raises(ConfigError, match="Ray gave this client no GPU"):
         placed_device(cuda, [])
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "1\u0660", " 0\u00b9"])
+def test_digits_other_than_ascii_are_not_whole_numbers_anywhere(text):
+    """``str.isdigit`` takes superscripts (``int`` refuses them) and Arabic-Indic digits (``int``
+    reads them as other numbers): a partition id, a seed or a port written so is refused."""
+    from common.runs.plan import parse_seeds
+    from fedqssl_client.node import node_int
+
+    with pytest.raises(ConfigError, match="partition-id must be a whole number"):
+        node_int({"partition-id": text}, "partition-id")
+    with pytest.raises(ConfigError, match="seeds must be integers"):
+        parse_seeds(f"0,{text}")
+    assert node_int({"partition-id": " 12 "}, "partition-id") == 12
+    assert parse_seeds("0,12") == [0, 12]

@@ -4,6 +4,8 @@ operator's ``partition-bindings`` (partition -> node id) whoever comes first wit
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.config import ConfigError
 from fedqssl_server.nodes import NodeRegistry, read_partition_bindings
@@ -64,3 +66,35 @@ def test_a_bindings_file_is_read_and_every_fault_named(tmp_path):
         assert f"bindings.json: {message}" in str(refused.value)
     with pytest.raises(ConfigError, match=r"no such file \(write it with scripts/deploy/register"):
         read_partition_bindings(str(tmp_path / "missing.json"), 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_a_mutated_bindings_file_is_read_or_refused_naming_it(tmp_path_factory, data):
+    """Mutated copies of a real bindings file (bytes flipped or cut, keys and ids of any text):
+    a mapping of the run's partitions to whole-number ids, or a ``ConfigError`` naming it."""
+    folder = tmp_path_factory.mktemp("bindings")
+    kind = data.draw(st.sampled_from(["flip", "cut", "any-json"]))
+    real = json.dumps({"0": "8123456789", "1": "9912", "2": 17}).encode()
+    if kind == "any-json":
+        # ASCII digits and others: superscript two, Arabic-Indic zero and one
+        digits = st.text(st.sampled_from("0129\u00b2\u0660\u0661x- "), max_size=3)
+        ids = st.one_of(digits, st.text(max_size=4), st.integers(), st.booleans(), st.none())
+        keys = st.one_of(digits, st.text(max_size=3))
+        blob = json.dumps(data.draw(st.dictionaries(keys, ids))).encode()
+    elif kind == "flip":
+        blob = bytearray(real)
+        for _ in range(data.draw(st.integers(1, 4))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    else:
+        blob = real[: data.draw(st.integers(0, len(real) - 1))]
+    path = folder / "bindings.json"
+    path.write_bytes(bytes(blob))
+    try:
+        bindings = read_partition_bindings(str(path), 3)
+    except ConfigError as error:
+        assert str(path) in str(error)
+        return
+    assert set(bindings) <= {0, 1, 2}
+    assert all(node.isascii() and node.isdigit() for node in bindings.values())
+    assert len(set(bindings.values())) == len(bindings)

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageData, read_idx
 from common.readback import NPZ_DAMAGE, npz_array
+from common.vocabulary import is_whole_number
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def _read_class_folders(
     path: Path, folders: list[str], channels: int, size: int
 ) -> tuple[torch.Tensor, np.ndarray]:
     """torchvision's ImageFolder walk, with each folder's integer name as its label."""
-    wrong = [name for name in folders if not name.isdigit()]
+    wrong = [name for name in folders if not is_whole_number(name)]
     if wrong:
         raise DatasetFormatError(
             f"{path}: class folders must be named by their integer label (0, 1, ...) so every "

@@ -26,6 +26,7 @@ from common.runs.checkpoint import ResumePoint, resume_point, reuse_problem
 from common.runs.plan import Plan, RunSpec, plan_runs
 from common.runs.restore import checked_checkpoint
 from common.runs.superlink import SuperLink
+from common.vocabulary import is_whole_number
 
 # the Flower app: the folder of pyproject.toml, which ``flwr run`` builds and ships
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def checked_ray_address(address: str | None, superlink: str | None = None) -> st
     if superlink is not None:
         raise ConfigError("--ray-address needs a SuperLink of this command: drop --superlink")
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not is_whole_number(port):
         raise ConfigError(f"--ray-address {address!r}: give HOST:PORT of the cluster's head")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.algorithms import ALGORITHM_NAMES
 from common.config import ConfigError, ExperimentConfig, read_yaml_mapping
-from common.vocabulary import FULL_PRECISION
+from common.vocabulary import FULL_PRECISION, is_whole_number
 
 PLAN_KEYS = ("compare", "sweep", "seeds", "pairs")
 # comparison rows ``<algorithm><suffix>...``: the overrides each suffix adds
@@ -78,7 +78,7 @@ def parse_list(value: object, what: str) -> list:
 def parse_seeds(value: object) -> list[int]:
     """Seeds like ``0,1,2``: integers >= 0."""
     seeds = parse_list(value, "seeds")
-    if not all(isinstance(s, int) or (isinstance(s, str) and s.isdigit()) for s in seeds):
+    if not all(isinstance(s, int) or (isinstance(s, str) and is_whole_number(s)) for s in seeds):
         raise ConfigError(f"seeds must be integers >= 0 like 0,1,2, got {value!r}")
     return [int(s) for s in seeds]
 
