@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.config import ConfigError, ExperimentConfig
 from common.readback import RecordError, read_json_object
 from common.runs.checkpoint import resume_point
 from common.runs.plan_report import read_summary
@@ -66,3 +67,22 @@ def test_resume_reads_a_damaged_config_beside_a_summary_as_the_error_it_is(tmp_p
 
     with pytest.raises(CheckpointError, match=r"no readable config.json"):
         resume_point(tmp_path, {})
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_a_config_record_with_mutated_values_is_a_config_or_a_config_error(data):
+    """A real run's ``config.json`` with one value replaced by any JSON value or a key renamed:
+    ``ExperimentConfig.from_mapping`` (what ``use_model`` and a resume read it with) gives a
+    config or a ``ConfigError`` naming the key, never another exception."""
+    values = read_json_object(REAL / "config.json")
+    key = data.draw(st.sampled_from(sorted(values)))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
+    if data.draw(st.booleans()):
+        values[key] = data.draw(st.one_of(scalars, st.lists(scalars, max_size=3)))
+    else:
+        values[key + data.draw(st.sampled_from(["x", "-", "_"]))] = values.pop(key)
+    try:
+        assert isinstance(ExperimentConfig.from_mapping(values), ExperimentConfig)
+    except ConfigError as error:
+        assert key.replace("_", "-") in str(error) or key in str(error)
