@@ -117,6 +117,14 @@ def test_dockerfile_builds_from_the_pinned_superexec_image_with_the_projects_pin
     assert dockerfile.index("USER root") < dockerfile.index("g++") < dockerfile.index("USER app")
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "results" in ignored  # not sent as build context
+    # no bundle carries the kernels' C++: the image holds it, names it and builds it once
+    assert "ENV FEDQSSL_KERNEL_SOURCES=/opt/fedqssl/csrc" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY --chown=app:app common/"):
+            for source in line.split()[2:-1]:
+                assert (ROOT / source).exists(), source
+                assert not any(source.startswith(i.rstrip("/")) for i in ignored), source
+    assert "kernel.compiled() is None" in dockerfile
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ the reason) and write no summary; the README's command with ``num-supernodes`` m
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -79,6 +80,8 @@ def test_the_readme_flwr_run_command_completes(tmp_path):
     record = summary["provenance"]
     assert record["launcher"] is None and record["commit"] is None and record["command"] is None
     assert record["code-hash"] == provenance.code_hash(ROOT) and record["versions"]["flwr"]
+    if shutil.which("c++") and shutil.which("ninja"):  # the bundle has no .cpp: found outside it
+        assert record["fused-kernels"] == {"server": True, "clients": [True]}, record
 
 
 def test_the_app_bundle_holds_what_nodes_run_and_nothing_else(tmp_path):

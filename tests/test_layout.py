@@ -85,3 +85,13 @@ def test_no_module_of_common_takes_part_in_a_circle():
     for module in sorted(graph):
         if module not in state:
             assert visit(module, []) is None
+
+
+def test_no_python_file_holds_c_plus_plus_source():
+    """The kernels' C++ lives in ``.cpp`` files that editors, formatters and linters read."""
+    holders = [
+        path.relative_to(ROOT)
+        for path in ROOT.glob("*/**/*.py")
+        if ".venv" not in path.parts and "\n#include <" in path.read_text(encoding="utf-8")
+    ]
+    assert holders == [] and (ROOT / "common/lowbit/csrc/fused.cpp").is_file()

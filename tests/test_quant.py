@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -568,6 +569,45 @@ def test_the_kernel_is_off_when_switched_off_or_without_a_compiler(monkeypatch, 
         assert "no no-such-compiler on PATH" in caplog.text
     finally:
         kernel.compiled.cache_clear()
+
+
+def test_an_app_run_from_a_bundle_finds_the_kernels_source_outside_it(monkeypatch, tmp_path):
+    """A Flower App Bundle carries no .cpp: the copy of kernel.py inside one (here: a module
+    file with no csrc beside it) takes the folder FEDQSSL_KERNEL_SOURCES names, else the
+    checkout the environment's editable install points at."""
+    source = Path(kernel.__file__).with_name("csrc") / kernel.SOURCE_NAME
+    assert source.is_file() and "PYBIND11_MODULE" in source.read_text()
+    monkeypatch.setattr(kernel, "__file__", str(tmp_path / "fab" / "common/lowbit/kernel.py"))
+    monkeypatch.delenv(kernel.SOURCES, raising=False)
+    found = kernel.source_file()  # this environment's editable install: the checkout's file
+    assert found is not None and found.read_bytes() == source.read_bytes()
+    (tmp_path / "sources").mkdir()
+    (tmp_path / "sources" / kernel.SOURCE_NAME).write_text("// elsewhere")
+    monkeypatch.setenv(kernel.SOURCES, str(tmp_path / "sources"))
+    assert kernel.source_file() == tmp_path / "sources" / kernel.SOURCE_NAME
+    monkeypatch.setattr(kernel, "_installed_sources", lambda: [])
+    monkeypatch.setenv(kernel.SOURCES, str(tmp_path / "empty"))
+    assert kernel.source_file() is None
+
+
+def test_a_build_of_another_interface_version_or_no_source_is_not_used(monkeypatch, caplog):
+    """Sources of another version (a checkout older than the bundle) would call functions of
+    other signatures: their build is left unused and the step keeps its tensor ops."""
+    import torch.utils.cpp_extension
+
+    class OtherVersion:
+        @staticmethod
+        def abi_version() -> int:
+            return kernel.ABI_VERSION + 1
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *a, **k: OtherVersion())
+    with caplog.at_level(logging.WARNING):
+        assert kernel.compiled.__wrapped__() is None
+    assert f"this code needs {kernel.ABI_VERSION}" in caplog.text
+    monkeypatch.setattr(kernel, "source_file", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        assert kernel.compiled.__wrapped__() is None
+    assert f"no {kernel.SOURCE_NAME} found (set {kernel.SOURCES}" in caplog.text
 
 
 def test_quantizing_once_reuses_a_weights_quantization_until_the_weight_changes():
