@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import federate, losses_of, tiny_config, weights_of
+from core_helpers import losses_of, weights_of
+from helpers import federate, tiny_config
 
 from common.algorithms import ALGORITHM_NAMES, get_algorithm
 from common.config import ExperimentConfig

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from core_helpers import differences, without_timings
 from flower_fakes import FakeManager, drive
-from helpers import differences, federation, start, tiny, without_timings
+from helpers import federation, start, tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

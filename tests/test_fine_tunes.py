@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from core_helpers import losses_of, weights_of
 from flower_fakes import FakeProxy, config_dir, fit_result, three_results
 from flwr.common import parameters_to_ndarrays
-from helpers import losses_of, weights_of
 
 from common.config import ConfigError, ExperimentConfig
 from common.runs.experiment import server_data

@@ -3,7 +3,7 @@ draws uniform and independent enough for unbiased stochastic rounding."""
 
 import pytest
 import torch
-from helpers import kernels, needs_compiler
+from core_helpers import kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bits_of, kernels, needs_compiler
+from core_helpers import bits_of, kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

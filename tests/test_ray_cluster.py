@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import differences, without_timings
+from core_helpers import differences, without_timings
 from simulations import ROOT, TINY, finished_simulation, run_simulation, start_simulation
 
 from common.runs.superlink import free_port, stop_processes

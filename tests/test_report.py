@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from helpers import plotted
+from core_helpers import plotted
 
 from common.runs import report
 

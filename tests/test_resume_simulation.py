@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import differences, without_timings
+from core_helpers import differences, without_timings
 from simulations import TINY
 from superlinks import announced_superlink
 

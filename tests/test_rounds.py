@@ -10,11 +10,11 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from core_helpers import losses_of, weights_of
 from flower_fakes import config_dir, fit_result
 from flwr.common import (
     parameters_to_ndarrays,
 )
-from helpers import losses_of, weights_of
 from reference_math import average_states, softmax_weights
 
 from common import seeds

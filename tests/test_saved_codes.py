@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import bits_of, kernels, needs_compiler
+from core_helpers import bits_of, kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import plotted
+from core_helpers import plotted
 from simulations import ROOT, TINY, finished_simulation, run_simulation, start_simulation
 from superlinks import announced_superlink, running
 
