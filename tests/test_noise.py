@@ -70,3 +70,20 @@ def test_a_seed_outside_the_range_is_refused():
         noise.uniform(-1, 4)
     with pytest.raises(ValueError, match="outside"):
         noise.uniform(noise.SEED_LIMIT, 4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, count=st.integers(0, 3000))
+def test_a_seed_tensor_draws_what_its_int_draws(seed, count):
+    """A GPU generator's seed stays a 0-dim tensor on its device (no host read per layer): the
+    tensor ops draw from it exactly what they draw from the int."""
+    with kernels(on=False):
+        from_tensor = noise.uniform(torch.tensor(seed, dtype=torch.int64), count)
+        assert torch.equal(from_tensor, tensor_ops_uniform(seed, count))
+
+
+def test_a_cpu_generator_gives_int_seeds_and_a_bad_seed_tensor_is_refused():
+    seed = noise.draw_seed(torch.Generator().manual_seed(3))
+    assert isinstance(seed, int) and 0 <= seed < noise.SEED_LIMIT
+    with pytest.raises(ValueError, match="0-dim int64"):
+        noise.uniform(torch.tensor([1, 2]), 4)

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional as F
 
+from common.lowbit.device_constants import constant
+
 # Luma weights as torchvision's rgb_to_grayscale (ITU-R 601-2, its rounding).
 LUMA = (0.2989, 0.587, 0.114)
 
@@ -46,8 +48,7 @@ class BatchSSLAugmentation:
             mean, std = mean * channels, std * channels
         self.image_size = image_size
         self.channels = channels
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         self.scale = scale
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         rgb = channels == 3
@@ -66,7 +67,9 @@ class BatchSSLAugmentation:
         if self.grayscale_p > 0:
             chosen = _uniform(len(x), generator, x.device) < self.grayscale_p
             x = torch.where(chosen.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean = constant(self.mean, torch.float32, x.device).view(1, -1, 1, 1)
+        std = constant(self.std, torch.float32, x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
 
     def crop_boxes(
         self, count: int, height: int, width: int, generator: torch.Generator, device
@@ -188,7 +191,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma of RGB images; single-channel images are their own luma."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)
+    weights = constant(LUMA, torch.float32, x.device).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)
 
 

@@ -22,7 +22,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / temperature
     logits.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    targets = torch.arange(2 * n, device=z.device).roll(n)  # i's positive: i + n mod 2n
     return F.cross_entropy(logits, targets)
 
 

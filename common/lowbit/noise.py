@@ -22,20 +22,29 @@ MIX_2 = 0x94D049BB133111EB
 SEED_LIMIT = 1 << 62  # seeds are drawn in [0, SEED_LIMIT)
 
 
-def draw_seed(generator: torch.Generator | None) -> int:
+# a draw's seed: a Python int from a CPU generator; from a GPU generator the 0-dim int64 tensor
+# on its device, so that drawing it never waits for the GPU (an int() would, once per layer)
+Seed = int | torch.Tensor
+
+
+def draw_seed(generator: torch.Generator | None) -> Seed:
     """One draw's seed from ``generator`` (torch's default generator when None)."""
     device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(SEED_LIMIT, (1,), generator=generator, device=device))
+    drawn = torch.randint(SEED_LIMIT, (1,), generator=generator, device=device)
+    return int(drawn) if drawn.device.type == "cpu" else drawn.reshape(())
 
 
-def uniform(seed: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def uniform(seed: Seed, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The draw's first ``count`` values (float32 in [0, 1)): the fused kernel on the CPU where
-    it is built, int64 tensor ops elsewhere (the same floats)."""
-    if not 0 <= seed < SEED_LIMIT:
+    it is built, int64 tensor ops elsewhere (the same floats, from an int seed or its tensor)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise ValueError(f"a seed tensor is a 0-dim int64 one, got {seed.dtype} {seed.shape}")
+    elif not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed {seed} is outside [0, 2^62): draw it with draw_seed")
     fused = kernel.counter_uniform() if torch.device(device).type == "cpu" else None
     if fused is not None:
-        return fused(seed, count)
+        return fused(int(seed), count)  # a CPU seed: int() waits for no device
     counter = torch.arange(1, count + 1, dtype=torch.int64, device=device)
     # int64 arithmetic wraps modulo 2^64 as SplitMix64's uint64 does; right shifts are masked
     # to be logical

@@ -162,7 +162,7 @@ def _exact_inverse(scale: torch.Tensor) -> torch.Tensor:
     stacked = torch.cat(candidates)
     exact = torch.tanh(stacked) == scale
     first = torch.where(exact.any(), exact.int().argmax(), 0)  # no .item(): no device sync
-    return stacked[first].reshape(1)
+    return stacked.index_select(0, first.reshape(1))  # a tensor index would .item()
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -378,7 +378,7 @@ class _GradientPlan:
     flat: torch.Tensor
     to_sort: torch.Tensor
     sampled: bool
-    seed: int | None
+    seed: noise.Seed | None
 
 
 @torch.no_grad()
@@ -428,7 +428,7 @@ def quantize_gradients_(
 def round_between(
     values: torch.Tensor,
     centres: torch.Tensor,
-    seed: int | None,
+    seed: noise.Seed | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each of the flat float32 ``values`` rounded to the centre below or above it (ascending

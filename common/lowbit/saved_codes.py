@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from common.lowbit import kernel
+from common.lowbit.device_constants import constant
 
 _active_depth = 0  # > 0 while a forward pass runs inside saving_codes()
 
@@ -89,7 +90,7 @@ class _BoundedQuantize(torch.autograd.Function):
 
 _CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
-_BIT_VALUES = 1 << torch.arange(8, dtype=torch.uint8)
+BIT_VALUES = tuple(1 << i for i in range(8))  # bit i of a packed byte
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -111,11 +112,12 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _pack_bits_tensor(flat: torch.Tensor) -> torch.Tensor:
     flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) * _BIT_VALUES.to(flat.device)).sum(1, dtype=torch.uint8)
+    values = constant(BIT_VALUES, torch.uint8, flat.device)
+    return (flat.view(-1, 8) * values).sum(1, dtype=torch.uint8)
 
 
 def _unpack_bits_tensor(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = (packed.unsqueeze(1) & _BIT_VALUES.to(packed.device)) != 0
+    bits = (packed.unsqueeze(1) & constant(BIT_VALUES, torch.uint8, packed.device)) != 0
     return bits.reshape(-1)[: shape.numel()].reshape(shape)
 
 
