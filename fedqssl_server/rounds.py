@@ -52,7 +52,7 @@ from common import seeds
 from common.algorithms import get_algorithm
 from common.config import ConfigError, ExperimentConfig
 from common.learning.batchnorm import recalibrate_batchnorm
-from common.learning.training import augmented_epochs, steps_per_epoch
+from common.learning.training import augmented_epochs, steps_per_epoch, streamed_epochs
 from common.runs.experiment import ServerData, new_model, torch_device
 from common.vocabulary import FULL_PRECISION
 from fedqssl_server.aggregation import RunningAverage, State, add_update, log_weight
@@ -381,8 +381,16 @@ class BufferOnlyRound(BufferRound):
             self.config, self.steps_per_epoch, total.count, len(self.round_bitwidths)
         )
         seed = self.round_seed(server_round)
-        epochs = self.views_of_buffer(-(-budget // self.steps_per_epoch), seed)
-        batches = list(itertools.islice(itertools.chain.from_iterable(epochs), budget))
+        epochs = -(-budget // self.steps_per_epoch)
+        views = streamed_epochs(
+            self.data.buffer,
+            self.augmentation,
+            epochs,
+            self.config.batch_size,
+            seed,
+            torch_device(self.config),
+        )
+        batches = itertools.islice(views, budget)  # made as trained on, not held at once
         return self.train_on(current, FULL_PRECISION, [batches], seed, "buffer")[0]
 
 

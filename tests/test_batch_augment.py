@@ -3,7 +3,9 @@ against RandomResizedCrop's, per-sample randomness, seeding, and its use in trai
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from common.learning.batch_augment import (
     adjust_hue,
     adjust_saturation,
 )
-from common.learning.training import augmented_epochs
+from common.learning.training import augmented_epochs, streamed_epochs
 
 FMNIST = NORMALIZATION["fashion-mnist"]
 CIFAR = NORMALIZATION["cifar10"]
@@ -158,3 +160,28 @@ def test_shared_epochs_equal_a_fresh_draw():
     for a, b in zip(first, second, strict=True):
         for (x1, x2), (y1, y2) in zip(a, b, strict=True):
             assert torch.equal(x1, y1) and torch.equal(x2, y2) and not torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("kind", ["batched", "per-image"])
+def test_streamed_epochs_are_the_shared_epochs_made_one_batch_at_a_time(kind):
+    """``buffer-only`` trains one model on many epochs of D_g: streamed, its views are the same
+    batches, in the same order, and a batched view is gone once the next one is drawn."""
+    buffer = images(50, 1, 28)
+    augment = (
+        BatchSSLAugmentation(28, 1, *FMNIST)
+        if kind == "batched"
+        else ssl_augmentation(28, 1, *FMNIST)
+    )
+    shared = [b for epoch in augmented_epochs(buffer, augment, 3, 16, seed=4) for b in epoch]
+    streamed = streamed_epochs(buffer, augment, 3, 16, seed=4)
+    assert not isinstance(streamed, list)
+    alive = []
+    for count, (x1, x2) in enumerate(shared):
+        y1, y2 = next(streamed)
+        assert torch.equal(x1, y1) and torch.equal(x2, y2)
+        alive.append(weakref.ref(y1))
+        del y1, y2
+        gc.collect()
+        if kind == "batched":  # at most the batch in hand is held, never the ones before it
+            assert sum(ref() is not None for ref in alive) <= 1, count
+    assert count + 1 == 9 and next(streamed, None) is None

@@ -15,7 +15,8 @@ view and its label with cross-entropy. FedProx's proximal term is an option of t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +231,27 @@ def augmented_epochs(
     if device is None or isinstance(transform, BatchSSLAugmentation):
         return [list(loader) for _ in range(epochs)]
     return [[(a.to(device), b.to(device)) for a, b in loader] for _ in range(epochs)]
+
+
+def streamed_epochs(
+    images: torch.Tensor,
+    transform: Augmentation,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``augmented_epochs``'s batches, epoch after epoch, each made as it is drawn: for one
+    model's long run of batches, whose views held at once would not fit (``buffer-only`` at
+    CIFAR scale: every epoch of D_g on the GPU). A torchvision transform draws from torch's
+    global generator, which training may draw from between batches, so its views are made
+    ahead, as ``augmented_epochs`` makes them."""
+    if not isinstance(transform, BatchSSLAugmentation):
+        return itertools.chain.from_iterable(
+            augmented_epochs(images, transform, epochs, batch_size, seed, device)
+        )
+    loader = _loader(images, transform, batch_size, seed, None, device)
+    return (batch for _ in range(epochs) for batch in loader)
 
 
 def fit_batches(
