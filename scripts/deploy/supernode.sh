@@ -48,4 +48,8 @@ else
   need "$keys/ca.crt" "CA certificate"; need "$key" "SuperNode private key"
   args+=(--root-certificates "$keys/ca.crt" --auth-supernode-private-key "$key")
 fi
+# each node its own Flower home (the apps it installs), also when several share one machine
+export FLWR_HOME=${FLWR_HOME:-$root/.flwr/supernode-$partition}
+mkdir -p "$FLWR_HOME"
+echo "supernode.sh: partition $partition at $bits bits, Flower home $FLWR_HOME (runs until stopped: Ctrl-C)" >&2
 exec flower-supernode "${args[@]}"
