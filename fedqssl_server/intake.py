@@ -52,10 +52,15 @@ def failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
     return f"client {client.cid}: {result.status.code.name} {result.status.message}"
 
 
+UNKNOWN_CLIENT = "unknown"  # who failed, where Flower hands the strategy only the exception
+
+
 def failed(failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> list[tuple[str, str]]:
-    """Flower's failures of a round as (who, why)."""
+    """Flower's failures of a round as (who, why): an exception carries no client id, so its
+    ``who`` is ``UNKNOWN_CLIENT`` and its text goes to ``why`` only (it was the id before)."""
     return [
-        (str(f if isinstance(f, BaseException) else f[0].cid), failure_reason(f)) for f in failures
+        (UNKNOWN_CLIENT if isinstance(f, BaseException) else str(f[0].cid), failure_reason(f))
+        for f in failures
     ]
 
 

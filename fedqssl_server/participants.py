@@ -49,7 +49,7 @@ class Participants(NodeRegistry):
         left_out = []
         for client, reply in zip(unknown, replies, strict=True):
             if isinstance(reply, BaseException):
-                problem = f"did not say which partition it is: {failure_reason(reply)}"
+                problem = f"could not be asked its partition and bitwidth: {failure_reason(reply)}"
             else:
                 properties = reply.properties
                 problem = self.claim_problem(

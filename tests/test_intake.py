@@ -293,3 +293,12 @@ def test_deployed_nodes_claiming_unbound_partitions_are_warned_about_once(config
     bound = NodeRegistry(config.bitwidths, {0: "0", 1: "1"})
     intake.take_replies(replies(False), bound, {"0", "1"}, template, False, 10**6)
     assert len(said) == 1
+
+
+def test_a_failure_flower_gives_as_an_exception_is_recorded_as_unknown_with_its_reason():
+    """Flower hands the strategy a ClientApp's exception without the client: the round's
+    ``failed`` must not hold the error text as if it were a node id."""
+    from fedqssl_server.intake import UNKNOWN_CLIENT, failed
+
+    error = RuntimeError("client 2 refuses to train: its bitwidth 4 is not the run's 8")
+    assert failed([error]) == [(UNKNOWN_CLIENT, f"RuntimeError: {error}")]
