@@ -9,11 +9,13 @@ marked; named volumes and missing bind sources as fresh root-owned empty folders
 makes them), its own network namespace and address on a bridge this tool creates, service names
 resolving through ``/etc/hosts``, and published ports forwarded from the host's loopback.
 
-What it cannot reproduce, and why: the image's own filesystem (Python, flwr and the app's
-dependencies come from this virtualenv, whose kernel build cache is the host user's: the image
-builds the fused kernels in each container's HOME, which here would rebuild them per container,
-so the containers run the tensor ops, the same numbers; an image that lacks a package is not
-caught here:
+From a Dockerfile it takes the entrypoint, working directory, ``ENV`` lines and the ``COPY`` of
+build-context folders to paths outside ``/tmp`` (bound read-only at their container paths, over
+a tmpfs of their top folder): the kernels' C++ the image holds, so containers build and run the
+fused kernels (each in its own HOME: the image's build-time build is not reproduced).
+
+What it cannot reproduce, and why: the rest of the image's own filesystem (Python, flwr and the
+app's dependencies come from this virtualenv; an image that lacks a package is not caught here:
 ``build`` only reads the Dockerfile, whose pip step a test runs in a clean venv), Docker's
 embedded DNS server (names resolve through the mounted ``/etc/hosts`` instead), ``restart:``
 policies, and cgroup limits. Needs root (namespaces, a bridge, setpriv).
@@ -52,6 +54,10 @@ class Image:
     entrypoint: tuple[str, ...]
     workdir: str = APP_HOME
     uid: int = APP_UID
+    env: tuple[tuple[str, str], ...] = ()  # the Dockerfile's ENV
+    # the Dockerfile's COPY of build-context folders to paths outside /tmp (which its RUN steps
+    # delete), as (host folder, container folder)
+    copies: tuple[tuple[str, str], ...] = ()
 
 
 FLOWER_IMAGES = {
@@ -82,10 +88,19 @@ def image_of(service: dict, compose_dir: Path) -> Image:
     image = FLOWER_IMAGES[base.split(":")[0]]
     entry = re.findall(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, re.M)
     workdir = re.findall(r"^WORKDIR\s+(\S+)", dockerfile, re.M)
+    env = tuple(tuple(m) for m in re.findall(r"^ENV\s+(\w+)=(\S+)", dockerfile, re.M))
+    context = (compose_dir / build["context"]).resolve()
+    copies = tuple(
+        (str(context / source), target.rstrip("/"))
+        for source, target in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+/)\s+(/\S+)$", dockerfile, re.M)
+        if not target.startswith("/tmp/")
+    )
     return Image(
         tuple(json.loads(entry[-1])) if entry else image.entrypoint,
         workdir[-1] if workdir else image.workdir,
         image.uid,
+        env,
+        copies,
     )
 
 
@@ -184,6 +199,14 @@ class Project:
             lines.append(f"mount --bind {h} {t}")
             if read_only:
                 lines.append(f"mount -o remount,bind,ro {t}")
+        covered = set()
+        for host, target in image.copies:  # the image's own folders: over a tmpfs of their root
+            top = "/" + Path(target).parts[1]
+            if top not in covered:
+                lines.append(f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(top)}")
+                covered.add(top)
+            h, t = shlex.quote(host), shlex.quote(target)
+            lines += [f"mkdir -p {t}", f"mount --bind {h} {t}", f"mount -o remount,bind,ro {t}"]
         lines.append(f"mount --bind {shlex.quote(str(self.state_dir / 'hosts'))} /etc/hosts")
         lines += self.interpreter_access(name)
         lines.append(f"cd {shlex.quote(image.workdir)}")
@@ -222,10 +245,7 @@ class Project:
             "PYTHONUNBUFFERED=1",
             "PYTHONDONTWRITEBYTECODE=1",
             "LANG=C.UTF-8",
-            # the image builds the fused kernels once in its HOME; here every container's HOME
-            # is new, so each would build them anew (~30 s apiece): they run the tensor ops,
-            # the same numbers (tests/test_quant.py holds the kernels to them)
-            "FEDQSSL_FUSED_KERNEL=off",
+            *(f"{key}={value}" for key, value in image.env),
         ]
 
     def start(self, name: str) -> None:
