@@ -253,8 +253,17 @@ class BufferRound(ServerRound):
         return seeds.server_round_seed(self.config.seed, server_round)
 
     def views_of_buffer(self, epochs: int, seed: int) -> list:
-        """``epochs`` of seeded augmented batches of D_g, on the models' device."""
-        return augmented_epochs(
+        """``epochs`` of seeded augmented batches of D_g, on the models' device, drawn at once
+        (the round's models share them)."""
+        return self._of_buffer(augmented_epochs, epochs, seed)
+
+    def streamed_buffer(self, epochs: int, seed: int) -> Iterator:
+        """The same batches as ``views_of_buffer``'s, one after another, each made as it is
+        drawn (one model's long run of them)."""
+        return self._of_buffer(streamed_epochs, epochs, seed)
+
+    def _of_buffer(self, draw: Callable, epochs: int, seed: int):
+        return draw(
             self.data.buffer,
             self.augmentation,
             epochs,
@@ -381,15 +390,7 @@ class BufferOnlyRound(BufferRound):
             self.config, self.steps_per_epoch, total.count, len(self.round_bitwidths)
         )
         seed = self.round_seed(server_round)
-        epochs = -(-budget // self.steps_per_epoch)
-        views = streamed_epochs(
-            self.data.buffer,
-            self.augmentation,
-            epochs,
-            self.config.batch_size,
-            seed,
-            torch_device(self.config),
-        )
+        views = self.streamed_buffer(-(-budget // self.steps_per_epoch), seed)
         batches = itertools.islice(views, budget)  # made as trained on, not held at once
         return self.train_on(current, FULL_PRECISION, [batches], seed, "buffer")[0]
 
