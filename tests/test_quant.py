@@ -13,7 +13,7 @@ from core_helpers import bits_of, kernels, needs_compiler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.lowbit import kernel, noise
+from common.lowbit import kernel, noise, quantizers
 from common.lowbit.layers import (
     QuantAct,
     QuantConv2d,
@@ -705,3 +705,73 @@ def test_saving_codes_the_passes_share_a_weights_codes_not_its_float_copy():
     assert first is not second and torch.equal(bits_of(first), bits_of(second))
     first_codes, second_codes = (w._saved_codes_recipe[1][0] for w in (first, second))
     assert second_codes is first_codes and first_codes.dtype == torch.uint8
+
+
+def _model_weights(name: str, bits: int) -> list[torch.Tensor]:
+    from common.config import ExperimentConfig
+    from common.lowbit.layers import quantized_layers
+    from common.runs.experiment import new_model
+
+    config = ExperimentConfig.from_mapping({"model": name, "model-width": 8})
+    model = new_model(config, bits, 3 if name == "resnet18" else 1, 10)
+    return [layer.weight.detach().clone() * 1.7 for layer in quantized_layers(model)]
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("bits", [2, 4, 12])
+def test_projecting_all_layers_at_once_gives_the_per_layer_floats(name, bits):
+    """The GPU's flat projection, on the CPU with the kernels off: every layer's weights bit for
+    bit as ``project_to_grid_`` layer after layer gives them from the same generator."""
+    weights = _model_weights(name, bits)
+    one_by_one, at_once = [w.clone() for w in weights], [w.clone() for w in weights]
+    with kernels(on=False):
+        generator = torch.Generator().manual_seed(3)
+        for weight in one_by_one:
+            project_to_grid_(weight, bits, "stochastic", generator)
+        quantizers.project_all_to_grid_(at_once, bits, torch.Generator().manual_seed(3))
+    for a, b in zip(one_by_one, at_once, strict=True):
+        assert torch.equal(bits_of(a), bits_of(b))
+    nan = [w.clone() for w in weights[:2]]
+    nan[1][0, 0, 0, 0] = math.nan  # a NaN layer decodes to NaN, the others are untouched
+    with kernels(on=False):
+        quantizers.project_all_to_grid_(nan, bits, torch.Generator().manual_seed(3))
+    assert torch.isnan(nan[1]).all() and torch.equal(bits_of(nan[0]), bits_of(at_once[0]))
+
+
+def test_the_tables_at_once_are_each_layers_table_and_map_back_exactly():
+    scales = torch.tensor([0.3, 0.761, 0.999, 1e-4, 0.0])
+    at_once = quantizers._weight_tables_at_once(scales, 4)
+    for row, scale in zip(at_once, scales, strict=True):
+        own = quantizers.weight_table(scale, 4)
+        assert torch.allclose(row, own, rtol=0, atol=float(torch.finfo(torch.float32).eps))
+        assert torch.equal(row[-1], own[-1]) and torch.equal(row[0], own[0])
+
+
+def test_the_flat_projection_issues_as_many_ops_for_22_layers_as_for_5(monkeypatch):
+    """Launches must not grow with the layers (a GPU step is launch-bound otherwise): the
+    tensor ops the flat projection dispatches, views aside, counted for a small CNN and a
+    ResNet-18 (the GPU's one-pass tables standing in for the CPU's per-layer ones)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "detach", "split_with_sizes", "alias", "unsqueeze",
+             "squeeze", "select", "slice", "as_strided", "expand", "t"}  # fmt: skip
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__.rstrip("_") not in views:
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(quantizers, "_weight_tables", quantizers._weight_tables_at_once)
+    counts = {}
+    for name in ("small_cnn", "resnet18"):
+        weights = _model_weights(name, 4)
+        with kernels(on=False), Count() as count:
+            quantizers.project_all_to_grid_(weights, 4, torch.Generator().manual_seed(0))
+        counts[name] = (len(weights), count.ops)
+    assert counts["small_cnn"][0] < counts["resnet18"][0]
+    assert counts["small_cnn"][1] == counts["resnet18"][1] < 100, counts

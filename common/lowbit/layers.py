@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.lowbit import kernel
 from common.lowbit.quantizers import (
     Rounding,
     mark_on_grid,
+    project_all_to_grid_,
     project_to_grid_,
     quantize_activation,
     quantize_gradients_,
@@ -146,6 +148,12 @@ def project_weights_(
     """
     if bits == FULL_PRECISION:
         return
-    for layer in quantized_layers(model):
-        project_to_grid_(layer.weight, bits, rounding, generator)
-        mark_on_grid(layer.weight, bits)
+    weights = [layer.weight for layer in quantized_layers(model)]
+    fused = kernel.project_to_grid_() is not None and all(kernel.fusable(w) for w in weights)
+    if rounding == "stochastic" and not fused:  # the GPU's path: launches flat in the layers
+        project_all_to_grid_(weights, bits, generator)
+    else:
+        for weight in weights:
+            project_to_grid_(weight, bits, rounding, generator)
+    for weight in weights:
+        mark_on_grid(weight, bits)

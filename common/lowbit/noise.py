@@ -45,7 +45,12 @@ def uniform(seed: Seed, count: int, device: torch.device | str = "cpu") -> torch
     fused = kernel.counter_uniform() if torch.device(device).type == "cpu" else None
     if fused is not None:
         return fused(int(seed), count)  # a CPU seed: int() waits for no device
-    counter = torch.arange(1, count + 1, dtype=torch.int64, device=device)
+    return at_counters(torch.arange(1, count + 1, dtype=torch.int64, device=device), seed)
+
+
+def at_counters(counter: torch.Tensor, seed: Seed) -> torch.Tensor:
+    """SplitMix64's draws at int64 ``counter`` (consumed) for ``seed``, an int or an int64
+    tensor broadcast against it (one seed per element: many draws in one pass), as floats."""
     # int64 arithmetic wraps modulo 2^64 as SplitMix64's uint64 does; right shifts are masked
     # to be logical
     z = counter.mul_(_signed(GOLDEN_GAMMA)).add_(seed)

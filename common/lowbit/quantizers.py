@@ -23,7 +23,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,6 +108,89 @@ def project_to_grid_(
     seed = noise.draw_seed(generator)
     fused(weight, companded, float(divisor), levels, seed, weight_table(scale, bits))
     torch.autograd.graph.increment_version(weight)  # written through its pointer
+
+
+@torch.no_grad()
+def project_all_to_grid_(
+    weights: Sequence[torch.Tensor], bits: int, generator: torch.Generator | None = None
+) -> None:
+    """``project_to_grid_(w, bits, "stochastic", generator)`` for each weight in turn, the same
+    floats as its tensor ops, in a number of tensor ops that does not grow with the number of
+    weights: the per-layer path launches about 75 small kernels a layer, which leave a GPU
+    mostly idle. The weights are taken as one flat vector; each layer's scale, seed, noise
+    counter and table are gathered per element. Weights of one device."""
+    if not weights:
+        return
+    levels = _levels(bits)
+    device = weights[0].device
+    layer_of, counter = _flat_layout(tuple(w.numel() for w in weights), device)
+    count = len(weights)
+    companded = torch.tanh(torch.cat([w.detach().reshape(-1).float() for w in weights]))
+    high = companded.new_full((count,), -math.inf).scatter_reduce_(0, layer_of, companded, "amax")
+    low = companded.new_full((count,), math.inf).scatter_reduce_(0, layer_of, companded, "amin")
+    scale = torch.maximum(high, low.neg()).abs_().clamp_(max=MAX_SCALE)
+    divisor = 2 * torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = companded.div_(divisor[layer_of]).add_(0.5).clamp_(0.0, 1.0).mul_(levels)
+    # one seed a layer, drawn as the per-layer path draws them one by one (the same on the CPU)
+    seeds = torch.randint(noise.SEED_LIMIT, (count,), generator=generator, device=device)
+    draws = noise.at_counters(counter.clone(), seeds[layer_of])
+    floor = torch.floor(unit)
+    codes = unit.sub_(floor).gt_(draws).add_(floor).clamp_(0, levels)
+    tables = _weight_tables(scale, bits)
+    unknown = torch.isnan(codes)
+    index = codes.masked_fill(unknown, 0).long().add_(layer_of * (levels + 1))
+    projected = tables.reshape(-1)[index].masked_fill_(unknown, math.nan)
+    parts = projected.split([w.numel() for w in weights])
+    views = [part.view_as(w) for part, w in zip(parts, weights, strict=True)]
+    torch._foreach_copy_(list(weights), views)
+
+
+@functools.cache
+def _flat_layout(
+    lengths: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For weights of ``lengths`` laid end to end: each element's layer and its 1-based counter
+    within its layer (made once per model shape and device)."""
+    sizes = torch.tensor(lengths, dtype=torch.int64)
+    layer_of = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    counter = torch.arange(1, int(sizes.sum()) + 1) - starts[layer_of]
+    return layer_of.to(device), counter.to(device)
+
+
+def _weight_tables(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight_table`` of each of ``scales`` (shape (L,)), as rows. On the CPU row by row:
+    its vectorized ``atanh`` gives an element one float or another, one ulp apart, by where the
+    element falls in the loop, so only a table of its own gives ``weight_table``'s floats."""
+    if scales.device.type == "cpu":
+        return torch.stack([weight_table(scale, bits) for scale in scales])
+    return _weight_tables_at_once(scales, bits)
+
+
+def _weight_tables_at_once(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Every layer's table in one pass: a GPU's ``atanh`` does not depend on where an element
+    sits, so these are ``weight_table``'s floats there (within an ulp on a CPU)."""
+    levels = _levels(bits)
+    steps = torch.arange(levels + 1, dtype=torch.float32, device=scales.device)
+    tables = steps.mul_(2).sub_(levels).div_(levels).mul(scales.unsqueeze(1)).atanh_()
+    end = _exact_inverses(scales)
+    tables[:, -1] = end
+    tables[:, 0] = -end
+    return tables
+
+
+def _exact_inverses(scales: torch.Tensor) -> torch.Tensor:
+    """``_exact_inverse`` of each of ``scales`` (shape (L,)) at once."""
+    start = torch.atanh(scales)
+    candidates, up, down = [start], start, start
+    for _ in range(3):
+        up = torch.nextafter(up, torch.full_like(up, math.inf))
+        down = torch.nextafter(down, torch.full_like(down, -math.inf))
+        candidates += [up, down]
+    stacked = torch.stack(candidates)
+    exact = torch.tanh(stacked) == scales
+    first = torch.where(exact.any(0), exact.int().argmax(0), 0)
+    return stacked.gather(0, first.unsqueeze(0)).squeeze(0)
 
 
 def codes_to_weight(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
