@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.runs import provenance, record_tables  # noqa: E402
 from common.runs.launcher import has_runs  # noqa: E402
+from common.runs.plan import preset_path, read_preset  # noqa: E402
 from common.runs.records import (  # noqa: E402
     MANIFEST,
     SCORES,
@@ -87,6 +89,16 @@ def seed_order(experiment: Experiment) -> list[tuple[int, tuple[str, ...]]]:
     ]
 
 
+def rows_arguments(experiment: Experiment, rows: Sequence[str]) -> list[str]:
+    """``simulation.py``'s arguments that run ``rows`` of the experiment's preset: ``--compare``
+    for a comparison's rows, ``--sweep KEY=VALUES`` for a sweep's (its rows are the values)."""
+    _, plan = read_preset(preset_path(experiment.preset, ROOT / "configs"))
+    if "sweep" in plan:
+        ((key, _),) = plan["sweep"].items()
+        return ["--sweep", f"{key}={','.join(rows)}"]
+    return ["--compare", ",".join(rows)]
+
+
 def prepare_staging(
     experiment: Experiment, commit: str, resume: bool, staging: Path, published_in: Path
 ) -> Path:
@@ -138,8 +150,7 @@ def run_experiment(experiment: Experiment, resume: bool, staging: Path, publishe
             sys.executable,
             str(ROOT / "simulation.py"),
             experiment.preset,
-            "--compare",
-            ",".join(todo),
+            *rows_arguments(experiment, todo),
             "--seeds",
             str(seed),
             *(["--resume", str(folder)] if has_runs(folder) else ["--output-dir", str(folder)]),
@@ -249,8 +260,7 @@ def verify(experiment: Experiment) -> int:
         sys.executable,
         str(ROOT / "simulation.py"),
         experiment.preset,
-        "--compare",
-        ",".join(experiment.decisive),
+        *rows_arguments(experiment, experiment.decisive),
         "--seeds",
         "0",
         "--output-dir",

@@ -12,6 +12,7 @@ import pytest
 
 from common.runs import record_tables
 from common.runs.records import (
+    SCORES,
     Experiment,
     ManifestError,
     Paired,
@@ -169,12 +170,54 @@ def test_a_manifest_pair_must_name_rows_of_its_experiment(tmp_path):
 
 
 def test_the_shipped_manifest_names_presets_and_rows_that_exist():
+    """Each experiment's rows as ``run`` asks simulation.py for them (``--compare`` rows, or a
+    sweep's values) are the preset's rows."""
     from common.runs.plan import make_plan, preset_path
 
+    script = load_script()
     for name, spec in load_manifest(ROOT / "docs/results/manifest.yaml").items():
         preset = preset_path(spec.preset, ROOT / "configs")
-        plan = make_plan(preset, [], ",".join(spec.rows), None, "0")
+        flag, rows = script.rows_arguments(spec, spec.rows)
+        compare, sweep = (rows, None) if flag == "--compare" else (None, rows)
+        plan = make_plan(preset, [], compare, sweep, "0")
         assert list(plan.rows) == spec.rows, name
+        assert plan.kind == ("compare" if flag == "--compare" else "sweep"), name
+
+
+def test_a_selection_seed_chooses_a_row_and_enters_no_table_or_pair(tmp_path):
+    """A setting picked after seeing results is confirmed on seeds it was not picked on: the
+    selection seed's runs name the chosen row and are left out of every mean and pair."""
+    spec = Experiment(
+        "temperature", "ablation-dq-temperature", tmp_path,
+        ((("1.0", "0.03"), (9, 0, 1)),), ("0.03",), (("0.03", "1.0"),), selection_seed=9,
+    )  # fmt: skip
+    for seed, (warm, sharp) in {9: (0.60, 0.90), 0: (0.70, 0.71), 1: (0.70, 0.69)}.items():
+        write(tmp_path, "1.0", seed, summary(warm))
+        write(tmp_path, "0.03", seed, summary(sharp))
+    records = read_records(spec, tmp_path)
+    assert records.chosen() == "0.03"
+    assert sorted(records.values("0.03", SCORES["global-probe"])) == [0, 1]
+    result = paired(records, "0.03", "1.0", "global-probe")
+    assert result.n == 2 and result.mean == pytest.approx(0.0)  # +1 and -1, not seed 9's +30
+    assert "Seed 9 only chooses a row (the best global probe): `0.03`" in record_tables.status(
+        records
+    )
+    assert "| 0,1 |" in record_tables.rows_table(records)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "problem"),
+    [([0, 1], "must be among every row's seeds"), ([9], "confirms nothing")],
+)
+def test_a_selection_seed_must_leave_seeds_to_confirm_on(tmp_path, seeds, problem):
+    path = tmp_path / "manifest.yaml"
+    path.write_text(
+        "experiments:\n  t:\n    preset: quickstart\n    folder: x\n"
+        f"    runs: [{{rows: [fedqssl], seeds: {seeds}}}]\n"
+        "    selection-seed: 9\n    decisive: [fedqssl]\n    pairs: []\n"
+    )
+    with pytest.raises(ManifestError, match=problem):
+        load_manifest(path)
 
 
 def test_run_goes_seed_by_seed_and_refuses_to_mix_commits(records_dir):

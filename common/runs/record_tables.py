@@ -80,8 +80,9 @@ def rows_table(records: Records) -> str:
             f"{_mean_sd(_percent(records, row, key))} | {_signed(_gains(records, row, key))}"
             for _, key in ROW_SCORES
         )
+        planned = [s for s in experiment.seeds_of(row) if s != experiment.selection_seed]
         lines.append(
-            f"| {_label(records, row)} | {_seeds(seeds, len(experiment.seeds_of(row)))} | {cells} "
+            f"| {_label(records, row)} | {_seeds(seeds, len(planned))} | {cells} "
             f"| {_steps(records, row, 'train-steps')} | {_steps(records, row, 'server-steps')} |"
         )
     return "\n".join(lines) + "\n"
@@ -153,10 +154,17 @@ def status(records: Records) -> str:
             f"{cpu.get('model')} ({' '.join(cpu.get('isa', [])[-3:])})"
         )
     pending = f"; {total - done} runs still to run" if done < total else ""
+    chosen = ""
+    if experiment.selection_seed is not None:
+        row = records.chosen()
+        chosen = (
+            f" Seed {experiment.selection_seed} only chooses a row (the best global probe): "
+            f"{'not run yet' if row is None else f'`{row}`'}; no table or pair uses it."
+        )
     return (
         f"`{experiment.name}`: {done} of {total} runs (preset `{experiment.preset}`, records in "
         f"`{experiment.folder}`), commit {commits}{where}{pending}. Re-run: `python "
-        f"scripts/results.py run {experiment.name}`.\n"
+        f"scripts/results.py run {experiment.name}`.{chosen}\n"
     )
 
 

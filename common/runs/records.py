@@ -52,6 +52,9 @@ class Experiment:
     runs: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]  # (rows, seeds) groups
     decisive: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
+    # a seed whose runs only choose a row (the best global probe: a temperature, a threshold):
+    # no table or pair uses it, so the choice is confirmed on seeds it was not made on
+    selection_seed: int | None = None
 
     @property
     def rows(self) -> list[str]:
@@ -109,6 +112,11 @@ def _experiment(path: Path, name: str, spec: object) -> Experiment:
     unknown = [row for row in spec["decisive"] if row not in rows]
     if unknown:
         raise ManifestError(f"{where}: decisive rows {unknown} are not among its rows")
+    selection = spec.get("selection-seed")
+    if selection is not None and not all(selection in seeds for _, seeds in runs):
+        raise ManifestError(f"{where}: selection-seed {selection} must be among every row's seeds")
+    if selection is not None and not all(len(seeds) > 1 for _, seeds in runs):
+        raise ManifestError(f"{where}: a row with only its selection seed confirms nothing")
     return Experiment(
         name,
         str(spec["preset"]),
@@ -116,6 +124,7 @@ def _experiment(path: Path, name: str, spec: object) -> Experiment:
         tuple(runs),
         tuple(spec["decisive"]),
         tuple(pairs),
+        None if selection is None else int(selection),
     )
 
 
@@ -128,12 +137,26 @@ class Records:
     problems: list[str] = field(default_factory=list)
 
     def values(self, row: str, key: str) -> dict[int, float]:
-        """Seed -> ``key`` of row ``row``, over its finished runs."""
+        """Seed -> ``key`` of row ``row``, over its finished runs (the selection seed's aside:
+        it chose a row, so it confirms nothing)."""
         return {
             seed: summary[key]
             for (name, seed), summary in sorted(self.summaries.items())
-            if name == row and summary.get(key) is not None
+            if name == row
+            and seed != self.experiment.selection_seed
+            and summary.get(key) is not None
         }
+
+    def chosen(self, key: str = SCORES["global-probe"]) -> str | None:
+        """The row with the best ``key`` on the selection seed; None without one, or before
+        every row's selection run is in."""
+        seed = self.experiment.selection_seed
+        if seed is None:
+            return None
+        scores = {row: self.summaries.get((row, seed), {}).get(key) for row in self.experiment.rows}
+        if any(score is None for score in scores.values()):
+            return None
+        return max(scores, key=lambda row: scores[row])
 
     @property
     def missing(self) -> list[tuple[str, int]]:
