@@ -33,7 +33,7 @@ WEIGHT_UPDATES = ("latent", "grid")
 GRAD_ROUNDINGS = ("stochastic", "deterministic")
 AUGMENTATIONS = ("batched", "per-image")
 MAX_SEED = 2**31
-DQ_WEIGHTINGS = ("softmax", "uniform")
+DQ_WEIGHTINGS = ("softmax", "uniform", "highest-bits")
 DEVICES = ("auto", "cpu", "cuda")
 # how a client process's allocator treats freed memory (common.memory): lean gives it back (a
 # low-bit step then peaks below an fp32 one, at about twice the step time), fast keeps glibc's
@@ -151,7 +151,8 @@ class ExperimentConfig:
     dq_temperature: float = _key(1.0, "T in p_k = softmax(-L_DQ / T)")
     dq_weighting: str = _key(
         "softmax",
-        "softmax (the paper's p_k) or uniform (p_k = 1/K, the control)",
+        "softmax (the paper's p_k), uniform (p_k = 1/K, a control) or highest-bits (uniform "
+        "over the models at the highest bitwidth received, 0 for the others: a control)",
         allowed=DQ_WEIGHTINGS,
     )
     bn_recalibrate: str = _key(

@@ -54,13 +54,16 @@ def mean_of(clients: list[dict], key: str) -> float | None:
 
 def row_label(algorithm: Algorithm, config: ExperimentConfig) -> str:
     """The paper's row name: ``Fed-QSSL``; ``Fed-QSSL (Full)`` when no client is low-bit;
-    ``(uniform p_k)`` when Fed-QSSL's softmax weights are replaced by uniform ones; ``(clamp)``
+    ``(uniform p_k)`` or ``(highest bits only)`` when Fed-QSSL's softmax weights are replaced
+    by a control's; ``(clamp)``
     when full-precision models keep the clients' clamp(0, 1) instead of ReLU."""
     notes = []
     if all(b == FULL_PRECISION for b in config.bitwidths):
         notes.append("Full")
-    if algorithm.server_step == "fedqssl" and config.dq_weighting == "uniform":
-        notes.append("uniform p_k")
+    if algorithm.server_step == "fedqssl" and config.dq_weighting != "softmax":
+        notes.append(
+            {"uniform": "uniform p_k", "highest-bits": "highest bits only"}[config.dq_weighting]
+        )
     if config.fp_activation != "relu":
         notes.append(config.fp_activation)
     if config.bn_recalibrate != "none":

@@ -132,8 +132,8 @@ class ServerRound:
         for key in sorted(received):
             yield key, load(received[key]), None, 0
 
-    def weigh(self, loss: float | None, examples: int, total_examples: int) -> float:
-        """log p_k up to a constant: FedAvg's log(n_k / n)."""
+    def weigh(self, key: int, loss: float | None, examples: int, total_examples: int) -> float:
+        """log p_k of partition ``key`` up to a constant: FedAvg's log(n_k / n)."""
         return log_weight(examples / total_examples if total_examples else 0.0)
 
     def aggregate(self, current: State, total: RunningAverage, server_round: int) -> State:
@@ -178,8 +178,8 @@ class ServerRound:
             if loss is not None and not math.isfinite(loss):
                 refused[key] = f"client {key}: de-quantization loss {loss} on D_g, refused"
                 continue
-            weight = self.weigh(loss, examples[key], total_examples)
-            if weight == -math.inf:
+            weight = self.weigh(key, loss, examples[key], total_examples)
+            if weight == -math.inf and examples[key] == 0:
                 refused[key] = f"client {key}: reported 0 training examples, weight 0, left out"
                 continue
             kept[key] = (loss, weight, dq_steps)
@@ -339,11 +339,22 @@ class FedQSSLRound(BufferRound):
         for key, done in zip(keys, self.fine_tunes.map(jobs), strict=True):
             yield key, self.counted(done).state, done.last_loss, done.steps
 
-    def weigh(self, loss, examples, total_examples):
-        """log p_k up to a constant: -L_DQ_k / T (``dq-weighting: uniform``: 0, i.e. p_k = 1/K,
-        the control that measures what the softmax adds)."""
+    def run(self, server_round, current, received, examples, bitwidths) -> RoundOutcome:
+        """The round, knowing first the highest bitwidth among the models received (for
+        ``dq-weighting: highest-bits``)."""
+        if self.config.dq_weighting == "highest-bits":
+            self.highest_bits = max((self.config.bitwidths[k] for k in received), default=None)
+        return super().run(server_round, current, received, examples, bitwidths)
+
+    def weigh(self, key, loss, examples, total_examples):
+        """log p_k up to a constant: -L_DQ_k / T. The controls: ``dq-weighting: uniform``, 0
+        (p_k = 1/K: what the softmax adds); ``highest-bits``, 0 for the models at the highest
+        bitwidth received and -inf (p_k = 0) for the others (what a sharp softmax adds over
+        dropping the low-bit models)."""
         if self.config.dq_weighting == "uniform":
             return 0.0
+        if self.config.dq_weighting == "highest-bits":
+            return 0.0 if self.config.bitwidths[key] == self.highest_bits else -math.inf
         return -loss / self.config.dq_temperature
 
     requantize = BufferRound.finetuned_downlinks
@@ -381,7 +392,7 @@ class BufferOnlyRound(BufferRound):
     (``fedqssl_server_steps``), and every bitwidth's downlink is that model rounded by the
     codec, scored as the others are."""
 
-    def weigh(self, loss, examples, total_examples):
+    def weigh(self, key, loss, examples, total_examples):
         return 0.0
 
     def aggregate(self, current, total, server_round):

@@ -128,6 +128,31 @@ def test_uniform_dq_weighting_drops_only_the_softmax(tmp_path, config):
     assert not np.allclose(weights_of(softmax), weights_of(flat))
 
 
+def test_highest_bits_weighting_averages_only_the_highest_bit_models(config):
+    """The control for a sharp softmax: p_k = 0 for every model below the highest bitwidth
+    received (kept, weighted 0, not refused), uniform over those at it; without one of them in
+    the round, the highest bitwidth there is."""
+    control = ExperimentConfig.from_mapping(
+        {**config.to_run_config(), "dq-weighting": "highest-bits"}
+    )
+    assert control.bitwidths == (4, 8, 4)
+    states = {
+        key: decode_state(parameters_to_ndarrays(fit_result(config, bits, key).parameters))
+        for key, bits in enumerate(control.bitwidths)
+    }
+
+    def run(keys):
+        server = rounds.server_round_for(control, server_data(control))
+        chosen = {key: states[key] for key in keys}
+        return server.run(1, server.initial_state(), chosen, dict.fromkeys(keys, 10), {4, 8})
+
+    everyone, alone, low_only = run([0, 1, 2]), run([1]), run([0, 2])
+    assert weights_of(everyone) == [0.0, 1.0, 0.0] and not everyone.refused
+    for name, tensor in alone.global_state.items():  # the 8-bit model's own de-quantization
+        assert torch.equal(everyone.global_state[name], tensor), name
+    assert weights_of(low_only) == pytest.approx([0.5, 0.5])
+
+
 def test_finetune_control_averages_by_samples_then_trains_the_average_on_the_buffer(
     config, monkeypatch
 ):

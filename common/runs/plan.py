@@ -19,6 +19,7 @@ PLAN_KEYS = ("compare", "sweep", "seeds", "pairs")
 ROW_SUFFIXES = {
     "-full": {"bitwidths": str(FULL_PRECISION)},  # every client at 32 bits: the (Full) rows
     "-uniform": {"dq-weighting": "uniform"},  # Fed-QSSL without its softmax(-L_DQ) weights
+    "-highest-bits": {"dq-weighting": "highest-bits"},  # only the highest-bit models, averaged
     "-clamp": {"fp-activation": "clamp"},  # full precision keeps the clients' clamp(0, 1)
     "-bn": {"bn-recalibrate": "global"},  # the global model's BatchNorm statistics on D_g
     "-bnall": {"bn-recalibrate": "all"},  # and each bitwidth's downlink's
@@ -51,6 +52,7 @@ def read_preset(preset: Path) -> tuple[dict, dict]:
 def algorithm_row(name: str) -> dict:
     """Overrides of a comparison row: an algorithm (``fedsimclr``) with optional suffixes:
     ``-full`` (all clients 32-bit), ``-uniform`` (uniform instead of softmax(-L_DQ) weights),
+    ``-highest-bits`` (only the models at the highest bitwidth received, averaged),
     ``-clamp`` (full-precision models keep clamp(0, 1), not ReLU)."""
     row: dict = {}
     algorithm = name
