@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 # what reading a damaged or foreign .npz (opened with allow_pickle=False) can raise; each reader
-# turns these into its own error naming the file
-NPZ_DAMAGE = (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile)
+# turns these into its own error naming the file. zipfile raises RuntimeError for a member
+# flagged encrypted and NotImplementedError (a RuntimeError) for a compression method, a
+# version or a flag it does not know: one flipped header bit gives any of them.
+NPZ_DAMAGE = (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, zipfile.BadZipFile)
 
 
 class RecordError(ValueError):
