@@ -168,8 +168,9 @@ def _weight_tables(scales: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _weight_tables_at_once(scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """Every layer's table in one pass: a GPU's ``atanh`` does not depend on where an element
-    sits, so these are ``weight_table``'s floats there (within an ulp on a CPU)."""
+    """Every layer's table in one pass (``weight_table`` is its one-row case): a GPU's ``atanh``
+    does not depend on where an element sits, so the rows are each layer's own table there (on
+    a CPU within an ulp)."""
     levels = _levels(bits)
     steps = torch.arange(levels + 1, dtype=torch.float32, device=scales.device)
     tables = steps.mul_(2).sub_(levels).div_(levels).mul(scales.unsqueeze(1)).atanh_()
@@ -180,7 +181,10 @@ def _weight_tables_at_once(scales: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _exact_inverses(scales: torch.Tensor) -> torch.Tensor:
-    """``_exact_inverse`` of each of ``scales`` (shape (L,)) at once."""
+    """For each of ``scales`` (shape (L,)) a float t with ``tanh(t) == scale``: ``atanh(scale)``
+    or the nearest of its neighbours within 3 ulps that maps back exactly (``atanh`` itself where
+    none does; a scale near 1 maps a few floats to each tanh value, a small one about one). No
+    ``.item()``, no tensor index: no device sync."""
     start = torch.atanh(scales)
     candidates, up, down = [start], start, start
     for _ in range(3):
@@ -219,33 +223,11 @@ def weight_table(scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The layer's 2^bits weights, ``atanh(M * (2c - L) / L)`` for c = 0..L, L = 2^bits - 1.
 
     The grid ``(2c - L) / L`` is exactly -1 and 1 at the ends and symmetric, and the end weights
-    are +-``_exact_inverse(M)``, whose tanh is M itself: quantizing the decoded weights again
+    are +-``_exact_inverses(M)``, whose tanh is M itself: quantizing the decoded weights again
     gives the same codes *and* the same scale (``weight_codes`` takes M as the largest
     ``|tanh(w)|``), so a model decoded and projected again stays where it was, bit for bit.
     """
-    levels = _levels(bits)
-    steps = torch.arange(levels + 1, dtype=torch.float32, device=scale.device).mul_(2).sub_(levels)
-    table = steps.div_(levels).mul_(scale.float()).atanh_()
-    end = _exact_inverse(scale.float().reshape(1))
-    table[-1:] = end
-    table[:1] = -end
-    return table
-
-
-def _exact_inverse(scale: torch.Tensor) -> torch.Tensor:
-    """A float t with ``tanh(t) == scale`` (shape (1,)): ``atanh(scale)`` or the nearest of its
-    neighbours within 3 ulps that maps back exactly (``atanh`` itself where none does; a scale
-    near 1 maps a few floats to each tanh value, a small one about one)."""
-    start = torch.atanh(scale)
-    candidates, up, down = [start], start, start
-    for _ in range(3):
-        up = torch.nextafter(up, torch.full_like(up, math.inf))
-        down = torch.nextafter(down, torch.full_like(down, -math.inf))
-        candidates += [up, down]
-    stacked = torch.cat(candidates)
-    exact = torch.tanh(stacked) == scale
-    first = torch.where(exact.any(), exact.int().argmax(), 0)  # no .item(): no device sync
-    return stacked.index_select(0, first.reshape(1))  # a tensor index would .item()
+    return _weight_tables_at_once(scale.float().reshape(1), bits)[0]
 
 
 class _StraightThrough(torch.autograd.Function):
